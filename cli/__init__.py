@@ -1,0 +1,1 @@
+"""The `normfold` command line (installed as the package normfold.cli)."""

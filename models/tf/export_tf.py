@@ -1,0 +1,623 @@
+#!/usr/bin/env python
+"""Build small Keras models with random weights, export them with tf2onnx, write manifest.json.
+
+Run from the repo root with the TF venv (see models/tf/README.md):
+
+    /work/venvs/tf/bin/python models/tf/export_tf.py            # rebuild everything
+    /work/venvs/tf/bin/python models/tf/export_tf.py ln gn      # only models whose name contains "ln" or "gn"
+                                                                 # (manifest entries of the others are kept)
+
+Every model gets deterministic random weights: all BatchNormalization layers get random
+moving_mean, positive random moving_variance and random gamma/beta (so TF/tf2onnx cannot
+optimize BN away as an identity), Layer/Group/RMS norms get random gamma/beta, and every
+Conv/Dense bias is random (so use_bias=True convs really carry a bias).
+
+Each exported file is checked with onnx.checker.check_model and run in onnxruntime with graph
+optimizations disabled (ORT_ENABLE_ALL would fuse LayerNorm itself); the max abs difference to
+the Keras output (training=False) is recorded in the manifest.
+"""
+import collections
+import json
+import os
+import sys
+import traceback
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "-1")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import keras  # noqa: E402  (Keras 3)
+import tf_keras  # noqa: E402  (Keras 2)
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import tf2onnx  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MANIFEST = os.path.join(HERE, "manifest.json")
+
+LINEAR_CLASSES = {
+    "Conv1D", "Conv2D", "Conv3D", "Conv1DTranspose", "Conv2DTranspose", "Conv3DTranspose",
+    "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D", "SeparableConv2D", "Dense",
+}
+NORM_KIND = {
+    "BatchNormalization": "batchnorm",
+    "LayerNormalization": "layernorm",
+    "RMSNormalization": "rmsnorm",
+    "HandRMSNorm": "rmsnorm",
+    "GroupNormalization": "groupnorm",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Hand-written RMSNorm layer (Keras 3): x * rsqrt(mean(x^2) + eps) * gamma
+# ----------------------------------------------------------------------------------------------
+class HandRMSNorm(keras.layers.Layer):
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.gamma = self.add_weight(name="gamma", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        ops = keras.ops
+        ms = ops.mean(ops.square(x), axis=-1, keepdims=True)
+        return x * ops.rsqrt(ms + self.epsilon) * ops.cast(self.gamma, x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Weight randomization / ground truth
+# ----------------------------------------------------------------------------------------------
+def _all_layers(model):
+    out = []
+    for layer in model.layers:
+        out.append(layer)
+        if hasattr(layer, "layers") and isinstance(getattr(layer, "layers"), list) and layer.layers:
+            out.extend(_all_layers(layer))
+    return out
+
+
+def _wname(w):
+    return getattr(w, "path", None) or w.name
+
+
+def randomize(model, seed):
+    rng = np.random.default_rng(seed)
+    for layer in _all_layers(model):
+        cls = type(layer).__name__
+        for w in layer.weights:
+            name = _wname(w).split("/")[-1].split(":")[0]
+            shape = tuple(int(d) for d in w.shape)
+            dt = w.dtype if isinstance(w.dtype, str) else w.dtype.name
+            if cls in NORM_KIND:
+                if "moving_variance" in name:
+                    v = rng.uniform(0.5, 2.0, shape)
+                elif "moving_mean" in name:
+                    v = rng.normal(0.0, 0.5, shape)
+                elif name in ("gamma", "scale"):
+                    v = rng.uniform(0.5, 1.5, shape)
+                elif name in ("beta", "bias", "offset"):
+                    v = rng.normal(0.0, 0.3, shape)
+                else:
+                    continue
+            elif name == "bias":  # Conv*/Dense/EinsumDense (MHA) biases
+                v = rng.normal(0.0, 0.1, shape)
+            else:
+                continue
+            w.assign(v.astype(dt))
+
+
+def _history_layer(t):
+    h = getattr(t, "_keras_history", None)
+    return None if h is None else h[0]
+
+
+def _node_inputs(node):
+    for attr in ("input_tensors", "keras_inputs"):
+        v = getattr(node, attr, None)
+        if v is not None:
+            return tf.nest.flatten(v)
+    return []
+
+
+def ground_truth(model):
+    layers = _all_layers(model)
+    gt = {"batchnorm": 0, "batchnorm_after_linear": 0, "layernorm": 0, "rmsnorm": 0, "groupnorm": 0}
+    for layer in layers:
+        kind = NORM_KIND.get(type(layer).__name__)
+        if kind:
+            gt[kind] += 1
+    # consumers of each layer's output (inside the model graphs) plus model outputs
+    ids = {id(l) for l in layers}
+    consumers = collections.Counter()
+    for layer in layers:
+        for node in getattr(layer, "_inbound_nodes", []):
+            for t in _node_inputs(node):
+                p = _history_layer(t)
+                if p is not None and id(p) in ids:
+                    consumers[id(p)] += 1
+    for m in [model] + [l for l in layers if hasattr(l, "layers")]:
+        for t in tf.nest.flatten(getattr(m, "outputs", []) or []):
+            p = _history_layer(t)
+            if p is not None:
+                consumers[id(p)] += 1
+    for layer in layers:
+        if type(layer).__name__ != "BatchNormalization":
+            continue
+        nodes = getattr(layer, "_inbound_nodes", [])
+        if len(nodes) != 1:
+            continue
+        ins = _node_inputs(nodes[0])
+        if len(ins) != 1:
+            continue
+        p = _history_layer(ins[0])
+        if p is None or type(p).__name__ not in LINEAR_CLASSES:
+            continue
+        act = getattr(getattr(p, "activation", None), "__name__", "linear")
+        if act != "linear":
+            continue
+        if consumers[id(p)] == 1:
+            gt["batchnorm_after_linear"] += 1
+    return gt
+
+
+# ----------------------------------------------------------------------------------------------
+# Model builders. `K` is either keras (Keras 3) or tf_keras (Keras 2): the layer API is the same.
+# Each returns (model, {input_name: shape}).
+# ----------------------------------------------------------------------------------------------
+def build_bn_stack(K, batch=1):
+    """9 BN, 6 of them directly after a linear layer with no other consumer."""
+    L = K.layers
+    x = K.Input(shape=(32, 32, 3), batch_size=batch, name="input_1")
+    a = L.Conv2D(8, 3, padding="same", use_bias=True, name="conv_bias")(x)
+    a = L.BatchNormalization(name="bn_conv_bias")(a)  # after linear
+    a = L.ReLU()(a)
+    b = L.Conv2D(8, 3, padding="same", use_bias=False, name="conv_nobias")(a)
+    b = L.BatchNormalization(name="bn_conv_nobias")(b)  # after linear
+    b = L.ReLU()(b)
+    c = L.DepthwiseConv2D(3, padding="same", name="dwconv")(b)
+    c = L.BatchNormalization(name="bn_dwconv")(c)  # after linear
+    c = L.ReLU()(c)
+    d = L.SeparableConv2D(16, 3, padding="same", name="sepconv")(c)
+    d = L.BatchNormalization(name="bn_sepconv")(d)  # after linear
+    d = L.ReLU()(d)
+    e = L.Conv2DTranspose(16, 3, strides=2, padding="same", name="convT")(d)
+    e = L.BatchNormalization(name="bn_convT")(e)  # after linear
+    e = L.ReLU()(e)
+    f = L.Conv2D(16, 3, padding="same", name="conv_shared")(e)  # feeds BN and the residual Add
+    fb = L.BatchNormalization(name="bn_conv_shared")(f)  # NOT after linear (conv has 2 consumers)
+    fb = L.ReLU()(fb)
+    g = L.Add(name="residual_add")([f, fb])
+    p = L.MaxPooling2D(2, name="maxpool")(g)
+    p = L.BatchNormalization(name="bn_preact_pool")(p)  # pre-activation after MaxPool
+    p = L.ReLU()(p)
+    q = L.Conv2D(16, 1, name="conv_1x1")(p)
+    r = L.Add(name="preact_add")([p, q])
+    r = L.BatchNormalization(name="bn_preact_add")(r)  # pre-activation after Add
+    r = L.ReLU()(r)
+    h = L.GlobalAveragePooling2D()(r)
+    h = L.Dense(10, name="dense_head")(h)
+    h = L.BatchNormalization(name="bn_dense")(h)  # after linear, rank 2
+    return K.Model(x, h, name="bn_stack"), {"input_1": (batch, 32, 32, 3)}
+
+
+def build_bn_conv3d(K, batch=1):
+    L = K.layers
+    x = K.Input(shape=(8, 8, 8, 2), batch_size=batch, name="input_1")
+    y = L.Conv3D(4, 3, padding="same", use_bias=True, name="conv3d_bias")(x)
+    y = L.BatchNormalization(name="bn_conv3d_bias")(y)
+    y = L.ReLU()(y)
+    y = L.Conv3D(4, 3, padding="same", use_bias=False, name="conv3d_nobias")(y)
+    y = L.BatchNormalization(name="bn_conv3d_nobias")(y)
+    return K.Model(x, y, name="bn_conv3d"), {"input_1": (batch, 8, 8, 8, 2)}
+
+
+def build_bn_conv1d_dense(K, batch=1):
+    L = K.layers
+    x = K.Input(shape=(16, 4), batch_size=batch, name="input_1")
+    y = L.Conv1D(8, 3, padding="same", use_bias=True, name="conv1d_bias")(x)
+    y = L.BatchNormalization(name="bn_conv1d_bias")(y)
+    y = L.ReLU()(y)
+    y = L.Conv1D(8, 3, padding="same", use_bias=False, name="conv1d_nobias")(y)
+    y = L.BatchNormalization(name="bn_conv1d_nobias")(y)
+    y = L.ReLU()(y)
+    y = L.Dense(8, name="dense_rank3")(y)  # MatMul on (N, T, C)
+    y = L.BatchNormalization(name="bn_dense_rank3")(y)
+    y = L.ReLU()(y)
+    y = L.Flatten()(y)
+    y = L.Dense(10, use_bias=False, name="dense_nobias")(y)
+    y = L.BatchNormalization(name="bn_dense_rank2")(y)
+    return K.Model(x, y, name="bn_conv1d_dense"), {"input_1": (batch, 16, 4)}
+
+
+def build_mobilenetv2(K, batch=1):
+    m = K.applications.MobileNetV2(alpha=0.35, input_shape=(64, 64, 3), classes=10, weights=None)
+    return m, {"input": (batch, 64, 64, 3)}
+
+
+def build_mobilenetv3small(K, batch=1):
+    # include_top=False + our own Dense head: the top of MobileNetV3 has no BN but a 1024-ch 1x1
+    # conv that would make the file ~3 MB.
+    base = K.applications.MobileNetV3Small(alpha=0.75, minimalistic=True, input_shape=(64, 64, 3),
+                                           include_top=False, pooling="avg", weights=None)
+    y = K.layers.Dense(10, name="head")(base.output)
+    return K.Model(base.input, y, name="mobilenetv3small_head"), {"input": (batch, 64, 64, 3)}
+
+
+def _seq_ln(K, batch=2, **ln_kwargs):
+    L = K.layers
+    x = K.Input(shape=(16, 32), batch_size=batch, name="input_1")
+    y = L.Dense(32, name="dense_in")(x)
+    y = L.LayerNormalization(name="ln", **ln_kwargs)(y)
+    y = L.Dense(32, name="dense_out")(y)
+    return K.Model(x, y), {"input_1": (batch, 16, 32)}
+
+
+def build_ln_last(K):
+    return _seq_ln(K)
+
+
+def build_ln_nocenter(K):
+    return _seq_ln(K, center=False)
+
+
+def build_ln_noscale(K):
+    return _seq_ln(K, scale=False)
+
+
+def build_ln_plain(K):
+    return _seq_ln(K, center=False, scale=False)
+
+
+def build_ln_2axes(K):
+    return _seq_ln(K, axis=[-2, -1])
+
+
+def build_ln_fused(K):  # tf_keras: eps >= 1.001e-5 and trailing axes -> fused (BatchNormalization) path
+    return _seq_ln(K, epsilon=1e-3)
+
+
+def build_ln_nonfused(K):  # tf_keras: eps < 1.001e-5 -> non-fused (moments) path
+    return _seq_ln(K, epsilon=1e-6)
+
+
+def build_transformer_block(K, batch=2):
+    L = K.layers
+    x = K.Input(shape=(16, 32), batch_size=batch, name="input_1")
+    att = L.MultiHeadAttention(num_heads=4, key_dim=8, name="mha")(x, x)
+    h = L.LayerNormalization(epsilon=1e-6, name="ln_attn")(L.Add()([x, att]))
+    f = L.Dense(64, activation="relu", name="ffn_1")(h)
+    f = L.Dense(32, name="ffn_2")(f)
+    y = L.LayerNormalization(epsilon=1e-6, name="ln_ffn")(L.Add()([h, f]))
+    return K.Model(x, y, name="transformer_block"), {"input_1": (batch, 16, 32)}
+
+
+def build_conv_ln_c(K, batch=1):
+    L = K.layers
+    x = K.Input(shape=(16, 16, 3), batch_size=batch, name="input_1")
+    y = L.Conv2D(8, 3, padding="same", name="conv")(x)
+    y = L.LayerNormalization(axis=-1, name="ln_channels")(y)
+    y = L.ReLU()(y)
+    y = L.Conv2D(8, 3, padding="same", name="conv2")(y)
+    return K.Model(x, y), {"input_1": (batch, 16, 16, 3)}
+
+
+def build_conv_ln_hwc(K, batch=1):
+    L = K.layers
+    x = K.Input(shape=(16, 16, 3), batch_size=batch, name="input_1")
+    y = L.Conv2D(8, 3, padding="same", name="conv")(x)
+    y = L.LayerNormalization(axis=[1, 2, 3], name="ln_hwc")(y)
+    y = L.ReLU()(y)
+    y = L.Conv2D(8, 3, padding="same", name="conv2")(y)
+    return K.Model(x, y), {"input_1": (batch, 16, 16, 3)}
+
+
+def build_rmsnorm(K, batch=2):
+    L = K.layers
+    x = K.Input(shape=(16, 32), batch_size=batch, name="input_1")
+    y = L.Dense(32, name="dense_in")(x)
+    y = L.RMSNormalization(epsilon=1e-6, name="rmsnorm")(y)
+    y = L.Dense(32, name="dense_out")(y)
+    return K.Model(x, y), {"input_1": (batch, 16, 32)}
+
+
+def build_rmsnorm_hand(K, batch=2):
+    L = K.layers
+    x = K.Input(shape=(16, 32), batch_size=batch, name="input_1")
+    y = L.Dense(32, name="dense_in")(x)
+    y = HandRMSNorm(epsilon=1e-6, name="hand_rmsnorm")(y)
+    y = L.Dense(32, name="dense_out")(y)
+    return K.Model(x, y), {"input_1": (batch, 16, 32)}
+
+
+def build_groupnorm(K, batch=1):
+    L = K.layers
+    x = K.Input(shape=(16, 16, 3), batch_size=batch, name="input_1")
+    y = L.Conv2D(16, 3, padding="same", name="conv")(x)
+    y = L.GroupNormalization(groups=4, name="gn")(y)
+    y = L.ReLU()(y)
+    y = L.Conv2D(8, 3, padding="same", name="conv2")(y)
+    return K.Model(x, y), {"input_1": (batch, 16, 16, 3)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Specs: (name, K, builder, opsets, extra)
+# ----------------------------------------------------------------------------------------------
+K3, K2 = keras, tf_keras
+SRC = "Keras 3 functional model built in export_tf.py ({})"
+SRC2 = "tf_keras (Keras 2) functional model built in export_tf.py ({})"
+
+SPECS = [
+    # 1. Keras 3 BN stacks
+    dict(name="keras3_bn_stack", K=K3, build=build_bn_stack, opsets=[13, 17, 18],
+         notes="Keras 3: no BatchNormalization op; 8 BNs stay as Mul(C[1,C,1,1])->Add(C[1,C,1,1]) (after Conv+bias, depthwise Conv, pointwise Conv of SeparableConv, ConvTranspose, shared Conv, MaxPool, Add) plus Gemm->Mul(C[10])->Add(C[10]); BN after the bias-free Conv2D is already folded (Conv gets a bias). GlobalAveragePooling2D is GlobalAveragePool->Squeeze (ReduceMean at op18)."),
+    dict(name="keras3_bn_conv3d", K=K3, build=build_bn_conv3d, opsets=[13, 17],
+         notes="Conv3D(bias)->Mul(C[1,4,1,1,1])->Add remains; the bias-free Conv3D+BN is already folded."),
+    dict(name="keras3_bn_conv1d_dense", K=K3, build=build_bn_conv1d_dense, opsets=[13, 17],
+         notes="Conv1D is Unsqueeze->Conv(kernel [1,3], no bias input)->Squeeze(axis 2)->[Add(C[1,8,1]) bias]->Mul(C[1,8,1])->Add(C[1,8,1]); Dense on rank 3 is Reshape->MatMul->Reshape->Add(C[8])->Mul(C[8])->Add(C[8]); rank-2 Dense(no bias) is MatMul->Mul(C[10])->Add(C[10])."),
+    dict(name="keras3_bn_stack_noopt", K=K3, build=build_bn_stack, opsets=[13], optimizers={},
+         notes="tf2onnx optimizers disabled (optimizers={}): raw Transpose->Conv->Transpose, NHWC Mul/Add"),
+    # 2. tf_keras BN stacks
+    dict(name="tfkeras_bn_stack", K=K2, build=build_bn_stack, opsets=[13, 17],
+         notes="tf_keras: 5 real BatchNormalization nodes (C[C] params) after SeparableConv pointwise Conv, ConvTranspose, the shared Conv (2 consumers), MaxPool, Add; Conv(+/-bias)+BN and depthwise+BN folded by tf2onnx; Dense BN is Gemm->Mul(C[10])->Add(C[10])."),
+    dict(name="tfkeras_bn_conv3d", K=K2, build=build_bn_conv3d, opsets=[13, 17],
+         notes="Both Conv3D (with and without bias) followed by a real BatchNormalization node."),
+    dict(name="tfkeras_bn_conv1d_dense", K=K2, build=build_bn_conv1d_dense, opsets=[13, 17],
+         notes="Same spelling as the Keras 3 file: rank-3 BN becomes Mul(C[1,8,1])->Add after Conv->Squeeze(->Add bias); Dense BN Mul(C[8])->Add."),
+    # 3. applications
+    dict(name="keras3_mobilenetv2", K=K3, build=build_mobilenetv2, opsets=[13, 17],
+         source="keras.applications.MobileNetV2(alpha=0.35, input_shape=(64,64,3), classes=10, weights=None)"),
+    dict(name="keras3_mobilenetv3small", K=K3, build=build_mobilenetv3small, opsets=[13, 17],
+         source="keras.applications.MobileNetV3Small(alpha=0.75, minimalistic=True, input_shape=(64,64,3), "
+                "include_top=False, pooling='avg', weights=None) + Dense(10)"),
+    dict(name="tfkeras_mobilenetv2", K=K2, build=build_mobilenetv2, opsets=[13],
+         source="tf_keras.applications.MobileNetV2(alpha=0.35, input_shape=(64,64,3), classes=10, weights=None)"),
+    # 4. LayerNorm
+    dict(name="keras3_ln_last", K=K3, build=build_ln_last, opsets=[13, 17, 18]),
+    dict(name="keras3_ln_nocenter", K=K3, build=build_ln_nocenter, opsets=[13, 17]),
+    dict(name="keras3_ln_noscale", K=K3, build=build_ln_noscale, opsets=[13, 17]),
+    dict(name="keras3_ln_plain", K=K3, build=build_ln_plain, opsets=[13, 17]),
+    dict(name="keras3_ln_2axes", K=K3, build=build_ln_2axes, opsets=[13, 17, 18]),
+    dict(name="tfkeras_ln_fused", K=K2, build=build_ln_fused, opsets=[13, 17]),
+    dict(name="tfkeras_ln_nonfused", K=K2, build=build_ln_nonfused, opsets=[13, 17]),
+    dict(name="keras3_transformer_block", K=K3, build=build_transformer_block, opsets=[13, 17, 18]),
+    dict(name="tfkeras_transformer_block", K=K2, build=build_transformer_block, opsets=[17]),
+    # 5. LayerNorm after conv
+    dict(name="keras3_conv_ln_c", K=K3, build=build_conv_ln_c, opsets=[13, 17]),
+    dict(name="keras3_conv_ln_hwc", K=K3, build=build_conv_ln_hwc, opsets=[13, 17, 18]),
+    # 6. RMSNorm
+    dict(name="keras3_rmsnorm", K=K3, build=build_rmsnorm, opsets=[13, 17, 18]),
+    dict(name="keras3_rmsnorm_hand", K=K3, build=build_rmsnorm_hand, opsets=[13, 17]),
+    # 7. GroupNorm
+    dict(name="keras3_groupnorm", K=K3, build=build_groupnorm, opsets=[13, 17, 18]),
+    dict(name="tfkeras_groupnorm", K=K2, build=build_groupnorm, opsets=[17]),
+    # 8. mixed precision
+    dict(name="keras3_bn_stack_fp16", K=K3, build=build_bn_stack, opsets=[13, 17], mixed=True),
+    dict(name="keras3_ln_last_fp16", K=K3, build=build_ln_last, opsets=[13, 17], mixed=True),
+]
+
+
+# What tf2onnx 1.17 wrote for each model (observed; opset 13 and 17 are identical unless said).
+# d = X - mean; "GAP" = GlobalAveragePool, which tf2onnx uses for ReduceMean over the last axis of a
+# rank-3 tensor at opsets 13/17 (at opset 18 it is ReduceMean with an int64 axes initializer).
+NOTES = {
+    "keras3_bn_stack_noopt": (
+        "tf2onnx optimizers disabled (optimizers={}): every conv is Transpose(NHWC->NCHW)->Conv->Transpose(NCHW->NHWC) "
+        "and BN is Mul(C[C])->Add(C[C]) in NHWC after the Transpose; Keras bias is a separate NHWC Add(C[C]) for the "
+        "depthwise conv; depthwise weights are computed by Reshape->Transpose of a constant (not an initializer); "
+        "the bias-free Conv2D+BN was already folded by TF's grappler (Conv->Transpose->Add(C[8]))."),
+    "keras3_mobilenetv2": (
+        "35 Conv(group=1)+BN folded by tf2onnx; the 17 depthwise Conv(group=C, no bias)->Mul(C[1,C,1,1])->Add(C[1,C,1,1]) "
+        "remain (then Clip = ReLU6). GAP->Squeeze->Gemm head."),
+    "keras3_mobilenetv3small": (
+        "23 Conv(group=1)+BN folded; 11 depthwise Conv(group=C, no bias)->Mul(C[1,C,1,1])->Add remain. Trap: the "
+        "Rescaling layer is Mul(input, C[] scalar)->Add(C[] scalar) at the graph input (not a BN)."),
+    "tfkeras_mobilenetv2": "All 52 BNs folded by tf2onnx (depthwise too): no BatchNormalization/Mul/Add-BN left.",
+    "keras3_ln_last": (
+        "GAP(X)=mean; Neg(mean); Sub(X,mean)=d; Mul(d,d); GAP=var; Add(var,C[] eps); Sqrt; Reciprocal; "
+        "Mul(r, gamma C[1,1,32])=g; Mul(X,g); Mul(Neg(mean),g)->Add(., beta C[1,1,32]); Add(Mul(X,g), that). "
+        "op18: ReduceMean(axes input C[1]=[-1], keepdims=1)."),
+    "keras3_ln_nocenter": "As keras3_ln_last without Add(beta): Add(Mul(X,g), Mul(Neg(mean),g)).",
+    "keras3_ln_noscale": "As keras3_ln_last without Mul(gamma): g is the Reciprocal output itself.",
+    "keras3_ln_plain": "No gamma, no beta: Add(Mul(X,r), Mul(Neg(mean),r)).",
+    "keras3_ln_2axes": (
+        "axis=[-2,-1]: ReduceMean attribute axes=[1,2] at op13/17 (not GAP), axes input C[2]=[-2,-1] at op18; "
+        "gamma/beta C[1,16,32]."),
+    "tfkeras_ln_fused": (
+        "tf_keras fused path: Reshape(X->[1,N*T,D,1]); ReduceMean(axes [0,2,3]); Sub; ReduceSumSquare; Shape/Gather/"
+        "ReduceProd/Cast/Div for the variance; BatchNormalization(x, ones C[32], zeros C[32], computed mean, computed "
+        "var, eps 1e-3); Reshape back; Mul(gamma C[32])->Add(beta C[32]). Trap: BatchNormalization with non-constant "
+        "mean/var."),
+    "tfkeras_ln_nonfused": (
+        "tf_keras non-fused (eps 1e-6): GAP=mean; Sub; Mul(d,d); GAP=var; Add(eps); Sqrt; Reciprocal; Mul(r, gamma C[32])=g; "
+        "Mul(X,g); Sub(beta C[32], Mul(mean,g)); Add. No Neg."),
+    "keras3_transformer_block": (
+        "MultiHeadAttention (EinsumDense -> MatMul/Reshape/Transpose, scalar Mul(C[]) before Softmax) then two Keras 3 "
+        "LayerNorms (eps 1e-6) in the keras3_ln_last spelling on Add(residual) outputs."),
+    "tfkeras_transformer_block": "Two tf_keras non-fused LayerNorms (eps 1e-6), spelled as in tfkeras_ln_nonfused.",
+    "keras3_conv_ln_c": (
+        "LN over channels after Conv: ReduceMean attribute axes=[1] (NCHW), keepdims; mean goes through "
+        "Reshape([1,1,16,16]) (a folded Transpose) before Sub; eps C[1,1,1,1]; gamma/beta C[1,8,1,1]; no Transposes "
+        "around the LN."),
+    "keras3_conv_ln_hwc": (
+        "LN over H,W,C after Conv: ReduceMean axes=[2,3,1] (unsorted; attribute at op13/17, input C[3] at op18) in "
+        "NCHW; Reshape([1,1,1,1]) on mean/Neg/Reciprocal; gamma/beta C[1,16,16,8] applied in NHWC: Mul(Transpose(X "
+        "NCHW->NHWC), g), so the Mul(X,.) operand is a Transpose of the ReduceMean input."),
+    "keras3_rmsnorm": (
+        "keras.layers.RMSNormalization: Mul(X,X); GAP (ReduceMean axes input [-1] at op18); Add(C[] eps 1e-6); "
+        "Sqrt; Reciprocal; Mul(X, r); Mul(., gamma C[32]) - gamma applied after Mul(X, r), not folded into r."),
+    "keras3_rmsnorm_hand": (
+        "Hand-written x*rsqrt(mean(x^2)+eps)*gamma: same graph as keras3_rmsnorm (Mul(X,X), GAP, Add, Sqrt, "
+        "Reciprocal, Mul(X,r), Mul(gamma C[32]))."),
+    "keras3_groupnorm": (
+        "Conv->Transpose(NCHW->NHWC)->Reshape([-1,16,16,4,4]); Keras 3 LN chain over ReduceMean axes=[1,2,4] "
+        "(attribute op13/17, input C[3] op18); gamma/beta C[1,1,1,4,4]; Reshape([1,16,16,16]) back; Relu; "
+        "Transpose->Conv."),
+    "tfkeras_groupnorm": (
+        "tf_keras GroupNormalization: Reshape([-1,16,16,4,4]); ReduceSum(axes input [1,2,4]) then Div(C[1,1,1,4,1] "
+        "counts) with Equal/Where (div_no_nan) for mean and variance; Sub; Mul(d,d); Add(eps); Sqrt; Reciprocal; "
+        "Mul(gamma C[1,1,1,4,4]); Mul(X,g); Sub(beta, Mul(mean,g)); Add; Reshape back."),
+    "keras3_bn_stack_fp16": (
+        "mixed_float16: input Cast(f16); fp16 Conv weights; every BN is Cast(f32)->Mul(C f32 [1,C,1,1])->Add->Cast(f16) "
+        "(9 of them, including the one after the bias-free Conv, which is no longer folded); Dense is MatMul->Add(bias f16), "
+        "not Gemm; output is float16."),
+    "keras3_ln_last_fp16": (
+        "mixed_float16: Dense in fp16, Cast(f32) before the LN, whole LN chain in float32 with f32 gamma/beta, "
+        "Cast(f16) after; output float16."),
+}
+for _s in SPECS:
+    if _s["name"] in NOTES:
+        _s["notes"] = NOTES[_s["name"]]
+
+
+def _set_policy(K, name):
+    K.mixed_precision.set_global_policy(name)
+
+
+def build_model(spec):
+    K = spec["K"]
+    seed = sum(ord(c) * (i + 1) for i, c in enumerate(spec["name"])) % (2 ** 31)
+    K.backend.clear_session()
+    if spec.get("mixed"):
+        _set_policy(K, "mixed_float16")
+    try:
+        if K is keras:
+            keras.utils.set_random_seed(seed)
+        else:
+            tf_keras.utils.set_random_seed(seed)
+        model, inputs = spec["build"](K)
+    finally:
+        if spec.get("mixed"):
+            _set_policy(K, "float32")
+    randomize(model, seed + 1)
+    return model, inputs, seed
+
+
+def op_histogram(mp):
+    c = collections.Counter(n.op_type for n in mp.graph.node)
+    return dict(sorted(c.items()))
+
+
+def convert(model, inputs, opset, optimizers=None):
+    sig = tuple(tf.TensorSpec(shape, tf.float32, name=name) for name, shape in inputs.items())
+    kwargs = dict(input_signature=sig, opset=opset)
+    if optimizers is not None:
+        kwargs["optimizers"] = optimizers
+    mp, _ = tf2onnx.convert.from_keras(model, **kwargs)
+    return mp
+
+
+def run_ort(path, feeds):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+    return sess.run(None, feeds)
+
+
+def _dtype_of(mp):
+    types = set()
+    for init in mp.graph.initializer:
+        types.add(onnx.TensorProto.DataType.Name(init.data_type))
+    if "FLOAT16" in types:
+        return "mixed_float16"
+    return "float32"
+
+
+def export_spec(spec):
+    entries = []
+    model, inputs, seed = build_model(spec)
+    rng = np.random.default_rng(seed + 2)
+    feeds = {k: rng.normal(0, 1, v).astype(np.float32) for k, v in inputs.items()}
+    xs = [feeds[k] for k in inputs]
+    ref = model(xs[0] if len(xs) == 1 else xs, training=False)
+    ref = [np.asarray(r, dtype=np.float32) for r in tf.nest.flatten(ref)]
+    gt = ground_truth(model)
+    Kname = "keras" if spec["K"] is keras else "tf_keras"
+    builder = spec["build"].__name__
+    source = spec.get("source") or (SRC if spec["K"] is keras else SRC2).format(builder)
+    if spec.get("mixed"):
+        source += " under mixed_float16 global policy"
+    for opset in spec["opsets"]:
+        fname = f"{spec['name']}_op{opset}.onnx"
+        path = os.path.join(HERE, fname)
+        entry = dict(file=fname, source=source, exporter="tf2onnx", keras_package=Kname, opset=opset)
+        try:
+            mp = convert(model, inputs, opset, spec.get("optimizers"))
+            onnx.checker.check_model(mp)
+            onnx.save(mp, path)
+            onnx_inputs = [i.name for i in mp.graph.input]
+            # graph input names are the TensorSpec names we passed
+            ofeeds = {}
+            for gi in mp.graph.input:
+                ofeeds[gi.name] = feeds[gi.name]
+            outs = run_ort(path, ofeeds)
+            diff = max(float(np.max(np.abs(np.asarray(o, np.float32) - r))) for o, r in zip(outs, ref))
+            entry.update(
+                dtype=_dtype_of(mp),
+                inputs={n: {"shape": list(inputs[n]), "dtype": "float32"} for n in onnx_inputs},
+                outputs={o.name: {"shape": [d.dim_value if d.HasField("dim_value") else d.dim_param
+                                            for d in o.type.tensor_type.shape.dim],
+                                  "dtype": onnx.helper.tensor_dtype_to_np_dtype(
+                                      o.type.tensor_type.elem_type).name}
+                         for o in mp.graph.output},
+                ground_truth=gt,
+                observed_ops=op_histogram(mp),
+                ort_vs_keras_max_abs_diff=diff,
+                size_bytes=os.path.getsize(path),
+                seed=seed,
+                notes=spec.get("notes", ""),
+            )
+            print(f"  {fname}: {entry['size_bytes']} B, diff={diff:.3g}, gt={gt}", flush=True)
+        except Exception as exc:  # record failure, keep going
+            traceback.print_exc()
+            entry.update(failed=f"{type(exc).__name__}: {exc}"[:2000])
+            if os.path.exists(path):
+                os.remove(path)
+            print(f"  {fname}: FAILED {exc}", flush=True)
+        entries.append(entry)
+    return entries
+
+
+def main(argv):
+    filters = argv[1:]
+    old = {}
+    if filters and os.path.exists(MANIFEST):
+        with open(MANIFEST) as f:
+            old = {e["file"]: e for e in json.load(f)["models"]}
+    entries = dict(old)
+    for spec in SPECS:
+        if filters and not any(f in spec["name"] for f in filters):
+            continue
+        print(spec["name"], flush=True)
+        for e in export_spec(spec):
+            entries[e["file"]] = e
+    order = [f"{s['name']}_op{o}.onnx" for s in SPECS for o in s["opsets"]]
+    models = [entries[f] for f in order if f in entries]
+    manifest = {
+        "generator": "models/tf/export_tf.py",
+        "tensorflow": tf.__version__,
+        "tf2onnx": tf2onnx.__version__,
+        "keras": keras.__version__,
+        "tf_keras": tf_keras.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+        "comparison": "onnxruntime CPU with ORT_DISABLE_ALL vs Keras model(x, training=False)",
+        "ground_truth_definition": (
+            "counts of Keras layers by class over model.layers (nested models included); "
+            "batchnorm_after_linear = BatchNormalization layers whose single input is the output of a "
+            "Conv*/DepthwiseConv/SeparableConv/Conv*Transpose/Dense layer with linear activation and "
+            "no other consumer (RMSNormalization and the hand-written HandRMSNorm count as rmsnorm)"),
+        "models": models,
+    }
+    with open(MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.write("\n")
+    failed = [m["file"] for m in models if "failed" in m]
+    print(f"wrote {len(models)} entries, {len(failed)} failed: {failed}")
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,3 @@
+from normfold.cli.main import run
+
+run()

@@ -1,0 +1,153 @@
+"""The library entry points: `fold` rewrites a model in memory; `fold_file` is the whole job the
+CLI runs (load, fold, write to a staging folder, verify, move into place)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+from onnx import version_converter
+
+from normfold import exit_codes
+from normfold.errors import NormfoldError, VerificationUnavailable
+from normfold.graph import count_ops
+from normfold.io import StagedModel, read_model
+from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
+from normfold.report import Report, Verification
+from normfold.shapes import infer_shapes
+from normfold.verify import compare_models
+
+
+def model_opset(model: onnx.ModelProto) -> int:
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return 0
+
+
+@dataclass
+class FoldOptions:
+    passes: tuple[str, ...] = PASS_NAMES
+    target_opset: int | None = None
+    exclude_nodes: frozenset[str] = frozenset()
+    allow_contrib: bool = False
+
+
+@dataclass
+class VerifyOptions:
+    enabled: bool = True
+    allow_unverified: bool = False
+    seed: int = 0
+    shapes: dict[str, list[int]] = field(default_factory=dict)
+    dims: dict[str, int] = field(default_factory=dict)
+    atol: float | None = None
+    rtol: float | None = None
+
+
+def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
+    current = model_opset(model)
+    if target <= current:
+        return model
+    max_known = onnx.defs.onnx_opset_version()
+    if target > max_known:
+        raise NormfoldError(f"--target-opset {target}: the installed onnx knows opsets up to {max_known}")
+    try:
+        converted = version_converter.convert_version(model, target)
+    except Exception as exc:
+        text = " ".join(str(exc).split())[:200]
+        raise NormfoldError(f"cannot convert the model from opset {current} to {target}: {text}") from None
+    return converted
+
+
+def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bool = True
+         ) -> tuple[onnx.ModelProto, Report]:
+    """Fold and fuse every site the selected passes can rewrite. Returns the new model and a report
+    (verification is not part of this call: see `fold_file` and `normfold.verify`)."""
+    options = options or FoldOptions()
+    unknown = sorted(set(options.passes) - set(PASS_NAMES))
+    if unknown:
+        raise NormfoldError(f"unknown pass(es) {unknown}; known: {list(PASS_NAMES)}")
+    if copy:
+        clone = onnx.ModelProto()
+        clone.CopyFrom(model)
+        model = clone
+    report = Report(opset_before=model_opset(model))
+    report.ops_before = count_ops(model.graph)
+    report.nodes_before = sum(report.ops_before.values())
+    if options.target_opset is not None:
+        model = convert_opset(model, options.target_opset)
+    ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
+                      allow_contrib=options.allow_contrib)
+    rules = [rule for rule in RULES if rule.name in options.passes]
+    report.sites = run_rules(model.graph, rules, ctx, infer_shapes(model))
+    report.opset_after = model_opset(model)
+    report.ops_after = count_ops(model.graph)
+    report.nodes_after = sum(report.ops_after.values())
+    return model, report
+
+
+def default_output(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.folded.onnx" if path.suffix == ".onnx" else f"{path.name}.folded.onnx")
+
+
+def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+              in_place: bool = False, options: FoldOptions | None = None,
+              verify: VerifyOptions | None = None) -> Report:
+    """Load, fold, verify and write. The report's exit_code tells how it ended; NormfoldError is
+    raised for bad input (nothing is written then either)."""
+    started = time.perf_counter()
+    verify = verify or VerifyOptions()
+    src = Path(input_path)
+    if in_place:
+        if output_path is not None and Path(output_path).resolve() != src.resolve():
+            raise NormfoldError("--in-place and -o name different files; use one of them")
+        dest = src
+    else:
+        dest = Path(output_path) if output_path is not None else default_output(src)
+        if dest.exists() and src.exists() and dest.resolve() == src.resolve():
+            raise NormfoldError(f"{dest}: output is the input file; pass --in-place to overwrite it")
+    if dest.is_dir():
+        raise NormfoldError(f"{dest}: is a directory; give a file name for the output")
+    if not dest.parent.is_dir():
+        raise NormfoldError(f"{dest}: output folder {str(dest.parent)!r} does not exist")
+
+    t = time.perf_counter()
+    model, external_files = read_model(src)
+    timings = {"load": time.perf_counter() - t}
+
+    t = time.perf_counter()
+    model, report = fold(model, options, copy=False)
+    timings["fold"] = time.perf_counter() - t
+    report.input, report.output = str(src), str(dest)
+
+    t = time.perf_counter()
+    staged = StagedModel(model, dest, external_data=True if external_files else None)
+    timings["save"] = time.perf_counter() - t
+    try:
+        if verify.enabled:
+            t = time.perf_counter()
+            try:
+                report.verification = compare_models(src, staged.path, seed=verify.seed, shapes=verify.shapes,
+                                                     dims=verify.dims, atol=verify.atol, rtol=verify.rtol)
+            except VerificationUnavailable as exc:
+                report.verification = Verification("unavailable", seed=verify.seed, detail=str(exc))
+            timings["verify"] = time.perf_counter() - t
+        else:
+            report.verification = Verification("skipped", detail="--no-verify")
+        status = report.verification.status
+        if status == "failed":
+            report.exit_code = exit_codes.OUTPUTS_DIFFER
+        elif status == "unavailable" and not verify.allow_unverified:
+            report.exit_code = exit_codes.UNVERIFIED
+        else:
+            staged.commit()
+            report.written = True
+            report.exit_code = exit_codes.OK
+    finally:
+        staged.discard()
+    timings["total"] = time.perf_counter() - started
+    report.timings = {k: round(v, 4) for k, v in timings.items()}
+    return report

@@ -1,0 +1,310 @@
+"""A small editable index over an ONNX GraphProto: producers, consumers, constants, and edits.
+
+Passes read the graph through `GraphView` and change it only through its edit methods, which keep
+the indexes current so that a later site sees the effect of an earlier rewrite (Conv -> BN -> BN
+folds twice). Node order is rebuilt once, in `commit()`: removed nodes are dropped and new nodes
+stand where the last node of the site they replace stood, so the graph stays topologically sorted.
+
+We edit the protobuf in place instead of round-tripping through onnx-graphsurgeon: an export there
+copies every initializer and drops metadata, and a fold should touch only the tensors it changes.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT_TYPES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.BFLOAT16: "bfloat16",
+    onnx.TensorProto.DOUBLE: "float64",
+}
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
+    """The graph-valued attributes of a node (If branches, Loop/Scan bodies)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.name, attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            for i, g in enumerate(attr.graphs):
+                yield f"{attr.name}[{i}]", g
+
+
+def free_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a graph reads from enclosing scopes (defined neither inside it nor as its inputs)."""
+    defined = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    defined |= {t.name for t in graph.sparse_initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(n for n in node.input if n)
+        for _, sub in subgraphs(node):
+            used |= free_names(sub)
+        defined.update(n for n in node.output if n)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+def attr(node: onnx.NodeProto, name: str, default=None):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def set_attr(node: onnx.NodeProto, name: str, value) -> None:
+    for i, a in enumerate(node.attribute):
+        if a.name == name:
+            del node.attribute[i]
+            break
+    node.attribute.append(onnx.helper.make_attribute(name, value))
+
+
+def count_ops(graph: onnx.GraphProto) -> dict[str, int]:
+    """Op-type histogram of a graph and all its subgraphs; custom domains as `domain::Op`."""
+    counts: dict[str, int] = defaultdict(int)
+
+    def walk(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}::{node.op_type}"
+            counts[key] += 1
+            for _, sub in subgraphs(node):
+                walk(sub)
+
+    walk(graph)
+    return dict(sorted(counts.items()))
+
+
+class GraphView:
+    """Index of one graph. `outer` is the view of the enclosing graph for If/Loop/Scan bodies."""
+
+    def __init__(self, graph: onnx.GraphProto, path: str = "main", outer: "GraphView | None" = None,
+                 shapes: dict[str, tuple[int, list]] | None = None):
+        self.graph = graph
+        self.path = path
+        self.outer = outer
+        # name -> (elem_type, dims) with dims entries int or None; filled from shape inference.
+        self.shapes = shapes if shapes is not None else (outer.shapes if outer else {})
+        self.nodes: list[onnx.NodeProto] = list(graph.node)
+        self._removed: set[int] = set()
+        self._placed_after: dict[int, list[onnx.NodeProto]] = defaultdict(list)
+        self.initializers = {t.name: t for t in graph.initializer}
+        self.input_names = {i.name for i in graph.input}
+        self.output_names = {o.name for o in graph.output}
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self._names: set[str] = set(self.initializers) | self.input_names | self.output_names
+        self._dropped_tensors: set[str] = set()
+        self._maybe_dead_initializers: set[str] = set()
+        self._maybe_dead_constants: set[str] = set()
+        for node in self.nodes:
+            self._index(node)
+
+    # ---- index -------------------------------------------------------------------------------
+    def _reads(self, node: onnx.NodeProto) -> list[str]:
+        names = [n for n in node.input if n]
+        for _, sub in subgraphs(node):
+            names.extend(sorted(free_names(sub)))
+        return names
+
+    def _index(self, node: onnx.NodeProto) -> None:
+        for name in self._reads(node):
+            self.consumers[name].append(node)
+        for name in node.output:
+            if name:
+                self.producer[name] = node
+                self._names.add(name)
+        if node.name:
+            self._names.add(node.name)
+
+    def _unindex(self, node: onnx.NodeProto) -> None:
+        for name in self._reads(node):
+            users = self.consumers.get(name, [])
+            for i, user in enumerate(users):
+                if user is node:
+                    del users[i]
+                    break
+        for name in node.output:
+            if name and self.producer.get(name) is node:
+                del self.producer[name]
+
+    # ---- queries -----------------------------------------------------------------------------
+    def live_nodes(self) -> list[onnx.NodeProto]:
+        return [n for n in self.nodes if id(n) not in self._removed]
+
+    def users(self, name: str) -> list[onnx.NodeProto]:
+        """Distinct nodes that read `name` (a node reading it twice, Mul(d, d), counts once)."""
+        seen: dict[int, onnx.NodeProto] = {}
+        for node in self.consumers.get(name, []):
+            seen.setdefault(id(node), node)
+        return list(seen.values())
+
+    def is_graph_output(self, name: str) -> bool:
+        return name in self.output_names
+
+    def sole_user(self, name: str) -> onnx.NodeProto | None:
+        users = self.users(name)
+        if len(users) == 1 and not self.is_graph_output(name):
+            return users[0]
+        return None
+
+    def escapes(self, nodes: Iterable[onnx.NodeProto], keep: str) -> str | None:
+        """The first tensor written by `nodes` (other than `keep`) that is used outside them."""
+        inside = {id(n) for n in nodes}
+        for node in nodes:
+            for name in node.output:
+                if not name or name == keep:
+                    continue
+                if self.is_graph_output(name) or any(id(u) not in inside for u in self.users(name)):
+                    return name
+        return None
+
+    def const(self, name: str) -> np.ndarray | None:
+        """The value of `name` if it is a constant: an initializer that is not also a graph input
+        (such an initializer is only a default the caller may override), or a Constant node."""
+        if not name:
+            return None
+        if name in self.initializers:
+            if name in self.input_names:
+                return None
+            return numpy_helper.to_array(self.initializers[name])
+        node = self.producer.get(name)
+        if node is not None:
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                return constant_node_value(node)
+            return None
+        if self.outer is not None and name not in self.input_names:
+            return self.outer.const(name)
+        return None
+
+    def is_const(self, name: str) -> bool:
+        return self.const(name) is not None
+
+    def rank(self, name: str) -> int | None:
+        info = self.shapes.get(name)
+        return None if info is None or info[1] is None else len(info[1])
+
+    def dims(self, name: str) -> list | None:
+        info = self.shapes.get(name)
+        return None if info is None else info[1]
+
+    def elem_type(self, name: str) -> int | None:
+        info = self.shapes.get(name)
+        if info is not None:
+            return info[0]
+        if name in self.initializers:
+            return self.initializers[name].data_type
+        return None
+
+    def uses_of_initializer(self, name: str) -> int:
+        return len(self.users(name)) + (1 if self.is_graph_output(name) else 0)
+
+    # ---- edits -------------------------------------------------------------------------------
+    def unique_name(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}_{i}"
+        self._names.add(name)
+        return name
+
+    def set_initializer(self, name: str, value: np.ndarray) -> None:
+        """Replace an initializer's contents where it stands (keeps the initializer order stable)."""
+        tensor = self.initializers[name]
+        tensor.CopyFrom(numpy_helper.from_array(value, name))
+
+    def add_initializer(self, base: str, value: np.ndarray) -> str:
+        name = self.unique_name(base)
+        self.graph.initializer.append(numpy_helper.from_array(value, name))
+        self.initializers[name] = self.graph.initializer[-1]
+        return name
+
+    def replace_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        old = node.input[index]
+        self._unindex(node)
+        while len(node.input) <= index:
+            node.input.append("")
+        node.input[index] = name
+        self._index(node)
+        if old in self.initializers:
+            self._maybe_dead_initializers.add(old)
+
+    def rename_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
+        """Make `node` write tensor `name` (whose old producer must have been removed)."""
+        self._unindex(node)
+        self._dropped_tensors.add(node.output[index])
+        node.output[index] = name
+        self._index(node)
+
+    def remove(self, node: onnx.NodeProto) -> None:
+        self._unindex(node)
+        self._removed.add(id(node))
+        for name in node.input:
+            if name in self.initializers:
+                self._maybe_dead_initializers.add(name)
+            elif name in self.producer and self.producer[name].op_type == "Constant":
+                self._maybe_dead_constants.add(name)
+        for name in node.output:
+            if name and name not in self.producer:
+                self._dropped_tensors.add(name)
+
+    def add_node(self, node: onnx.NodeProto, after: onnx.NodeProto) -> None:
+        """Add `node`, placed in the final order right after `after` (which may be removed)."""
+        if not node.name:
+            node.name = self.unique_name(node.op_type)
+        self._placed_after[id(after)].append(node)
+        self._index(node)
+
+    def commit(self) -> None:
+        """Write the edits into the GraphProto: node order, dead constants, stale value_info.
+        The view must not be used afterwards."""
+        for name in sorted(self._maybe_dead_constants):
+            node = self.producer.get(name)
+            if node is not None and not self.users(name) and not self.is_graph_output(name):
+                self.remove(node)
+        order: list[onnx.NodeProto] = []
+
+        def place(node: onnx.NodeProto) -> None:
+            if id(node) not in self._removed:
+                order.append(node)
+            for added in self._placed_after.get(id(node), []):
+                place(added)
+
+        for node in self.nodes:
+            place(node)
+        if len(order) != len(self.graph.node) or any(a is not b for a, b in zip(order, self.graph.node)):
+            del self.graph.node[:]
+            self.graph.node.extend(order)
+        dead = {n for n in self._maybe_dead_initializers
+                if n in self.initializers and not self.users(n) and not self.is_graph_output(n)
+                and n not in self.input_names}
+        if dead:
+            # Delete in place, back to front: rebuilding the field would copy every weight.
+            for i in reversed(range(len(self.graph.initializer))):
+                if self.graph.initializer[i].name in dead:
+                    del self.graph.initializer[i]
+        gone = {n for n in self._dropped_tensors if n not in self.producer and n not in self.input_names}
+        if gone and any(v.name in gone for v in self.graph.value_info):
+            keep_vi = [v for v in self.graph.value_info if v.name not in gone]
+            del self.graph.value_info[:]
+            self.graph.value_info.extend(keep_vi)
+
+
+def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, dtype=np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), dtype=np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, dtype=np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), dtype=np.int64)
+    return None

@@ -1,0 +1,114 @@
+"""The passes and the one driver that runs them.
+
+A rule is a small pipeline in four steps:
+
+    match(view, node)            -> Match | None     is `node` the start of a site of this kind?
+    check(view, match, ctx)      -> Left | plan      can it be rewritten safely? if not, why not
+    rewrite(view, match, plan)   -> Rewritten        change the graph through the view's edit methods
+    (the driver records)         -> SiteRecord       folded/fused, or left with a reason code
+
+To add a pattern: write `normfold/passes/<name>.py` with a Rule subclass, list it in `RULES` below,
+and add `tests/test_<name>.py`. The driver walks each graph once, in topological order, offering
+every node to every rule, so a rewrite is visible to the sites after it (Conv -> Mul -> BN folds
+twice in one walk). If/Loop/Scan bodies are walked the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx
+
+from normfold.graph import GraphView, subgraphs
+from normfold.report import SiteRecord
+
+
+@dataclass
+class Match:
+    kind: str  # human-readable site kind, e.g. "BatchNormalization after Conv"
+    nodes: list[onnx.NodeProto]  # every node of the site, in graph order
+    output: str  # the tensor the site writes; the rewrite keeps this name
+    parts: dict[str, Any] = field(default_factory=dict)  # rule-specific pieces found by match
+
+
+@dataclass
+class Left:
+    reason: str  # a key of normfold.report.REASONS
+    detail: str
+
+
+@dataclass
+class Rewritten:
+    created: list[str]
+    detail: str
+    notes: list[str] = field(default_factory=list)
+    max_rounding: float | None = None
+
+
+@dataclass
+class FoldContext:
+    opset: int  # the default-domain opset of the model being rewritten
+    exclude_nodes: frozenset[str] = frozenset()
+    allow_contrib: bool = False
+
+
+class Rule:
+    name = ""  # the pass name users select with --passes
+    status = "folded"  # what a rewrite of this rule is called in the report
+
+    def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
+        raise NotImplementedError
+
+    def check(self, view: GraphView, match: Match, ctx: FoldContext) -> Left | Any:
+        raise NotImplementedError
+
+    def rewrite(self, view: GraphView, match: Match, plan: Any) -> Rewritten:
+        raise NotImplementedError
+
+
+def _rules():
+    from normfold.passes.batchnorm import BatchNormFold
+    from normfold.passes.channel_affine import ChannelAffineFold
+    from normfold.passes.layernorm import LayerNormFusion
+
+    return [BatchNormFold(), ChannelAffineFold(), LayerNormFusion()]
+
+
+RULES: list[Rule] = _rules()
+PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(rule.name for rule in RULES))
+
+
+def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shapes: dict,
+              path: str = "main", outer: GraphView | None = None) -> list[SiteRecord]:
+    """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site."""
+    view = GraphView(graph, path=path, outer=outer, shapes=shapes)
+    records: list[SiteRecord] = []
+    removed = view._removed
+    for node in list(view.nodes):
+        if id(node) in removed:
+            continue
+        for rule in rules:
+            match = rule.match(view, node)
+            if match is None:
+                continue
+            names = [n.name for n in match.nodes]
+            if ctx.exclude_nodes.intersection(names):
+                outcome: Left | Any = Left("excluded", "left alone at the user's request (--exclude-node)")
+            else:
+                outcome = rule.check(view, match, ctx)
+            if isinstance(outcome, Left):
+                records.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
+                                          reason=outcome.reason, output=match.output, graph=path))
+                continue
+            done = rule.rewrite(view, match, outcome)
+            records.append(SiteRecord(rule.name, match.kind, rule.status, names, done.detail,
+                                      created=done.created, output=match.output, graph=path,
+                                      notes=done.notes, max_rounding=done.max_rounding))
+            break  # the node may be gone now; later rules see the sites after it
+    for node in view.live_nodes():
+        for attr_name, sub in subgraphs(node):
+            sub_path = f"{path}/{node.name or node.op_type}:{attr_name}"
+            records.extend(run_rules(sub, rules, ctx, shapes, sub_path, view))
+    view.commit()
+    return records

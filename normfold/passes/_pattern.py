@@ -1,0 +1,69 @@
+"""Small helpers for matching elementwise/reduce chains, shared by the norm fusions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from normfold.graph import GraphView, attr
+
+
+def is_op(node: onnx.NodeProto | None, *op_types: str) -> bool:
+    return node is not None and node.op_type in op_types and node.domain in ("", "ai.onnx")
+
+
+def user(view: GraphView, tensor: str, *op_types: str) -> onnx.NodeProto | None:
+    """The one node of `op_types` that reads `tensor`, if there is exactly one."""
+    found = [n for n in view.users(tensor) if is_op(n, *op_types)]
+    return found[0] if len(found) == 1 else None
+
+
+def other_input(node: onnx.NodeProto, tensor: str) -> str | None:
+    """The input of a binary node that is not `tensor` (None if `tensor` is not an input)."""
+    if len(node.input) != 2:
+        return None
+    if node.input[0] == tensor:
+        return node.input[1]
+    if node.input[1] == tensor:
+        return node.input[0]
+    return None
+
+
+def scalar(view: GraphView, tensor: str | None) -> float | None:
+    """The value of a constant with exactly one element."""
+    if tensor is None:
+        return None
+    value = view.const(tensor)
+    if value is None or value.size != 1:
+        return None
+    return float(np.asarray(value, dtype=np.float64).reshape(-1)[0])
+
+
+def reduce_axes(view: GraphView, node: onnx.NodeProto) -> tuple[int, ...] | None:
+    """Axes of a Reduce* node: the `axes` attribute (opset < 18) or the constant second input
+    (opset >= 18, possibly written by a Constant or Cast node). None when unknown or all axes."""
+    axes = attr(node, "axes")
+    if axes is None and len(node.input) > 1 and node.input[1]:
+        value = view.const(node.input[1])
+        if value is None:
+            cast = view.producer.get(node.input[1])
+            if is_op(cast, "Cast"):
+                value = view.const(cast.input[0])
+        if value is None:
+            return None
+        axes = [int(a) for a in np.asarray(value).reshape(-1)]
+    if not axes:
+        return None
+    return tuple(int(a) for a in axes)
+
+
+def trailing_count(axes: tuple[int, ...], rank: int | None) -> int | None:
+    """k when `axes` are exactly the last k axes of a rank-`rank` tensor (in any order), else None."""
+    k = len(axes)
+    if len(set(axes)) != k:
+        return None
+    if rank is not None:
+        normal = sorted(a % rank if -rank <= a < rank else -1 for a in axes)
+        return k if normal == list(range(rank - k, rank)) else None
+    # Rank unknown: only negative axes can be shown to be trailing.
+    return k if sorted(axes) == list(range(-k, 0)) else None

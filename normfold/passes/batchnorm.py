@@ -1,0 +1,84 @@
+"""Fold inference-mode BatchNormalization into the linear layer before it.
+
+    X -> Conv(W, b) -> BatchNormalization(g, beta, m, v, eps) -> Y
+becomes
+    X -> Conv(W', b') -> Y        with s = g / sqrt(v + eps),
+                                  W' = W * s (per output channel), b' = (b - m) * s + beta
+
+The same holds after ConvTranspose (any group), Gemm (transB 0/1, any alpha/beta, with or without
+C) and MatMul with a constant 2-D right-hand side (with or without its bias Add); see _linear.py
+for where each layer keeps its output channels. BatchNormalization normalizes axis 1, so after
+MatMul it folds only when the output has rank 2 (axis 1 is then the last, the MatMul's channels).
+
+Left as it is, with a reason: training mode; non-constant statistics; var + eps <= 0; a producer
+whose output is also read elsewhere; no linear producer at all (then BN is already the cheapest form).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+
+from normfold.graph import GraphView, attr
+from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
+from normfold.passes._linear import channel_count, check_layer, find_linear_layer, fold_into_layer, retarget_output
+
+
+class BatchNormFold(Rule):
+    name = "bn"
+    status = "folded"
+
+    def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
+        if node.op_type != "BatchNormalization" or node.domain not in ("", "ai.onnx"):
+            return None
+        layer = find_linear_layer(view, node.input[0])
+        kind = f"BatchNormalization after {layer.op}" if layer else "BatchNormalization"
+        nodes = (layer.nodes if layer else []) + [node]
+        return Match(kind, nodes, node.output[0], {"bn": node, "layer": layer})
+
+    def check(self, view: GraphView, match: Match, ctx: FoldContext):
+        bn: onnx.NodeProto = match.parts["bn"]
+        layer = match.parts["layer"]
+        extra_outputs = [o for o in bn.output[1:] if o]
+        if attr(bn, "training_mode", 0) or extra_outputs:
+            return Left("training-mode", f"{bn.name} runs in training mode"
+                        + (f" (outputs {extra_outputs} are used)" if extra_outputs else ""))
+        if attr(bn, "spatial", 1) != 1:
+            return Left("unsupported-attribute", f"{bn.name} has spatial=0 (per-activation statistics)")
+        if layer is None:
+            producer = view.producer.get(bn.input[0])
+            what = f"{producer.op_type} {producer.name}" if producer else "a graph input"
+            return Left("no-linear-producer", f"{bn.name} follows {what}; left as BatchNormalization")
+        names = ("scale", "bias", "mean", "var")
+        values = [view.const(n) for n in bn.input[1:5]]
+        missing = [f"{label} {n!r}" for label, n, v in zip(names, bn.input[1:5], values) if v is None]
+        if missing:
+            return Left("non-constant-parameters", f"{bn.name}: {', '.join(missing)} not constant")
+        refusal = check_layer(view, layer, bn.input[0])
+        if refusal is not None:
+            return refusal
+        if layer.op == "MatMul" and layer.out_rank != 2:
+            if layer.out_rank is None:
+                return Left("unknown-shape", f"rank of {layer.output!r} unknown; BN normalizes axis 1, "
+                                             "which is MatMul's channel axis only for rank 2")
+            return Left("not-per-channel", f"BN normalizes axis 1 of a rank-{layer.out_rank} MatMul output, "
+                                           "not the MatMul's output channels")
+        channels = channel_count(view, layer)
+        gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in values)
+        if channels is None or any(v.size not in (1, channels) for v in (gamma, beta, mean, var)):
+            return Left("not-per-channel", f"{bn.name} parameters do not match the {channels} channels of {layer.layer.name}")
+        eps = float(attr(bn, "epsilon", 1e-5))
+        denom = var + eps
+        if not np.all(denom > 0) or not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var)):
+            return Left("invalid-statistics", f"{bn.name}: var + eps must be positive and parameters finite")
+        scale = gamma / np.sqrt(denom)
+        shift = beta - mean * scale
+        return scale, shift, channels
+
+    def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
+        scale, shift, channels = plan
+        bn, layer = match.parts["bn"], match.parts["layer"]
+        notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
+        retarget_output(view, layer, bn)
+        return Rewritten([n.name for n in layer.nodes], f"{bn.name} folded into {layer.op} {layer.layer.name}",
+                         notes, rounding)

@@ -1,0 +1,143 @@
+"""Site records and the fold report: one structure, rendered as text for people and JSON for machines.
+
+Every site a pass looks at becomes a `SiteRecord`: what it was, whether it was rewritten, and, when
+it was left alone, a reason code from the closed list `REASONS`. The JSON layout is versioned by
+`SCHEMA_VERSION`; README documents it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+
+# The closed list of reasons a site can be left as it was. README repeats it; a test keeps the two equal.
+REASONS: dict[str, str] = {
+    "training-mode": "BatchNormalization runs in training mode (training_mode=1 or its statistics outputs are used)",
+    "non-constant-parameters": "a norm parameter (scale, bias, mean, variance, epsilon) is not a constant",
+    "non-constant-weights": "the producer's weight or bias is not a constant",
+    "intermediate-used-elsewhere": "a tensor inside the pattern is used outside it or is a graph output",
+    "no-linear-producer": "the BatchNormalization does not directly follow a Conv, ConvTranspose, Gemm or MatMul",
+    "not-per-channel": "the constant does not broadcast along the producer's output-channel axis only",
+    "unsupported-axis": "the reduction axes are not ones the fused op can express",
+    "opset-too-old": "the fused op needs a newer opset than the model's (see --target-opset)",
+    "invalid-statistics": "variance + epsilon is not positive, or a parameter is not finite",
+    "unsupported-attribute": "an attribute value the rewrite does not handle",
+    "unknown-shape": "a shape or rank the rewrite needs could not be inferred",
+    "unsupported-dtype": "the tensor type is not a floating-point type the rewrite handles",
+    "excluded": "the user excluded this node (--exclude-node)",
+}
+
+STATUSES = ("folded", "fused", "left")
+
+
+@dataclass
+class SiteRecord:
+    """One place in the graph a pass considered."""
+
+    pass_name: str
+    kind: str  # what the site is, e.g. "BatchNormalization after Conv", "LayerNorm (decomposed)"
+    status: str  # one of STATUSES
+    nodes: list[str]  # names of the nodes the site is made of, in graph order
+    detail: str  # a sentence a person can read
+    reason: str | None = None  # a key of REASONS when status == "left"
+    created: list[str] = field(default_factory=list)  # names of nodes the rewrite created or kept
+    output: str | None = None  # the tensor the site writes (kept by the rewrite)
+    graph: str = "main"  # which (sub)graph: "main" or "main/<node>:<attribute>"
+    notes: list[str] = field(default_factory=list)  # side effects worth knowing, e.g. a cloned weight
+    max_rounding: float | None = None  # largest |stored - exact float64| over the new constants
+
+    def __post_init__(self) -> None:
+        if self.status not in STATUSES:
+            raise ValueError(f"unknown site status {self.status!r}")
+        if (self.status == "left") != (self.reason is not None):
+            raise ValueError("a site is left exactly when it has a reason")
+        if self.reason is not None and self.reason not in REASONS:
+            raise ValueError(f"unknown reason code {self.reason!r}")
+
+
+@dataclass
+class OutputComparison:
+    name: str
+    dtype: str
+    shape: list[int]
+    max_abs_error: float
+    max_rel_error: float
+    atol: float
+    rtol: float
+    passed: bool
+    needed_atol: float  # the smallest atol that would have passed with this rtol
+
+
+@dataclass
+class Verification:
+    status: str  # "passed", "failed", "skipped", "unavailable"
+    rule: str = "|candidate - reference| <= atol + rtol * |reference|, NaN equal only to NaN"
+    seed: int | None = None
+    inputs: dict[str, list[int]] = field(default_factory=dict)
+    outputs: list[OutputComparison] = field(default_factory=list)
+    detail: str = ""
+
+
+@dataclass
+class Report:
+    input: str | None = None
+    output: str | None = None
+    written: bool = False
+    opset_before: int | None = None
+    opset_after: int | None = None
+    nodes_before: int = 0
+    nodes_after: int = 0
+    ops_before: dict[str, int] = field(default_factory=dict)
+    ops_after: dict[str, int] = field(default_factory=dict)
+    sites: list[SiteRecord] = field(default_factory=list)
+    verification: Verification | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    exit_code: int | None = None
+    error: str | None = None
+
+    def count(self, status: str) -> int:
+        return sum(1 for s in self.sites if s.status == status)
+
+    def as_dict(self) -> dict[str, Any]:
+        from normfold import __version__
+
+        body = dataclasses.asdict(self)
+        return {"schema_version": SCHEMA_VERSION, "tool": "normfold", "version": __version__, **body}
+
+    def to_json(self) -> str:
+        return json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n"
+
+    def to_text(self, verbose: bool = False) -> str:
+        lines: list[str] = []
+        folded, fused, left = self.count("folded"), self.count("fused"), self.count("left")
+        lines.append(f"{self.input}: {folded} folded, {fused} fused, {left} left; "
+                     f"nodes {self.nodes_before} -> {self.nodes_after}")
+        if self.opset_before != self.opset_after:
+            lines.append(f"  opset {self.opset_before} -> {self.opset_after}")
+        for site in self.sites:
+            if site.status == "left" or verbose:
+                where = "" if site.graph == "main" else f" [{site.graph}]"
+                tag = site.status if site.status != "left" else f"left ({site.reason})"
+                lines.append(f"  {tag}: {site.kind} at {site.nodes[0] if site.nodes else '?'}{where}: {site.detail}")
+        if self.verification is not None:
+            v = self.verification
+            if v.status in ("passed", "failed"):
+                for out in v.outputs:
+                    verdict = "PASSED" if out.passed else "FAILED"
+                    lines.append(f"  {verdict} {out.name}: max abs {out.max_abs_error:.3g}, max rel "
+                                 f"{out.max_rel_error:.3g} (atol {out.atol:g}, rtol {out.rtol:g}"
+                                 + ("" if out.passed else f"; needed atol {out.needed_atol:.3g}") + ")")
+            else:
+                lines.append(f"  verification {v.status}: {v.detail}")
+        if self.written:
+            lines.append(f"  wrote {self.output}")
+        elif self.output:
+            lines.append(f"  nothing written")
+        total = self.timings.get("total")
+        if total is not None:
+            lines.append(f"  time {total:.2f}s")
+        return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Shape inference without copying the weights.
+
+onnx's shape inference serializes the whole model. We run it on a light copy in which every large
+initializer is replaced by a graph input of the same type and shape: shapes come out the same
+(only small constants such as Reshape targets matter for inference) at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import onnx
+
+from normfold.graph import subgraphs
+
+SMALL = 4096  # bytes; initializers up to this size are kept, larger ones become typed inputs
+
+Shapes = dict[str, tuple[int, list | None]]
+
+
+def _tensor_bytes(t: onnx.TensorProto) -> int:
+    if t.data_location == onnx.TensorProto.EXTERNAL:
+        return SMALL + 1
+    return len(t.raw_data) or t.ByteSize()
+
+
+def _light_graph(graph: onnx.GraphProto, dest: onnx.GraphProto) -> None:
+    dest.name = graph.name
+    dest.node.extend(graph.node)
+    dest.input.extend(graph.input)
+    dest.output.extend(graph.output)
+    dest.value_info.extend(graph.value_info)
+    inputs = {i.name for i in graph.input}
+    for t in graph.initializer:
+        if _tensor_bytes(t) <= SMALL:
+            dest.initializer.append(t)
+        elif t.name not in inputs:
+            dest.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+
+
+def _collect(graph: onnx.GraphProto, out: Shapes) -> None:
+    for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if not vi.type.HasField("tensor_type"):
+            continue
+        tt = vi.type.tensor_type
+        dims = None
+        if tt.HasField("shape"):
+            dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        out[vi.name] = (tt.elem_type, dims)
+    for t in graph.initializer:
+        out.setdefault(t.name, (t.data_type, list(t.dims)))
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            _collect(sub, out)
+
+
+def infer_shapes(model: onnx.ModelProto) -> Shapes:
+    """name -> (elem_type, dims) for every tensor whose type could be inferred (dims: int or None)."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    _light_graph(model.graph, light.graph)
+    shapes: Shapes = {}
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
+    except Exception:  # inference is a help, not a requirement: sites that need a shape say so
+        inferred = light
+    _collect(inferred.graph, shapes)
+    return shapes
