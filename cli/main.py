@@ -15,7 +15,7 @@ import click
 
 from normfold import __version__, exit_codes
 from normfold.errors import NormfoldError
-from normfold.fold import FoldOptions, VerifyOptions, fold_file
+from normfold.api import FoldOptions, VerifyOptions, fold_file
 from normfold.io import write_text_atomic
 from normfold.passes import PASS_NAMES
 from normfold.verify import parse_shape

@@ -11,7 +11,7 @@ Library use:
 __version__ = "0.1.0"
 
 from normfold.errors import NormfoldError, VerificationUnavailable  # noqa: E402
-from normfold.fold import FoldOptions, VerifyOptions, fold, fold_file  # noqa: E402
+from normfold.api import FoldOptions, VerifyOptions, fold, fold_file  # noqa: E402
 from normfold.io import load_model  # noqa: E402
 from normfold.report import REASONS, SCHEMA_VERSION, Report, SiteRecord  # noqa: E402
 from normfold.verify import compare_models  # noqa: E402

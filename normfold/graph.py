@@ -50,6 +50,11 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def label(node: onnx.NodeProto) -> str:
+    """How reports name a node: its name, or `Op(output)` for the many unnamed nodes exporters write."""
+    return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+
 def attr(node: onnx.NodeProto, name: str, default=None):
     for a in node.attribute:
         if a.name == name:
@@ -84,8 +89,10 @@ class GraphView:
     """Index of one graph. `outer` is the view of the enclosing graph for If/Loop/Scan bodies."""
 
     def __init__(self, graph: onnx.GraphProto, path: str = "main", outer: "GraphView | None" = None,
-                 shapes: dict[str, tuple[int, list]] | None = None):
+                 shapes: dict[str, tuple[int, list]] | None = None, opset: int | None = None):
         self.graph = graph
+        self.opset = opset or (outer.opset if outer else onnx.defs.onnx_opset_version())
+        self._const_cache: dict[str, np.ndarray | None] = {}
         self.path = path
         self.outer = outer
         # name -> (elem_type, dims) with dims entries int or None; filled from shape inference.
@@ -100,8 +107,7 @@ class GraphView:
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self._names: set[str] = set(self.initializers) | self.input_names | self.output_names
         self._dropped_tensors: set[str] = set()
-        self._maybe_dead_initializers: set[str] = set()
-        self._maybe_dead_constants: set[str] = set()
+        self._maybe_dead: set[str] = set()  # tensors whose readers a rewrite removed or redirected
         for node in self.nodes:
             self._index(node)
 
@@ -164,19 +170,42 @@ class GraphView:
                     return name
         return None
 
-    def const(self, name: str) -> np.ndarray | None:
+    def const(self, name: str, _depth: int = 0) -> np.ndarray | None:
         """The value of `name` if it is a constant: an initializer that is not also a graph input
-        (such an initializer is only a default the caller may override), or a Constant node."""
+        (such an initializer is only a default the caller may override), a Constant node, or a
+        short chain of shape/cast/arithmetic ops over constants (exporters compute zero biases and
+        reshaped weights that way)."""
         if not name:
             return None
+        if name in self._const_cache:
+            return self._const_cache[name]
+        value = self._const(name, _depth)
+        self._const_cache[name] = value
+        return value
+
+    def _const(self, name: str, depth: int) -> np.ndarray | None:
         if name in self.initializers:
             if name in self.input_names:
                 return None
             return numpy_helper.to_array(self.initializers[name])
         node = self.producer.get(name)
         if node is not None:
-            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            if node.domain not in ("", "ai.onnx"):
+                return None
+            if node.op_type == "Constant":
                 return constant_node_value(node)
+            if node.op_type == "CastLike":
+                # Only the type of the second input matters, and that is known without its value.
+                value, target = self.const(node.input[0], depth + 1), self.elem_type(node.input[1])
+                if value is not None and target is not None:
+                    return value.astype(onnx.helper.tensor_dtype_to_np_dtype(target))
+            if node.op_type in EVALUABLE_OPS and depth < MAX_EVAL_DEPTH and len(node.output) == 1:
+                inputs = [self.const(i, depth + 1) if i else None for i in node.input]
+                if any(v is None for i, v in zip(node.input, inputs) if i):
+                    return None
+                if sum(v.size for v in inputs if v is not None) > MAX_EVAL_ELEMENTS:
+                    return None
+                return evaluate_node(node, inputs, self.opset)
             return None
         if self.outer is not None and name not in self.input_names:
             return self.outer.const(name)
@@ -217,6 +246,7 @@ class GraphView:
         """Replace an initializer's contents where it stands (keeps the initializer order stable)."""
         tensor = self.initializers[name]
         tensor.CopyFrom(numpy_helper.from_array(value, name))
+        self._const_cache.clear()
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.unique_name(base)
@@ -225,14 +255,14 @@ class GraphView:
         return name
 
     def replace_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
-        old = node.input[index]
         self._unindex(node)
         while len(node.input) <= index:
             node.input.append("")
+        old = node.input[index]
         node.input[index] = name
         self._index(node)
-        if old in self.initializers:
-            self._maybe_dead_initializers.add(old)
+        self._maybe_dead.add(old)
+        self._const_cache.clear()
 
     def rename_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
         """Make `node` write tensor `name` (whose old producer must have been removed)."""
@@ -240,18 +270,16 @@ class GraphView:
         self._dropped_tensors.add(node.output[index])
         node.output[index] = name
         self._index(node)
+        self._const_cache.clear()
 
     def remove(self, node: onnx.NodeProto) -> None:
         self._unindex(node)
         self._removed.add(id(node))
-        for name in node.input:
-            if name in self.initializers:
-                self._maybe_dead_initializers.add(name)
-            elif name in self.producer and self.producer[name].op_type == "Constant":
-                self._maybe_dead_constants.add(name)
+        self._maybe_dead.update(n for n in node.input if n)
         for name in node.output:
             if name and name not in self.producer:
                 self._dropped_tensors.add(name)
+        self._const_cache.clear()
 
     def add_node(self, node: onnx.NodeProto, after: onnx.NodeProto) -> None:
         """Add `node`, placed in the final order right after `after` (which may be removed)."""
@@ -263,10 +291,16 @@ class GraphView:
     def commit(self) -> None:
         """Write the edits into the GraphProto: node order, dead constants, stale value_info.
         The view must not be used afterwards."""
-        for name in sorted(self._maybe_dead_constants):
+        # Nodes that computed constants only the removed or redirected readers used are dead now.
+        pending = sorted(self._maybe_dead)
+        while pending:
+            name = pending.pop()
             node = self.producer.get(name)
-            if node is not None and not self.users(name) and not self.is_graph_output(name):
-                self.remove(node)
+            if (node is None or node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs(node))
+                    or any(self.users(o) or self.is_graph_output(o) for o in node.output if o)):
+                continue
+            self.remove(node)
+            pending.extend(n for n in node.input if n)
         order: list[onnx.NodeProto] = []
 
         def place(node: onnx.NodeProto) -> None:
@@ -280,7 +314,7 @@ class GraphView:
         if len(order) != len(self.graph.node) or any(a is not b for a, b in zip(order, self.graph.node)):
             del self.graph.node[:]
             self.graph.node.extend(order)
-        dead = {n for n in self._maybe_dead_initializers
+        dead = {n for n in self._maybe_dead
                 if n in self.initializers and not self.users(n) and not self.is_graph_output(n)
                 and n not in self.input_names}
         if dead:
@@ -293,6 +327,40 @@ class GraphView:
             keep_vi = [v for v in self.graph.value_info if v.name not in gone]
             del self.graph.value_info[:]
             self.graph.value_info.extend(keep_vi)
+
+
+# Ops whose output we compute when every input is constant, so that a weight written as
+# `Reshape(Transpose(C))` or a zero bias written as `Expand(CastLike(0, x), Shape(W))` counts as constant.
+EVALUABLE_OPS = frozenset({
+    "Identity", "Cast", "CastLike", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Flatten", "Expand",
+    "Shape", "Size", "Concat", "Slice", "Gather", "ConstantOfShape", "Range", "Neg", "Reciprocal", "Sqrt",
+    "Add", "Sub", "Mul", "Div", "Pow", "Abs", "Max", "Min", "Sum",
+})
+MAX_EVAL_DEPTH = 8
+MAX_EVAL_ELEMENTS = 1 << 24
+
+
+def evaluate_node(node: onnx.NodeProto, inputs: list[np.ndarray | None], opset: int) -> np.ndarray | None:
+    """Run one node on constant inputs with onnx's reference evaluator."""
+    from onnx.reference import ReferenceEvaluator
+
+    names = [f"in{i}" if v is not None else "" for i, v in enumerate(inputs)]
+    single = onnx.NodeProto()
+    single.CopyFrom(node)
+    del single.input[:]
+    single.input.extend(names)
+    del single.output[:]
+    single.output.append("out")
+    graph = onnx.helper.make_graph(
+        [single], "const", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(v.dtype), v.shape)
+                            for n, v in zip(names, inputs) if v is not None],
+        [onnx.helper.make_empty_tensor_value_info("out")])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    try:
+        (value,) = ReferenceEvaluator(model).run(None, {n: v for n, v in zip(names, inputs) if v is not None})
+    except Exception:
+        return None
+    return np.asarray(value)
 
 
 def constant_node_value(node: onnx.NodeProto) -> np.ndarray | None:

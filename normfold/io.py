@@ -73,8 +73,12 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[str]]:
         if not target.is_file():
             raise NormfoldError(f"{path}: external data file {location!r} not found")
     try:
-        # The checker sees the graph before the weights are read in, so it never serializes them.
-        onnx.checker.check_model(model)
+        # The checker sees the graph before external weights are read in. With external data it
+        # must be given the path, so that it resolves data locations against the model's folder.
+        if external_locations(model):
+            onnx.checker.check_model(str(path))
+        else:
+            onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise NormfoldError(f"{path}: invalid model: {_first_line(exc)}") from None
     except Exception as exc:  # the checker raises several C++-mapped types
@@ -118,7 +122,8 @@ class StagedModel:
                                 location=data_name, size_threshold=1024, convert_attribute=False)
                 # save_model converts tensors in place; turn them back so the caller's model is unchanged.
                 external_data_helper.load_external_data_for_model(model, str(self.folder))
-                self.files.insert(0, data_name)
+                if (self.folder / data_name).exists():  # absent when every tensor is under the threshold
+                    self.files.insert(0, data_name)
             else:
                 with open(self.path, "wb") as f:
                     f.write(model.SerializeToString())

@@ -565,11 +565,10 @@ def export_spec(spec):
                 ground_truth=gt,
                 observed_ops=op_histogram(mp),
                 ort_vs_keras_max_abs_diff=diff,
-                size_bytes=os.path.getsize(path),
                 seed=seed,
                 notes=spec.get("notes", ""),
             )
-            print(f"  {fname}: {entry['size_bytes']} B, diff={diff:.3g}, gt={gt}", flush=True)
+            print(f"  {fname}: {os.path.getsize(path)} B, diff={diff:.3g}, gt={gt}", flush=True)
         except Exception as exc:  # record failure, keep going
             traceback.print_exc()
             entry.update(failed=f"{type(exc).__name__}: {exc}"[:2000])

@@ -283,6 +283,16 @@ def bn_after_linear_by_hooks(model, inputs):
     return len(hits)
 
 
+def strip_stack_traces(path):
+    """Drop the dynamo exporter's per-node source stack traces (absolute paths, line numbers)."""
+    m = onnx.load(str(path))
+    for n in walk_nodes(m.graph):
+        keep = [p for p in n.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del n.metadata_props[:]
+        n.metadata_props.extend(keep)
+    onnx.save(m, str(path))
+
+
 def walk_nodes(graph):
     for n in graph.node:
         yield n
@@ -361,7 +371,7 @@ FAILED: dict[str, str] = {}
 
 def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float32", dynamic=None,
                      preserve_bn=False, notes="", seed=0, alt_shapes=None, ref_model=None, tol=1e-3,
-                     bn_after_linear=None, bn_note=""):
+                     bn_after_linear=None, bn_note="", optimize=True):
     """Export `model` (already eval()) to models/torch/<file>, check it and record a manifest entry.
 
     ref_model: if given, compare ORT output against this (fp32) model instead of `model`.
@@ -386,7 +396,7 @@ def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float
                 dyn_shapes = []
                 for n in names:
                     ax = dynamic.get(n, {})
-                    dyn_shapes.append({i: dims.setdefault(lbl, Dim.AUTO) for i, lbl in ax.items()} or None)
+                    dyn_shapes.append({i: dims.setdefault(lbl, Dim(lbl)) for i, lbl in ax.items()} or None)
                 dyn_shapes = tuple(dyn_shapes)
                 import inspect
                 params = inspect.signature(model.forward).parameters.values()
@@ -394,8 +404,9 @@ def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float
                     dyn_shapes = (dyn_shapes,)   # forward(*args): one structured argument
             prog = torch.onnx.export(
                 model, ins, None, input_names=names, opset_version=opset, dynamo=True,
-                external_data=False, dynamic_shapes=dyn_shapes, optimize=True)
+                external_data=False, dynamic_shapes=dyn_shapes, optimize=optimize)
             prog.save(str(path), external_data=False)
+            strip_stack_traces(path)
     export_s = time.time() - t0
 
     m = onnx.load(str(path))
@@ -538,8 +549,24 @@ def build_cnn_bn_dynamo():
     export_and_check(file="cnn_bn_dynamo_op18.onnx", model=m, source="hand-written nn.Module CnnBn in export_torch.py",
                      exporter=DY, opset=18, spec=img_spec(2, 3, 32, 32, "x"), seed=1, bn_after_linear=6,
                      dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}],
-                     notes="Same module/weights as cnn_bn_op13.onnx, exported with dynamo=True (optimize=True) from "
-                           "an eval() module.")
+                     notes="Same module/weights as cnn_bn_op13.onnx, exported with dynamo=True (optimize=True, the "
+                           "default) from an eval() module. The exporter's optimizer FOLDED the 6 foldable BNs itself "
+                           "(Conv/ConvTranspose/Gemm weights rescaled); only 3 BatchNormalization nodes remain: "
+                           "bn5 (Conv output shared with the residual Add), bn6 and bn9 (after Relu). ground_truth "
+                           "counts modules, so it still says 9/6.")
+
+
+def build_cnn_bn_dynamo_noopt():
+    seeded(1)
+    m = ready(CnnBn(), 1)
+    export_and_check(file="cnn_bn_dynamo_noopt_op18.onnx", model=m,
+                     source="hand-written nn.Module CnnBn in export_torch.py", exporter=DY, opset=18,
+                     spec=img_spec(2, 3, 32, 32, "x"), seed=1, bn_after_linear=6, optimize=False,
+                     dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}],
+                     notes="Same module/weights as cnn_bn_op13.onnx, dynamo=True with optimize=False: all 9 "
+                           "BatchNormalization nodes stay (from aten._native_batch_norm_legit_no_training), graph "
+                           "is otherwise unoptimized. Trap: conv1 and dw (bias=False) get a computed zero bias "
+                           "input Expand(CastLike(Constant 0.0, x), Expand(Shape(W)[0:1], [1])), not an initializer.")
 
 
 def build_hf_cnn(kind, opset=13, size=32):
@@ -699,10 +726,17 @@ def build_llama(opset, exporter=TS):
     spec = text_spec(128)
     w = HFWrap(model, list(spec), use_cache=False).eval()
     tag = "dynamo_" if exporter == DY else ""
+    # dynamo at opset 23 fuses rotary embeddings into RotaryEmbedding, which onnxruntime rejects with
+    # symbolic shapes (cos/sin cache shape check): export that one with static shapes.
+    static = exporter == DY and opset >= 23
     export_and_check(file=f"hf_llama_{tag}op{opset}.onnx", model=w, source=LLAMA_SRC, exporter=exporter,
-                     opset=opset, spec=spec, seed=40, dynamic=text_dyn(spec), alt_shapes=TEXT_ALT,
+                     opset=opset, spec=spec, seed=40, dynamic=None if static else text_dyn(spec),
+                     alt_shapes=None if static else TEXT_ALT,
                      notes="5 LlamaRMSNorm (eps=1e-6): input_layernorm, post_attention_layernorm per layer + final "
-                           "norm. forward: x.to(float32); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(dtype).")
+                           "norm. forward: x.to(float32); x * rsqrt(x.pow(2).mean(-1) + eps); weight * x.to(dtype)."
+                           + (" Dynamo at opset 23 writes the standard RMSNormalization op itself (already fused: "
+                              "nothing to do for normfold); it also fuses rotary embeddings into RotaryEmbedding, which ORT only "
+                              "runs with static shapes, so this file has static shapes [2,8]." if static else ""))
 
 
 def build_t5(opset=14):
@@ -753,6 +787,31 @@ def build_gemma(opset=14):
                            "type_as(x). weight randomized around 0 (effective scale 1 + w).")
 
 
+class LinearRmsBlock(nn.Module):
+    """Linear -> torch.nn.RMSNorm (affine) -> SiLU -> Linear -> torch.nn.RMSNorm(elementwise_affine=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(32, 32)
+        self.norm1 = nn.RMSNorm(32, eps=1e-6)
+        self.fc2 = nn.Linear(32, 32)
+        self.norm2 = nn.RMSNorm(32, eps=1e-5, elementwise_affine=False)
+
+    def forward(self, x):
+        return self.norm2(self.fc2(F.silu(self.norm1(self.fc1(x)))))
+
+
+def build_rms_module(opset):
+    seeded(44)
+    m = ready(LinearRmsBlock(), 44)
+    export_and_check(file=f"linear_rmsnorm_dynamo_op{opset}.onnx", model=m,
+                     source="hand-written nn.Module LinearRmsBlock (torch.nn.RMSNorm) in export_torch.py",
+                     exporter=DY, opset=opset, spec={"x": {"shape": [2, 8, 32], "dtype": "float32"}}, seed=44,
+                     dynamic={"x": {0: "batch", 1: "sequence"}}, alt_shapes=[{"x": [3, 5, 32]}],
+                     notes="torch.nn.RMSNorm (aten::rms_norm has no TorchScript-exporter symbolic, so dynamo only): "
+                           "norm1 affine eps=1e-6, norm2 elementwise_affine=False eps=1e-5 (no gamma Mul).")
+
+
 def build_groupnorm(opset, exporter=TS):
     seeded(50)
     m = ready(ConvGroupNorm(), 50)
@@ -760,8 +819,7 @@ def build_groupnorm(opset, exporter=TS):
     export_and_check(file=f"conv_groupnorm_{tag}op{opset}.onnx", model=m,
                      source="hand-written nn.Module ConvGroupNorm in export_torch.py", exporter=exporter, opset=opset,
                      spec=img_spec(2, 3, 16, 16, "x"), seed=50,
-                     dynamic={"x": {0: "batch"}} if exporter == TS else None,
-                     alt_shapes=[{"x": [1, 3, 16, 16]}] if exporter == TS else None,
+                     dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [1, 3, 16, 16]}],
                      notes="Conv(bias) -> GroupNorm(4 groups, 16 ch, eps=1e-5) -> SiLU -> Conv -> "
                            "GroupNorm(2 groups, 16 ch, eps=1e-6) -> SiLU; gamma/beta per channel, randomized.")
 
@@ -788,6 +846,22 @@ def build_wav2vec2(opset=14):
                            "(groups == channels, i.e. per-channel instance norm over time) -> GELU. Then "
                            "feature_projection nn.LayerNorm, encoder LayerNorm, 2 per layer (post-norm). "
                            "pos_conv_embed uses weight_norm (folded to constants at export).")
+
+
+def build_cnn_bn_fp16():
+    seeded(1)
+    m32 = ready(CnnBn(), 1)
+    import copy
+    m16 = copy.deepcopy(m32).half().eval()
+    spec = img_spec(2, 3, 32, 32, "x")
+    spec["x"]["dtype"] = "float16"
+    export_and_check(file="cnn_bn_fp16_op13.onnx", model=m16, source="hand-written nn.Module CnnBn in "
+                     "export_torch.py, .half()", exporter=TS, opset=13, spec=spec, dtype="float16",
+                     preserve_bn=True, seed=1, dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}],
+                     bn_after_linear=6, tol=5e-2,
+                     notes="Same module/weights as cnn_bn_op13.onnx in float16 (input, weights, BN params and "
+                           "running stats all float16), TrainingMode.PRESERVE; ORT compared with the torch fp16 "
+                           "module. Folding must compute the new weights in float32 and store them as float16.")
 
 
 def build_fp16(kind):
@@ -844,19 +918,75 @@ BUILDERS = [
     ("cf_layernorm_op14", lambda: build_cf_ln(14)),
     ("hf_llama_op14", lambda: build_llama(14)),
     ("hf_llama_op17", lambda: build_llama(17)),
+    ("hf_llama_op18", lambda: build_llama(18)),
     ("hf_t5enc_op14", lambda: build_t5(14)),
     ("hf_qwen2_op14", lambda: build_qwen2(14)),
     ("hf_gemma_op14", lambda: build_gemma(14)),
     ("conv_groupnorm_op13", lambda: build_groupnorm(13)),
     ("conv_groupnorm_op18", lambda: build_groupnorm(18)),
     ("hf_wav2vec2_op14", lambda: build_wav2vec2(14)),
+    ("cnn_bn_fp16_op13", build_cnn_bn_fp16),
     ("hf_bert_fp16_op14", lambda: build_fp16("bert")),
     ("hf_llama_fp16_op14", lambda: build_fp16("llama")),
     ("hf_bert_dynamo_op18", lambda: build_bert(18, DY)),
     ("hf_llama_dynamo_op18", lambda: build_llama(18, DY)),
+    ("hf_llama_dynamo_op23", lambda: build_llama(23, DY)),
     ("cnn_bn_dynamo_op18", build_cnn_bn_dynamo),
+    ("cnn_bn_dynamo_noopt_op18", build_cnn_bn_dynamo_noopt),
+    ("linear_rmsnorm_dynamo_op18", lambda: build_rms_module(18)),
     ("conv_groupnorm_dynamo_op18", lambda: build_groupnorm(18, DY)),
 ]
+
+
+# What the exporters wrote (torch 2.13, transformers 5.24), read off the files of this corpus.
+# K = Constant node, C = initializer, X = normalized input, d = Sub(X, mean).
+SPELLINGS = {
+    "batchnorm/torchscript_preserve": "Conv|ConvTranspose|Gemm -> BatchNormalization(X, scale C, B C, mean C, var C; "
+                                      "epsilon, momentum=0.9; 1 output). Without PRESERVE the exporter folds Conv+BN.",
+    "batchnorm/dynamo_optimize": "optimize=True (default) folds Conv/ConvTranspose/Gemm+BN itself; BN stays only after "
+                                 "a Relu or a Conv whose output has another consumer.",
+    "batchnorm/dynamo_noopt": "optimize=False keeps every BatchNormalization; a Conv without bias gets a COMPUTED zero "
+                              "bias input: Expand(CastLike(K 0.0, x), Expand(Shape(W, start=0, end=1), K[1])).",
+    "batchnorm/fp16": "all-fp16 graph: Conv(fp16 W) -> BatchNormalization with fp16 scale/B/mean/var; no Casts.",
+    "layernorm/torchscript_op<=16": "ReduceMean(X; axes=[-1] attribute, keepdims attr absent) -> Sub(X, mean) "
+                                    "[Sub output has 2 consumers] -> Pow(d, K 2.0 f32 scalar) -> ReduceMean(axes=[-1]) "
+                                    "-> Add(K eps f32 scalar) -> Sqrt -> Div(d, sqrt) -> Mul(., C gamma[D]) -> "
+                                    "Add(., C beta[D]). Same at opsets 11, 14, 16.",
+    "layernorm/torchscript_op17": "LayerNormalization(X, C gamma, C beta; axis=-1, epsilon).",
+    "layernorm/torchscript_op14_fp16": "ReduceMean(X fp16) -> Sub (fp16) -> Cast(to=DOUBLE) -> Pow(K 2.0 f64) -> "
+                                       "ReduceMean -> Add(K 1e-12 f64) -> Sqrt -> Div(Cast(d), sqrt) -> Cast(to="
+                                       "FLOAT16) -> Mul(C gamma fp16) -> Add(C beta fp16).",
+    "layernorm/channels_first_handwritten": "ReduceMean(axes=[1], keepdims=1) -> Sub -> Pow(2) -> ReduceMean(axes=[1]) "
+                                            "-> Add(eps) -> Sqrt -> Div -> Mul(C gamma[C,1,1], .) (gamma FIRST) -> "
+                                            "Add(., C beta[C,1,1]).",
+    "layernorm/convnext_transformers5": "channels_first = Transpose(perm 0,2,3,1) -> last-axis LN chain -> "
+                                        "Transpose(perm 0,3,1,2).",
+    "layernorm/dynamo_op18": "LayerNormalization(X, C gamma, C beta; axis=-1, epsilon, stash_type=1).",
+    "rmsnorm/torchscript_llama_qwen2": "Cast(X, to=FLOAT even when X is float32) [Cast output has 3 consumers: Pow, Mul "
+                                       "and the residual Add outside the norm] -> Pow(K 2.0) -> ReduceMean(axes=[-1] "
+                                       "attr, keepdims=1 explicit; at opset 18 axes is K int64 [-1] input) -> Add(K eps) "
+                                       "-> Sqrt -> Div(K 1.0, sqrt) -> Mul(Cast_out, .) -> Cast(to=FLOAT) -> "
+                                       "Mul(C gamma, .) (gamma FIRST). Identical at opsets 14, 17 and 18.",
+    "rmsnorm/torchscript_t5": "as Llama but no trailing Cast: ... Div(K 1.0, sqrt) -> Mul(Cast_out, .) -> "
+                              "Mul(C gamma, .).",
+    "rmsnorm/torchscript_gemma": "as Llama but no trailing Cast and Mul(., C g) with g SECOND; (1 + weight) is "
+                                 "constant-folded, so the initializer already holds 1 + w.",
+    "rmsnorm/torchscript_llama_fp16": "Cast(X fp16, to=FLOAT) -> Pow -> ReduceMean -> Add(eps f32) -> Sqrt -> "
+                                      "Div(K 1.0) -> Mul(Cast_out, .) -> Cast(to=FLOAT16) -> Mul(C gamma fp16, .). "
+                                      "The residual Add uses the fp16 X, not the Cast.",
+    "rmsnorm/dynamo_op18": "Pow(X, C 2.0) -> ReduceMean(X, C int64 axes input; [-1] for Llama, [2] (positive) for "
+                           "torch.nn.RMSNorm) -> Add(C eps) -> Sqrt -> Reciprocal -> Mul(X, .) -> Mul(C gamma, .) "
+                           "for Llama / Mul(., C gamma) for nn.RMSNorm; no Casts. nn.RMSNorm without affine ends at "
+                           "Mul(X, .).",
+    "rmsnorm/dynamo_op23": "RMSNormalization(X, C gamma; axis=-1, epsilon, stash_type=1).",
+    "groupnorm/torchscript_op13_op18": "Reshape(X, K[0, G, -1]) -> InstanceNormalization(., K ones[G], K zeros[G]; "
+                                       "epsilon) -> Reshape(., Shape(X)) -> Mul(., C gamma[C,1,1]) -> Add(., C "
+                                       "beta[C,1,1]); X (the Conv output) has 2 consumers (Reshape, Shape). No "
+                                       "GroupNormalization even at opset 18. Rank-3 input (Wav2Vec2): gamma [C,1].",
+    "groupnorm/dynamo_op18": "Reshape(X, C[0, G, -1]) -> InstanceNormalization(C ones, C zeros) -> Reshape(., "
+                             "Shape(X)) (a constant shape when exported without dynamic dims) -> Mul(C gamma[C,1,1]) "
+                             "-> Add(C beta[C,1,1]).",
+}
 
 
 def main(argv):
@@ -898,6 +1028,7 @@ def main(argv):
                                    "nn.LayerNorm and *LayerNorm classes (not RMS), rmsnorm = *RMSNorm classes and "
                                    "T5LayerNorm, groupnorm = nn.GroupNorm. batchnorm_after_linear = BN modules that "
                                    "directly consume a Conv/ConvTranspose/Linear output used by nothing else.",
+        "spellings": SPELLINGS,
         "models": sorted(models.values(), key=lambda e: order.get(e["file"], 999)),
         "failed": dict(sorted(FAILED.items())),
     }

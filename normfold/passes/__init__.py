@@ -20,7 +20,7 @@ from typing import Any
 
 import onnx
 
-from normfold.graph import GraphView, subgraphs
+from normfold.graph import GraphView, label, subgraphs
 from normfold.report import SiteRecord
 
 
@@ -82,7 +82,7 @@ PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(rule.name for rule in RULES))
 def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shapes: dict,
               path: str = "main", outer: GraphView | None = None) -> list[SiteRecord]:
     """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site."""
-    view = GraphView(graph, path=path, outer=outer, shapes=shapes)
+    view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset)
     records: list[SiteRecord] = []
     removed = view._removed
     for node in list(view.nodes):
@@ -92,7 +92,7 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
             match = rule.match(view, node)
             if match is None:
                 continue
-            names = [n.name for n in match.nodes]
+            names = [label(n) for n in match.nodes]
             if ctx.exclude_nodes.intersection(names):
                 outcome: Left | Any = Left("excluded", "left alone at the user's request (--exclude-node)")
             else:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from normfold.graph import FLOAT_TYPES, GraphView, attr, set_attr
+from normfold.graph import FLOAT_TYPES, GraphView, attr, label, set_attr
 from normfold.passes import Left
 
 LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -111,20 +111,20 @@ def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | 
     node = layer.layer
     if view.is_graph_output(site_input) or len(view.users(site_input)) != 1:
         return Left("intermediate-used-elsewhere",
-                    f"{layer.op} {node.name} output {site_input!r} is also used elsewhere"
+                    f"{layer.op} {label(node)} output {site_input!r} is also used elsewhere"
                     + (" (graph output)" if view.is_graph_output(site_input) else ""))
     if len(node.input) < 2 or not view.is_const(node.input[1]):
-        return Left("non-constant-weights", f"{layer.op} {node.name} weight {node.input[1]!r} is not a constant")
+        return Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant")
     weight = view.const(node.input[1])
     bias_name = _bias_name(layer)
     if bias_name and not view.is_const(bias_name):
-        return Left("non-constant-weights", f"{layer.op} {node.name} bias {bias_name!r} is not a constant")
+        return Left("non-constant-weights", f"{layer.op} {label(node)} bias {bias_name!r} is not a constant")
     if view.elem_type(node.input[1]) not in FLOAT_TYPES and weight.dtype.kind != "f" and str(weight.dtype) != "bfloat16":
-        return Left("unsupported-dtype", f"{layer.op} {node.name} weight has dtype {weight.dtype}")
+        return Left("unsupported-dtype", f"{layer.op} {label(node)} weight has dtype {weight.dtype}")
     if layer.op == "Gemm" and attr(node, "transA", 0) not in (0, 1):
-        return Left("unsupported-attribute", f"Gemm {node.name} has an invalid transA")
+        return Left("unsupported-attribute", f"Gemm {label(node)} has an invalid transA")
     if layer.op == "MatMul" and weight.ndim != 2:
-        return Left("unsupported-attribute", f"MatMul {node.name} weight has rank {weight.ndim}, not 2")
+        return Left("unsupported-attribute", f"MatMul {label(node)} weight has rank {weight.ndim}, not 2")
     return None
 
 
@@ -139,17 +139,17 @@ def _bias_name(layer: LinearLayer) -> str | None:
 
 
 def _store(view: GraphView, node: onnx.NodeProto, index: int, value: np.ndarray, notes: list[str],
-           label: str) -> None:
+           what: str) -> None:
     """Put `value` at input `index` of `node`: in place when only `node` reads the initializer,
     otherwise as a new initializer, so other readers keep the old value."""
     name = node.input[index] if index < len(node.input) else ""
     if name and name in view.initializers and name not in view.input_names and view.uses_of_initializer(name) == 1:
         view.set_initializer(name, value)
         return
-    new_name = view.add_initializer(f"{node.name or node.op_type}_{label}_folded", value)
+    new_name = view.add_initializer(f"{node.name or node.op_type}_{what}_folded", value)
     if name and view.uses_of_initializer(name) > 1:
         others = len(view.users(name)) - 1
-        notes.append(f"{label} {name!r} is shared with {others} other node(s); "
+        notes.append(f"{what} {name!r} is shared with {others} other node(s); "
                      f"cloned as {new_name!r} so they keep the original")
     view.replace_input(node, index, new_name)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from normfold.graph import GraphView, attr
+from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._linear import channel_count, check_layer, find_linear_layer, fold_into_layer, retarget_output
 
@@ -41,19 +41,19 @@ class BatchNormFold(Rule):
         layer = match.parts["layer"]
         extra_outputs = [o for o in bn.output[1:] if o]
         if attr(bn, "training_mode", 0) or extra_outputs:
-            return Left("training-mode", f"{bn.name} runs in training mode"
+            return Left("training-mode", f"{label(bn)} runs in training mode"
                         + (f" (outputs {extra_outputs} are used)" if extra_outputs else ""))
         if attr(bn, "spatial", 1) != 1:
-            return Left("unsupported-attribute", f"{bn.name} has spatial=0 (per-activation statistics)")
+            return Left("unsupported-attribute", f"{label(bn)} has spatial=0 (per-activation statistics)")
         if layer is None:
             producer = view.producer.get(bn.input[0])
-            what = f"{producer.op_type} {producer.name}" if producer else "a graph input"
-            return Left("no-linear-producer", f"{bn.name} follows {what}; left as BatchNormalization")
+            what = f"{producer.op_type} {label(producer)}" if producer else "a graph input"
+            return Left("no-linear-producer", f"{label(bn)} follows {what}; left as BatchNormalization")
         names = ("scale", "bias", "mean", "var")
         values = [view.const(n) for n in bn.input[1:5]]
-        missing = [f"{label} {n!r}" for label, n, v in zip(names, bn.input[1:5], values) if v is None]
+        missing = [f"{part} {n!r}" for part, n, v in zip(names, bn.input[1:5], values) if v is None]
         if missing:
-            return Left("non-constant-parameters", f"{bn.name}: {', '.join(missing)} not constant")
+            return Left("non-constant-parameters", f"{label(bn)}: {', '.join(missing)} not constant")
         refusal = check_layer(view, layer, bn.input[0])
         if refusal is not None:
             return refusal
@@ -66,11 +66,11 @@ class BatchNormFold(Rule):
         channels = channel_count(view, layer)
         gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in values)
         if channels is None or any(v.size not in (1, channels) for v in (gamma, beta, mean, var)):
-            return Left("not-per-channel", f"{bn.name} parameters do not match the {channels} channels of {layer.layer.name}")
+            return Left("not-per-channel", f"{label(bn)} parameters do not match the {channels} channels of {label(layer.layer)}")
         eps = float(attr(bn, "epsilon", 1e-5))
         denom = var + eps
         if not np.all(denom > 0) or not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var)):
-            return Left("invalid-statistics", f"{bn.name}: var + eps must be positive and parameters finite")
+            return Left("invalid-statistics", f"{label(bn)}: var + eps must be positive and parameters finite")
         scale = gamma / np.sqrt(denom)
         shift = beta - mean * scale
         return scale, shift, channels
@@ -80,5 +80,5 @@ class BatchNormFold(Rule):
         bn, layer = match.parts["bn"], match.parts["layer"]
         notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
         retarget_output(view, layer, bn)
-        return Rewritten([n.name for n in layer.nodes], f"{bn.name} folded into {layer.op} {layer.layer.name}",
+        return Rewritten([label(n) for n in layer.nodes], f"{label(bn)} folded into {layer.op} {label(layer.layer)}",
                          notes, rounding)

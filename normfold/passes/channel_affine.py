@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from normfold.graph import GraphView
+from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._linear import (_per_channel, channel_count, check_layer, find_linear_layer,
                                      fold_into_layer, retarget_output)
@@ -44,6 +44,8 @@ class ChannelAffineFold(Rule):
                 continue
             if not view.is_const(layer.layer.input[1]):
                 continue  # e.g. attention's Q @ K^T -> Div(sqrt(d)): not a layer with weights
+            if view.const(const).size == 1 and view.sole_user(data) is not node:
+                continue  # a scalar op on a shared tensor (GELU's Div by sqrt(2)) is no norm site
             if layer.op == "MatMul" and layer.bias_add is None and node.op_type == "Add":
                 continue  # this Add is the layer's own bias
             return Match(f"{node.op_type} by constant after {layer.op}", layer.nodes + [node], node.output[0],
@@ -57,18 +59,18 @@ class ChannelAffineFold(Rule):
             return refusal
         k = view.const(match.parts["const"])
         if k.dtype.kind != "f" and str(k.dtype) != "bfloat16":
-            return Left("unsupported-dtype", f"{op.name}: constant has dtype {k.dtype}")
+            return Left("unsupported-dtype", f"{label(op)}: constant has dtype {k.dtype}")
         channels = channel_count(view, layer)
         if channels is None or not _per_channel(k.shape, channels, layer.channel_axis, layer.out_rank):
             rank = "unknown" if layer.out_rank is None else str(layer.out_rank)
             reason = "unknown-shape" if layer.out_rank is None and k.ndim > 1 else "not-per-channel"
-            return Left(reason, f"{op.name}: constant of shape {list(k.shape)} does not broadcast along the "
-                                f"output channels of {layer.op} {layer.layer.name} (output rank {rank})")
+            return Left(reason, f"{label(op)}: constant of shape {list(k.shape)} does not broadcast along the "
+                                f"output channels of {layer.op} {label(layer.layer)} (output rank {rank})")
         k = np.broadcast_to(k.astype(np.float64).reshape(-1), (channels,)) if k.size == 1 else k.astype(np.float64).reshape(-1)
         if op.op_type == "Div" and np.any(k == 0):
-            return Left("invalid-statistics", f"{op.name} divides by zero")
+            return Left("invalid-statistics", f"{label(op)} divides by zero")
         if not np.all(np.isfinite(k)):
-            return Left("invalid-statistics", f"{op.name}: constant is not finite")
+            return Left("invalid-statistics", f"{label(op)}: constant is not finite")
         one, zero = np.ones(channels), np.zeros(channels)
         scale, shift = {"Mul": (k, zero), "Div": (1.0 / k, zero), "Add": (one, k), "Sub": (one, -k)}[op.op_type]
         return scale, shift, channels
@@ -78,5 +80,5 @@ class ChannelAffineFold(Rule):
         op, layer = match.parts["op"], match.parts["layer"]
         notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
         retarget_output(view, layer, op)
-        return Rewritten([n.name for n in layer.nodes], f"{op.op_type} {op.name} folded into {layer.op} "
-                         f"{layer.layer.name}", notes, rounding)
+        return Rewritten([label(n) for n in layer.nodes], f"{op.op_type} {label(op)} folded into {layer.op} "
+                         f"{label(layer.layer)}", notes, rounding)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from normfold.graph import GraphView, attr
+from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._pattern import is_op, other_input, reduce_axes, scalar, trailing_count, user
 
@@ -88,10 +88,10 @@ class LayerNormFusion(Rule):
             return Left("intermediate-used-elsewhere", f"{escaped!r} inside the LayerNorm is also used outside it")
         square = p["square"]
         if square.op_type == "Pow" and scalar(view, square.input[1]) != 2.0:
-            return Left("non-constant-parameters", f"{square.name}: exponent is not the constant 2")
+            return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
         eps = scalar(view, other_input(p["add_eps"], p["var"].output[0]))
         if eps is None:
-            return Left("non-constant-parameters", f"{p['add_eps'].name}: epsilon is not a constant scalar")
+            return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
         if not eps > 0 or not np.isfinite(eps):
             return Left("invalid-statistics", f"epsilon {eps} is not positive")
         axes, var_axes = reduce_axes(view, p["mean"]), reduce_axes(view, p["var"])

@@ -1,0 +1,61 @@
+"""Tiny graphs for tests: the structure as readable ONNX text, the constants as numpy arrays."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import numpy_helper
+
+import normfold
+from normfold.verify import compare_arrays
+
+
+def build(text: str, opset: int = 13, ir_version: int = 8, **consts: np.ndarray) -> onnx.ModelProto:
+    """A model from the body of an ONNX text graph plus named initializers."""
+    model = onnx.parser.parse_model(f'<ir_version: {ir_version}, opset_import: ["" : {opset}]>\n{text}')
+    for name, value in consts.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return session.run(None, feeds)
+
+
+def random_feeds(model: onnx.ModelProto, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    init = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        shape = [d.dim_value for d in tt.shape.dim]
+        feeds[vi.name] = rng.standard_normal(shape).astype(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type))
+    return feeds
+
+
+def fold_and_compare(model: onnx.ModelProto, atol: float | None = None, rtol: float | None = None, **options):
+    """Fold `model`, check the result with onnx's checker and against the original in onnxruntime.
+    Returns (folded model, report, list of OutputComparison)."""
+    folded, report = normfold.fold(model, normfold.FoldOptions(**options))
+    onnx.checker.check_model(folded, full_check=True)
+    feeds = random_feeds(model)
+    expected, got = run(model, feeds), run(folded, feeds)
+    comparisons = [compare_arrays(f"out{i}", e, g, atol, rtol) for i, (e, g) in enumerate(zip(expected, got))]
+    failed = [c for c in comparisons if not c.passed]
+    assert not failed, f"outputs differ after folding: {failed}"
+    return folded, report, comparisons
+
+
+def ops(model: onnx.ModelProto) -> list[str]:
+    return [n.op_type for n in model.graph.node]
+
+
+def sites(report, status=None, reason=None):
+    return [s for s in report.sites if (status is None or s.status == status) and (reason is None or s.reason == reason)]

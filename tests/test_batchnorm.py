@@ -1,0 +1,249 @@
+"""BatchNormalization folding: every layer kind, random graphs, and every reason to leave a site."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import helper, numpy_helper
+
+import normfold
+from builders import build, fold_and_compare, ops, sites
+
+NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
+
+
+def bn_params(rng, channels, dtype=np.float32, tiny_var=False):
+    var = rng.random(channels) * (1e-6 if tiny_var else 1.0) + (1e-7 if tiny_var else 0.1)
+    return dict(s=rng.standard_normal(channels).astype(dtype), bb=rng.standard_normal(channels).astype(dtype),
+                m=rng.standard_normal(channels).astype(dtype), v=var.astype(dtype))
+
+
+def layer_then_bn(kind, *, dims=2, cin=4, cout=6, group=1, kernel=3, stride=1, dilation=1, bias=True,
+                  elem=onnx.TensorProto.FLOAT, tiny_var=False, seed=0, trans_b=0, alpha=1.0, beta=1.0,
+                  eps=1e-5):
+    """A one-layer model: X -> kind -> BatchNormalization -> Y, built with onnx.helper."""
+    rng = np.random.default_rng(seed)
+    dtype = NP[elem]
+    consts = bn_params(rng, cout, dtype, tiny_var)
+    spatial = [7 + kernel * dilation] * dims
+    attrs = {}
+    if kind == "Conv":
+        x_shape = [2, cin] + spatial
+        consts["w"] = rng.standard_normal([cout, cin // group] + [kernel] * dims).astype(dtype)
+        attrs = dict(group=group, strides=[stride] * dims, dilations=[dilation] * dims, pads=[1] * (2 * dims))
+    elif kind == "ConvTranspose":
+        x_shape = [2, cin] + spatial
+        consts["w"] = rng.standard_normal([cin, cout // group] + [kernel] * dims).astype(dtype)
+        attrs = dict(group=group, strides=[stride] * dims, dilations=[dilation] * dims)
+    elif kind == "Gemm":
+        x_shape = [3, cin]
+        w = rng.standard_normal([cin, cout]).astype(dtype)
+        consts["w"] = w.T.copy() if trans_b else w
+        attrs = dict(transB=trans_b, alpha=alpha, beta=beta)
+    else:  # MatMul
+        x_shape = [3, cin]
+        consts["w"] = rng.standard_normal([cin, cout]).astype(dtype)
+    inputs = ["x", "w"]
+    if bias:
+        consts["b"] = rng.standard_normal(cout).astype(dtype)
+        if kind != "MatMul":
+            inputs.append("b")
+    nodes = [helper.make_node(kind, inputs, ["h"], name="layer", **attrs)]
+    if kind == "MatMul" and bias:
+        nodes.append(helper.make_node("Add", ["h", "b"], ["hb"], name="bias_add"))
+    nodes.append(helper.make_node("BatchNormalization", [nodes[-1].output[0], "s", "bb", "m", "v"], ["y"],
+                                  name="bn", epsilon=eps))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, x_shape)],
+                              [helper.make_tensor_value_info("y", elem, [None] * len(x_shape))],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+TOL = {onnx.TensorProto.FLOAT: (1e-4, 1e-4), onnx.TensorProto.DOUBLE: (1e-9, 1e-9),
+       onnx.TensorProto.FLOAT16: (2e-2, 2e-2)}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["Conv", "ConvTranspose"]), dims=st.integers(1, 3), group=st.sampled_from([1, 2]),
+       kernel=st.integers(1, 3), stride=st.integers(1, 2), dilation=st.integers(1, 2), bias=st.booleans(),
+       elem=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]), tiny_var=st.booleans(), seed=st.integers(0, 2**16),
+       eps=st.sampled_from([1e-5, 1e-3, 0.0]))
+def test_conv_family_bn_folds_exactly(kind, dims, group, kernel, stride, dilation, bias, elem, tiny_var, seed, eps):
+    model = layer_then_bn(kind, dims=dims, cin=4, cout=6, group=group, kernel=kernel, stride=stride,
+                          dilation=dilation, bias=bias, elem=elem, tiny_var=tiny_var, seed=seed, eps=eps)
+    atol, rtol = TOL[elem]
+    if tiny_var:  # scales up to ~1e3: compare relative to the output magnitude
+        atol *= 1e3
+    folded, report, _ = fold_and_compare(model, atol=atol, rtol=rtol)
+    assert ops(folded) == [kind]
+    assert [s.status for s in report.sites] == ["folded"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["Gemm", "MatMul"]), bias=st.booleans(), trans_b=st.integers(0, 1),
+       alpha=st.sampled_from([1.0, 0.5, 2.0]), beta=st.sampled_from([1.0, 0.0, 3.0]), seed=st.integers(0, 2**16),
+       elem=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE]))
+def test_gemm_and_matmul_bn_folds_exactly(kind, bias, trans_b, alpha, beta, seed, elem):
+    model = layer_then_bn(kind, bias=bias, trans_b=trans_b, alpha=alpha, beta=beta, seed=seed, elem=elem)
+    folded, report, _ = fold_and_compare(model, *TOL[elem])
+    assert "BatchNormalization" not in ops(folded)
+    assert report.sites[0].status == "folded"
+    if kind == "MatMul":
+        assert ops(folded) == ["MatMul", "Add"]  # the bias Add is created when there was none
+
+
+def test_depthwise_conv_bn_folds():
+    model = layer_then_bn("Conv", cin=6, cout=6, group=6)
+    folded, _, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv"]
+
+
+def test_chain_conv_bn_bn_folds_twice():
+    rng = np.random.default_rng(1)
+    p1, p2 = bn_params(rng, 4), bn_params(rng, 4)
+    model = build("""g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      t = BatchNormalization (c, s1, b1, m1, v1)
+      y = BatchNormalization (t, s2, b2, m2, v2)
+    }""", w=rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+                  **{f"{k[0] if k != 'bb' else 'b'}1": v for k, v in p1.items()},
+                  **{f"{k[0] if k != 'bb' else 'b'}2": v for k, v in p2.items()})
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv"]
+    assert [s.status for s in report.sites] == ["folded", "folded"]
+    assert folded.graph.output[0].name == "y"
+
+
+CONV_BN = """g (float[1,3,8,8] x) => (float[1,4,8,8] y{extra_out}) {{
+  c = Conv <pads=[1,1,1,1]> (x, w)
+  y = BatchNormalization {bn_attrs} (c, s, bb, m, v)
+  {extra}
+}}"""
+
+
+def conv_bn(extra="", extra_out="", bn_attrs="", opset=15, **overrides):
+    rng = np.random.default_rng(3)
+    consts = dict(w=rng.standard_normal((4, 3, 3, 3)).astype(np.float32), **bn_params(rng, 4))
+    consts.update(overrides)
+    return build(CONV_BN.format(extra=extra, extra_out=extra_out, bn_attrs=bn_attrs), opset=opset, **consts)
+
+
+def test_conv_output_used_elsewhere_is_left():
+    model = conv_bn(extra="z = Relu (c)", extra_out=", float[1,4,8,8] z")
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "BatchNormalization", "Relu"]
+    [site] = report.sites
+    assert (site.status, site.reason) == ("left", "intermediate-used-elsewhere")
+
+
+def test_training_mode_bn_is_left():
+    rng = np.random.default_rng(3)
+    model = build("""g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y, rm, rv = BatchNormalization <training_mode=1> (c, s, bb, m, v)
+    }""", opset=15, w=rng.standard_normal((4, 3, 3, 3)).astype(np.float32), **bn_params(rng, 4))
+    folded, report = normfold.fold(model)
+    assert "BatchNormalization" in ops(folded)
+    assert sites(report, "left", "training-mode")
+
+
+def test_non_constant_statistics_are_left():
+    model = build("""g (float[1,3,8,8] x, float[4] m) => (float[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y = BatchNormalization (c, s, bb, m, v)
+    }""", w=np.ones((4, 3, 3, 3), np.float32), s=np.ones(4, np.float32), bb=np.zeros(4, np.float32),
+                  v=np.ones(4, np.float32))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert sites(report, "left", "non-constant-parameters")
+
+
+def test_initializer_that_is_also_a_graph_input_is_not_constant():
+    model = conv_bn()
+    model.graph.input.append(helper.make_tensor_value_info("m", onnx.TensorProto.FLOAT, [4]))
+    folded, report = normfold.fold(model)
+    assert sites(report, "left", "non-constant-parameters")
+    assert ops(folded) == ["Conv", "BatchNormalization"]
+
+
+def test_non_constant_conv_weight_is_left():
+    model = build("""g (float[1,3,8,8] x, float[4,3,3,3] w) => (float[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y = BatchNormalization (c, s, bb, m, v)
+    }""", **bn_params(np.random.default_rng(0), 4))
+    _, report = normfold.fold(model)
+    assert sites(report, "left", "non-constant-weights")
+
+
+def test_non_positive_variance_is_left():
+    model = conv_bn(v=np.array([1, -1, 1, 1], np.float32))
+    _, report = normfold.fold(model)
+    assert sites(report, "left", "invalid-statistics")
+
+
+def test_bn_without_linear_producer_is_left_and_reported():
+    model = build("""g (float[1,4,8,8] x) => (float[1,4,8,8] y) {
+      r = Relu (x)
+      y = BatchNormalization (r, s, bb, m, v)
+    }""", **bn_params(np.random.default_rng(0), 4))
+    _, report = normfold.fold(model)
+    [site] = report.sites
+    assert site.reason == "no-linear-producer" and "Relu" in site.detail
+
+
+def test_shared_weight_is_cloned_not_changed():
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = build("""g (float[1,3,8,8] x) => (float[1,4,8,8] y, float[1,4,8,8] z) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y = BatchNormalization (c, s, bb, m, v)
+      z = Conv <pads=[1,1,1,1]> (x, w)
+    }""", w=w, **bn_params(rng, 4))
+    folded, report, _ = fold_and_compare(model)
+    [site] = report.sites
+    assert site.status == "folded" and any("shared" in n for n in site.notes)
+    second = [n for n in folded.graph.node if n.output[0] == "z"][0]
+    assert second.input[1] == "w"
+    kept = {t.name: numpy_helper.to_array(t) for t in folded.graph.initializer}
+    np.testing.assert_array_equal(kept["w"], w)
+
+
+def test_excluded_node_is_left():
+    model = conv_bn()
+    model.graph.node[1].name = "keep_me"
+    folded, report = normfold.fold(model, normfold.FoldOptions(exclude_nodes=frozenset({"keep_me"})))
+    assert ops(folded) == ["Conv", "BatchNormalization"]
+    assert sites(report, "left", "excluded")
+
+
+def test_bn_inside_if_branches_folds():
+    rng = np.random.default_rng(7)
+    p = bn_params(rng, 4)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    branch_nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv_in_if"),
+                    helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["yb"], name="bn_in_if")]
+    then_g = helper.make_graph(branch_nodes, "then", [], [helper.make_tensor_value_info("yb", 1, [1, 4, 8, 8])])
+    else_g = helper.make_graph([helper.make_node("Identity", ["z"], ["ye"])], "else", [],
+                               [helper.make_tensor_value_info("ye", 1, [1, 4, 8, 8])])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["z"], pads=[1, 1, 1, 1], name="outer_conv"),
+             helper.make_node("If", ["cond"], ["y"], then_branch=then_g, else_branch=else_g, name="if")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4, 8, 8])],
+                              [w, numpy_helper.from_array(np.array(True), "cond")]
+                              + [numpy_helper.from_array(v, k) for k, v in p.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    folded, report, _ = fold_and_compare(model)
+    [site] = report.sites
+    assert site.status == "folded" and site.graph == "main/if:then_branch"
+    then_g = next(a.g for a in folded.graph.node[1].attribute if a.name == "then_branch")
+    then_ops = [n.op_type for n in then_g.node]
+    assert then_ops == ["Conv"]
+    # the outer Conv still reads the original weight
+    assert folded.graph.node[0].input[1] == "w"

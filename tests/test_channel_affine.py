@@ -1,0 +1,86 @@
+"""TF-style BatchNorm, `Conv -> Mul(C) -> Add(C)`: folded only when the constant is per output channel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import normfold
+from builders import build, fold_and_compare, ops, sites
+
+RNG = np.random.default_rng(11)
+W = RNG.standard_normal((4, 3, 3, 3)).astype(np.float32)
+K = (RNG.random((1, 4, 1, 1)) + 0.5).astype(np.float32)
+T = RNG.standard_normal((1, 4, 1, 1)).astype(np.float32)
+
+
+def conv_then(body: str, **consts):
+    return build(f"""g (float[1,3,8,8] x) => (float[1,4,8,8] y) {{
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      {body}
+    }}""", w=W, **consts)
+
+
+@pytest.mark.parametrize("body, consts", [
+    ("m = Mul (c, k)\n y = Add (m, t)", dict(k=K, t=T)),
+    ("m = Mul (k, c)\n y = Add (t, m)", dict(k=K, t=T)),
+    ("y = Mul (c, k)", dict(k=K)),
+    ("y = Add (c, t)", dict(t=T)),
+    ("y = Sub (c, t)", dict(t=T)),
+    ("y = Div (c, k)", dict(k=K)),
+    ("y = Mul (c, k)", dict(k=K.reshape(4, 1, 1))),
+    ("y = Mul (c, k)", dict(k=np.float32(0.5))),
+])
+def test_per_channel_constants_fold_into_conv(body, consts):
+    folded, report, _ = fold_and_compare(conv_then(body, **consts))
+    assert ops(folded) == ["Conv"]
+    assert all(s.status == "folded" for s in report.sites) and report.sites
+
+
+def test_last_axis_constant_is_not_a_channel_scale():
+    # A [C]-shaped constant after NCHW Conv broadcasts along W (width 8 here, 4 channels; use W=4).
+    model = build("""g (float[1,3,4,4] x) => (float[1,4,4,4] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y = Mul (c, k)
+    }""", w=W, k=K.reshape(4))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "Mul"]
+    assert sites(report, "left", "not-per-channel")
+
+
+def test_matmul_bias_then_mul_add_folds_into_weights_and_bias():
+    rng = np.random.default_rng(2)
+    model = build("""g (float[2,5,6] x) => (float[2,5,4] y) {
+      h = MatMul (x, w)
+      hb = Add (h, b)
+      m = Mul (hb, k)
+      y = Add (m, t)
+    }""", w=rng.standard_normal((6, 4)).astype(np.float32), b=rng.standard_normal(4).astype(np.float32),
+                  k=rng.standard_normal(4).astype(np.float32), t=rng.standard_normal(4).astype(np.float32))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["MatMul", "Add"]
+    assert len(sites(report, "folded")) == 2
+
+
+def test_matmul_bias_alone_is_not_a_site():
+    model = build("""g (float[2,6] x) => (float[2,4] y) {
+      h = MatMul (x, w)
+      y = Add (h, b)
+    }""", w=np.ones((6, 4), np.float32), b=np.ones(4, np.float32))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["MatMul", "Add"] and report.sites == []
+
+
+def test_mul_after_activation_is_not_a_site():
+    model = conv_then("r = Relu (c)\n y = Mul (r, k)", k=K)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["Conv", "Relu", "Mul"] and report.sites == []
+
+
+def test_attention_scores_div_is_not_reported():
+    model = build("""g (float[2,5,4] q, float[2,4,5] kt) => (float[2,5,5] y) {
+      s = MatMul (q, kt)
+      y = Div (s, d)
+    }""", d=np.float32(2.0))
+    _, report = normfold.fold(model)
+    assert report.sites == []

@@ -1,0 +1,220 @@
+"""The `normfold fold` command as a pipeline sees it: exit codes, files written or not, the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import normfold
+import normfold.api
+from builders import build
+from normfold import REASONS
+from normfold.cli.main import main
+
+RNG = np.random.default_rng(0)
+
+
+def conv_bn_model() -> onnx.ModelProto:
+    model = build("""g (float[1,3,8,8] x) => (float[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      b = BatchNormalization (c, s, bb, m, v)
+      y = Relu (b)
+    }""", w=RNG.standard_normal((4, 3, 3, 3)).astype(np.float32), s=RNG.standard_normal(4).astype(np.float32),
+                  bb=RNG.standard_normal(4).astype(np.float32), m=RNG.standard_normal(4).astype(np.float32),
+                  v=(RNG.random(4) + 0.5).astype(np.float32))
+    model.doc_string = "a doc string to keep"
+    onnx.helper.set_model_props(model, {"author": "tests"})
+    return model
+
+
+@pytest.fixture
+def model_path(tmp_path) -> Path:
+    path = tmp_path / "net.onnx"
+    onnx.save(conv_bn_model(), path)
+    return path
+
+
+def normfold_cmd(*args, module=False):
+    """Run the installed command in a fresh process (from a neutral folder, so that the source tree
+    does not shadow the installed package)."""
+    script = Path(sys.executable).with_name("normfold")
+    command = [sys.executable, "-m", "normfold"] if module or not script.exists() else [str(script)]
+    return subprocess.run([*command, *map(str, args)], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, timeout=120)
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_fold_writes_verified_model_and_report(model_path, tmp_path):
+    before = digest(model_path)
+    report_path = tmp_path / "report.json"
+    result = normfold_cmd("fold", model_path, "--report", report_path)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "net.folded.onnx"
+    folded = onnx.load(out)
+    onnx.checker.check_model(folded, full_check=True)
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]
+    assert folded.doc_string == "a doc string to keep"
+    assert {p.key: p.value for p in folded.metadata_props} == {"author": "tests"}
+    assert [o.name for o in folded.graph.output] == ["y"]
+    assert digest(model_path) == before  # the input is never modified
+    report = json.loads(report_path.read_text())
+    assert report["schema_version"] == normfold.SCHEMA_VERSION
+    assert report["exit_code"] == 0 and report["written"] is True
+    assert (report["nodes_before"], report["nodes_after"]) == (3, 2)
+    assert [s["status"] for s in report["sites"]] == ["folded"]
+    assert report["verification"]["status"] == "passed"
+    assert report["verification"]["outputs"][0]["max_abs_error"] < 1e-4
+    assert "1 folded" in result.stdout and "nodes 3 -> 2" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.folded.onnx", "net.onnx", "report.json"]
+
+
+def test_same_input_gives_byte_identical_output(model_path, tmp_path):
+    assert normfold_cmd("fold", model_path, "-o", tmp_path / "a.onnx").returncode == 0
+    assert normfold_cmd("fold", model_path, "-o", tmp_path / "b.onnx").returncode == 0
+    assert digest(tmp_path / "a.onnx") == digest(tmp_path / "b.onnx")
+
+
+def test_mismatch_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch):
+    real = normfold.api.run_rules
+
+    def corrupting_run_rules(graph, *args, **kwargs):
+        records = real(graph, *args, **kwargs)
+        weight = next(t for t in graph.initializer if t.name == "w")
+        value = onnx.numpy_helper.to_array(weight).copy()
+        value.flat[0] += 1.0
+        weight.CopyFrom(onnx.numpy_helper.from_array(value, "w"))
+        return records
+
+    monkeypatch.setattr(normfold.api, "run_rules", corrupting_run_rules)
+    out = tmp_path / "out.onnx"
+    result = CliRunner().invoke(main, ["fold", str(model_path), "-o", str(out), "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 1
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "r.json"]
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["verification"]["status"] == "failed" and report["written"] is False
+    assert "FAILED y" in result.output
+
+
+@pytest.mark.parametrize("content", [b"", b"\x08\x07garbage-not-a-model" * 3, os.urandom(4096), b"hello world\n"],
+                         ids=["empty", "garbage", "random", "text"])
+def test_bad_input_exits_2_with_one_line(tmp_path, content):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content)
+    result = normfold_cmd("fold", bad)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("normfold: error:")
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_truncated_model_exits_2(model_path, tmp_path):
+    data = model_path.read_bytes()
+    model_path.write_bytes(data[: len(data) // 2])
+    result = normfold_cmd("fold", model_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert not (tmp_path / "net.folded.onnx").exists()
+
+
+def test_model_failing_the_checker_exits_2(tmp_path):
+    model = conv_bn_model()
+    model.graph.node[0].input[1] = "missing_weight"
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, path)
+    result = normfold_cmd("fold", path)
+    assert result.returncode == 2 and "invalid model" in result.stderr
+
+
+def test_missing_file_and_bad_usage_exit_2(tmp_path, model_path):
+    assert normfold_cmd("fold", tmp_path / "nope.onnx").returncode == 2
+    assert normfold_cmd("fold", model_path, "--passes", "nosuchpass").returncode == 2
+    assert normfold_cmd("fold", model_path, "--shape", "x").returncode == 2
+    result = normfold_cmd("fold", model_path, "--bogus-flag")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_output_equal_to_input_needs_in_place(model_path):
+    before = digest(model_path)
+    result = normfold_cmd("fold", model_path, "-o", model_path)
+    assert result.returncode == 2 and "--in-place" in result.stderr
+    assert digest(model_path) == before
+    result = normfold_cmd("fold", model_path, "--in-place")
+    assert result.returncode == 0
+    assert [n.op_type for n in onnx.load(model_path).graph.node] == ["Conv", "Relu"]
+
+
+def test_missing_output_folder_exits_2(model_path, tmp_path):
+    result = normfold_cmd("fold", model_path, "-o", tmp_path / "no" / "such" / "dir.onnx")
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_external_data_model_round_trips(tmp_path):
+    model = conv_bn_model()
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(model, src / "ext.onnx", save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    result = normfold_cmd("fold", src / "ext.onnx", "-o", tmp_path / "out.onnx")
+    assert result.returncode == 0, result.stderr
+    assert not list(tmp_path.glob(".*tmp"))  # no staging folder left behind
+    folded = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "Relu"]
+
+
+def test_external_data_outside_the_model_folder_is_refused(tmp_path):
+    model = conv_bn_model()
+    onnx.save(model, tmp_path / "ext.onnx", save_as_external_data=True, location="ext.data", size_threshold=0)
+    evil = onnx.load(tmp_path / "ext.onnx", load_external_data=False)
+    for tensor in evil.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../../etc/passwd"
+    onnx.save(evil, tmp_path / "evil.onnx")
+    result = normfold_cmd("fold", tmp_path / "evil.onnx")
+    assert result.returncode == 2 and "outside" in result.stderr
+    (tmp_path / "ext.data").unlink()
+    result = normfold_cmd("fold", tmp_path / "ext.onnx")
+    assert result.returncode == 2 and "not found" in result.stderr
+
+
+def test_custom_domain_op_passes_through_and_needs_allow_unverified(tmp_path):
+    model = conv_bn_model()
+    model.graph.node.append(onnx.helper.make_node("Frobnicate", ["y"], ["z"], domain="com.example", name="custom"))
+    model.graph.output[0].name = "z"
+    model.opset_import.append(onnx.helper.make_opsetid("com.example", 1))
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, path)
+    result = normfold_cmd("fold", path)
+    assert result.returncode == 3 and "--allow-unverified" in result.stderr
+    assert not (tmp_path / "custom.folded.onnx").exists()
+    result = normfold_cmd("fold", path, "--allow-unverified")
+    assert result.returncode == 0
+    folded = onnx.load(tmp_path / "custom.folded.onnx")
+    assert [(n.domain, n.op_type) for n in folded.graph.node] == [("", "Conv"), ("", "Relu"), ("com.example", "Frobnicate")]
+
+
+def test_help_lists_exit_codes_and_readme_matches():
+    text = normfold_cmd("fold", "--help").stdout
+    for code in ("0", "1", "2", "3"):
+        assert f"\n  {code} " in text.replace("\n    ", "\n  ") or f"  {code}   " in text
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for code, description in normfold.exit_codes.DESCRIPTIONS.items():
+        assert f"| {code} |" in readme
+    for reason in REASONS:
+        assert f"`{reason}`" in readme, f"reason code {reason} is not documented in README"
+
+
+def test_console_script_and_module_entry_agree():
+    assert normfold_cmd("--version").stdout.strip().endswith(normfold.__version__)
+    assert normfold_cmd("--version", module=True).stdout.strip().endswith(normfold.__version__)
