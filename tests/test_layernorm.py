@@ -123,3 +123,118 @@ def test_non_constant_gamma_is_not_fused_into_scale():
     # the core still fuses (scale = ones); the Mul by the runtime gamma stays after it
     assert ops(folded) == ["LayerNormalization", "Mul"]
     fold_and_compare(model)
+
+
+def keras_layernorm(center=True, scale=True, tf_keras=False, mean_op="GlobalAveragePool", opset=17):
+    """Keras 3 / tf_keras through tf2onnx: gamma folded into the inverse std, beta as a shift."""
+    mean = ("mean = GlobalAveragePool (x)" if mean_op == "GlobalAveragePool" else "mean = ReduceMean <axes=[-1]> (x)")
+    var = mean.replace("mean =", "var =").replace("(x)", "(sq)")
+    g = "g = Mul (r, gamma)" if scale else "g = Identity (r)"
+    if tf_keras:
+        shift = "e = Mul (mean, g)\n c = Sub (beta, e)\n y = Add (a, c)" if center else "e = Mul (mean, g)\n y = Sub (a, e)"
+    else:
+        shift = ("neg = Neg (mean)\n b = Mul (neg, g)\n c = Add (b, beta)\n y = Add (a, c)" if center
+                 else "neg = Neg (mean)\n b = Mul (neg, g)\n y = Add (a, b)")
+    text = f"""g (float[2,5,16] x) => (float[2,5,16] y) {{
+      {mean}
+      d = Sub (x, mean)
+      sq = Mul (d, d)
+      {var}
+      ve = Add (var, eps)
+      std = Sqrt (ve)
+      r = Reciprocal (std)
+      {g}
+      a = Mul (x, g)
+      {shift}
+    }}"""
+    if not scale:  # no Identity in real exports: g is r itself
+        text = text.replace("g = Identity (r)\n", "").replace("(x, g)", "(x, r)").replace(", g)", ", r)")
+    consts = dict(eps=np.float32(1e-3), gamma=GAMMA.reshape(1, 1, D), beta=BETA.reshape(1, 1, D))
+    used = text.replace("(", " ").replace(")", " ").replace(",", " ").split()
+    return build(text, opset=opset, **{k: v for k, v in consts.items() if k in used})
+
+
+@pytest.mark.parametrize("tf_keras", [False, True], ids=["keras3", "tf_keras"])
+@pytest.mark.parametrize("center", [True, False])
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("mean_op", ["GlobalAveragePool", "ReduceMean"])
+def test_keras_factored_spellings_fuse(tf_keras, center, scale, mean_op):
+    model = keras_layernorm(center=center, scale=scale, tf_keras=tf_keras, mean_op=mean_op)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]
+    assert len(folded.graph.node[0].input) == (3 if center else 2)
+
+
+@pytest.mark.parametrize("clamp", [True, False])
+def test_raw_moments_spelling_fuses(clamp):
+    model = build(f"""g (float[2,5,16] x) => (float[2,5,16] y) {{
+      mean = ReduceMean <axes=[-1]> (x)
+      x2 = Mul (x, x)
+      ex2 = ReduceMean <axes=[-1]> (x2)
+      m2 = Mul (mean, mean)
+      v0 = Sub (ex2, m2)
+      {"var = Max (v0, zero)" if clamp else "var = Identity (v0)"}
+      ve = Add (var, eps)
+      std = Sqrt (ve)
+      d = Sub (x, mean)
+      n = Div (d, std)
+      g = Mul (n, gamma)
+      y = Add (g, beta)
+    }}""".replace("var = Identity (v0)", "").replace("Add (var, eps)", "Add (var, eps)" if clamp else "Add (v0, eps)"),
+                  opset=17, eps=np.float32(1e-5), gamma=GAMMA, beta=BETA, **({"zero": np.float32(0)} if clamp else {}))
+    folded, _, _ = fold_and_compare(model, atol=1e-4, rtol=1e-4)
+    assert ops(folded) == ["LayerNormalization"]
+
+
+def test_mixed_precision_casts_are_absorbed():
+    """Keras mixed_float16: Cast(f32) -> LayerNorm in f32 -> Cast(f16); the fused op runs on fp16."""
+    model = build("""g (float16[2,5,16] x16) => (float16[2,5,16] y16) {
+      x = Cast <to=1> (x16)
+      mean = ReduceMean <axes=[-1]> (x)
+      d = Sub (x, mean)
+      sq = Pow (d, two)
+      var = ReduceMean <axes=[-1]> (sq)
+      ve = Add (var, eps)
+      std = Sqrt (ve)
+      n = Div (d, std)
+      g = Mul (n, gamma)
+      y = Add (g, beta)
+      y16 = Cast <to=10> (y)
+    }""", opset=17, two=np.float32(2), eps=np.float32(1e-5), gamma=GAMMA, beta=BETA)
+    folded, _, _ = fold_and_compare(model)
+    assert ops(folded) == ["LayerNormalization"]
+    fused = folded.graph.node[0]
+    assert fused.input[0] == "x16" and fused.output[0] == "y16"
+    assert onnx_attr(fused, "stash_type") == 1
+
+
+def test_fp16_export_with_double_variance_fuses():
+    """PyTorch fp16 export: mean in fp16, variance in float64, gamma/beta in fp16."""
+    model = build("""g (float16[2,5,16] x) => (float16[2,5,16] y) {
+      mean = ReduceMean <axes=[-1]> (x)
+      d = Sub (x, mean)
+      dd = Cast <to=11> (d)
+      sq = Pow (dd, two)
+      var = ReduceMean <axes=[-1]> (sq)
+      ve = Add (var, eps)
+      std = Sqrt (ve)
+      n = Div (dd, std)
+      n16 = Cast <to=10> (n)
+      g = Mul (n16, gamma)
+      y = Add (g, beta)
+    }""", opset=17, two=np.float64(2), eps=np.float64(1e-12), gamma=GAMMA.astype(np.float16),
+                  beta=BETA.astype(np.float16))
+    folded, _, _ = fold_and_compare(model)
+    assert ops(folded) == ["LayerNormalization"]
+
+
+def test_residual_reads_of_the_input_do_not_block_fusion():
+    model = torch_layernorm(extra="z = Add (x, y)", extra_out=", float[2,5,16] z")
+    folded, _, _ = fold_and_compare(model)
+    assert ops(folded) == ["LayerNormalization", "Add"]
+
+
+def onnx_attr(node, name):
+    import onnx
+
+    return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)

@@ -1,19 +1,33 @@
 """Fuse a decomposed LayerNorm into one LayerNormalization (opset 17+).
 
-What PyTorch's TorchScript exporter writes at opsets 11-16 for nn.LayerNorm:
+    LayerNorm(X) = (X - mean(X)) / sqrt(var(X) + eps) * gamma + beta     over the last k axes
 
-    X ─> ReduceMean(axes) ─> mean
-    X, mean ─> Sub ─> d ─┬─> Pow(d, 2) | Mul(d, d) ─> ReduceMean(axes) ─> Add(eps) ─> Sqrt ─> std
-                         └─> Div(d, std) | Mul(d, Reciprocal(std)) ─> n
-    n ─> [Mul(gamma)] ─> [Add(beta)] ─> Y
+The spellings real exporters write (d = X - mean, "mean" is ReduceMean or GlobalAveragePool):
 
-becomes
+  PyTorch TorchScript, opsets 11-16 (fp16 exports add the Casts in brackets):
+    X ─> mean ─> Sub ─> d [─> Cast(f64)] ─┬─> Pow(., 2) | Mul(d, d) ─> mean ─> Add(eps) ─> Sqrt ─> std
+                                          └─> Div(d, std) | Mul(d, Reciprocal(std)) ─> n
+    n [─> Cast(f16)] ─> [Mul(gamma)] ─> [Add(beta)] ─> Y            (gamma/beta on either side)
 
-    X ─> LayerNormalization(scale=gamma, B=beta, axis=-k, epsilon=eps) ─> Y
+  Keras 3 through tf2onnx (factored; center=False drops Add(beta), scale=False drops Mul(gamma)):
+    r = Reciprocal(Sqrt(Add(mean(Mul(d, d)), eps)));  g = Mul(r, gamma)
+    Y = Add(Mul(X, g), Add(Mul(Neg(mean), g), beta))
 
-where the reductions run over the last k axes. Gamma/beta may sit on either side of Mul/Add and
-may be missing (scale becomes ones). Left with a reason: axes that are not trailing; non-constant
-gamma, beta or epsilon; an intermediate read outside the pattern; opset < 17.
+  tf_keras (non-fused path):   Y = Add(Mul(X, g), Sub(beta, Mul(mean, g)))
+
+  jax/Flax (raw moments):      var = Max(Sub(mean(X * X), mean * mean), 0)  (Max optional)
+                               Y = Div(d, Sqrt(Add(var, eps))) ─> [Mul(gamma)] ─> [Add(beta)]
+
+  Mixed precision: Cast(f16 -> f32) before and Cast(f32 -> f16) after any of the above.
+
+All become
+    X ─> LayerNormalization(scale=gamma, B=beta, axis=-k, epsilon=eps, stash_type=1) ─> Y
+with gamma/beta broadcast to the normalized shape (ones when there is no gamma). When the chain is
+wrapped in Casts from and back to fp16/bf16, the Casts are absorbed: the fused op reads the fp16
+tensor and computes in float32 (stash_type=1), so the model's dtypes stay as they were.
+
+Left with a reason: axes that are not trailing (channels-first LayerNorm over axis 1 of NCHW);
+non-constant gamma, beta or epsilon; an intermediate read outside the pattern; opset < 17.
 """
 
 from __future__ import annotations
@@ -23,84 +37,201 @@ import onnx
 
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._pattern import is_op, other_input, reduce_axes, scalar, trailing_count, user
+from normfold.passes._pattern import (float_cast, is_mean, is_op, keeps_dims, mean_axes, other_input, scalar,
+                                      through_cast, trailing_count, user)
 
 MIN_OPSET = 17
+LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def _square_of(view: GraphView, tensor: str) -> onnx.NodeProto | None:
+    """A reader of `tensor` that squares it: Pow(t, 2) or Mul(t, t) (the exponent is checked later)."""
+    return next((u for u in view.users(tensor) if (is_op(u, "Pow") and u.input[0] == tensor)
+                 or (is_op(u, "Mul") and list(u.input) == [tensor, tensor])), None)
+
+
+def _const_other(view: GraphView, node: onnx.NodeProto | None, tensor: str) -> str | None:
+    """The constant operand of a binary `node` whose other operand is `tensor`."""
+    if node is None:
+        return None
+    other = other_input(node, tensor)
+    return other if other is not None and other != tensor and view.is_const(other) else None
 
 
 class LayerNormFusion(Rule):
     name = "layernorm"
     status = "fused"
 
+    # ---- match -------------------------------------------------------------------------------
     def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
-        if not is_op(node, "ReduceMean"):
+        if not is_mean(node):
             return None
         x, mean = node.input[0], node.output[0]
         sub = next((u for u in view.users(mean) if is_op(u, "Sub") and list(u.input) == [x, mean]), None)
         if sub is None:
             return None
-        d = sub.output[0]
-        square = next((u for u in view.users(d) if (is_op(u, "Pow") and u.input[0] == d)
-                       or (is_op(u, "Mul") and list(u.input) == [d, d])), None)
-        if square is None:
+        nodes = [node, sub]
+        d = through_cast(view, sub.output[0], nodes)
+        variance = self._central_variance(view, d, nodes) or self._raw_variance(view, x, mean, nodes)
+        if variance is None:
             return None
-        var = user(view, square.output[0], "ReduceMean")
-        if var is None:
-            return None
-        add_eps = user(view, var.output[0], "Add")
-        if add_eps is None:
-            return None
-        sqrt = user(view, add_eps.output[0], "Sqrt")
+        reduces, var = variance
+        add_eps = user(view, var, "Add")
+        sqrt = add_eps and user(view, add_eps.output[0], "Sqrt")
         if sqrt is None:
             return None
+        nodes += [add_eps, sqrt]
         std = sqrt.output[0]
-        nodes = [node, sub, square, var, add_eps, sqrt]
+        found = self._divide(view, d, std, nodes) or self._factored(view, x, mean, std, nodes)
+        if found is None:
+            return None
+        out, gamma, beta = found
+        parts = {"x": x, "reduces": reduces, "add_eps": add_eps, "var": var, "gamma": gamma, "beta": beta,
+                 "squares": [n for n in nodes if is_op(n, "Pow")]}
+        self._absorb_casts(view, nodes, parts, out)
+        return Match("LayerNorm (decomposed)", nodes, parts.pop("out", out), parts)
+
+    def _central_variance(self, view, d, nodes):
+        """mean((X - mean)^2)"""
+        square = _square_of(view, d)
+        var = square and user(view, square.output[0], "ReduceMean", "GlobalAveragePool")
+        if var is None:
+            return None
+        nodes += [square, var]
+        return [nodes[0], var], var.output[0]
+
+    def _raw_variance(self, view, x, mean, nodes):
+        """mean(X^2) - mean^2, optionally clamped at 0 (jax/Flax)."""
+        mean_sq = _square_of(view, mean)
+        x_sq = _square_of(view, x)
+        ex2 = x_sq and user(view, x_sq.output[0], "ReduceMean", "GlobalAveragePool")
+        sub = mean_sq and ex2 and user(view, mean_sq.output[0], "Sub")
+        if sub is None or list(sub.input) != [ex2.output[0], mean_sq.output[0]]:
+            return None
+        nodes += [mean_sq, x_sq, ex2, sub]
+        var = sub.output[0]
+        clamp = user(view, var, "Max")
+        if clamp is not None and scalar(view, other_input(clamp, var)) == 0.0:
+            nodes.append(clamp)
+            var = clamp.output[0]
+        return [nodes[0], ex2], var
+
+    def _affine_tail(self, view, n, nodes):
+        """[Mul(gamma)] then [Add(beta)] after the normalized tensor `n`."""
+        gamma = beta = None
+        readers = view.users(n)
+        if len(readers) == 1 and is_op(readers[0], "Mul") and _const_other(view, readers[0], n):
+            gamma = _const_other(view, readers[0], n)
+            nodes.append(readers[0])
+            n = readers[0].output[0]
+        readers = view.users(n)
+        if len(readers) == 1 and is_op(readers[0], "Add") and _const_other(view, readers[0], n):
+            beta = _const_other(view, readers[0], n)
+            nodes.append(readers[0])
+            n = readers[0].output[0]
+        return n, gamma, beta
+
+    def _divide(self, view, d, std, nodes):
+        """Div(d, std) or Mul(d, Reciprocal(std)), then the affine tail."""
         div = user(view, std, "Div")
         if div is not None and list(div.input) == [d, std]:
-            nodes.append(div)
+            found = [div]
         else:
             recip = user(view, std, "Reciprocal")
             mul = recip and user(view, recip.output[0], "Mul")
             if mul is None or other_input(mul, recip.output[0]) != d:
                 return None
-            nodes += [recip, mul]
-        out = nodes[-1].output[0]
-        gamma = beta = None
-        tail = user(view, out, "Mul")
-        if tail is not None and len(view.users(out)) == 1 and view.is_const(other_input(tail, out) or ""):
-            gamma = other_input(tail, out)
-            nodes.append(tail)
-            out = tail.output[0]
-        tail = user(view, out, "Add")
-        if tail is not None and len(view.users(out)) == 1 and view.is_const(other_input(tail, out) or ""):
-            beta = other_input(tail, out)
-            nodes.append(tail)
-            out = tail.output[0]
-        parts = {"x": x, "mean": node, "square": square, "var": var, "add_eps": add_eps,
-                 "std": std, "gamma": gamma, "beta": beta}
-        return Match("LayerNorm (decomposed)", nodes, out, parts)
+            found = [recip, mul]
+        nodes += found
+        n = through_cast(view, found[-1].output[0], nodes)
+        return self._affine_tail(view, n, nodes)
 
+    def _factored(self, view, x, mean, std, nodes):
+        """Keras: Y = X * g + (beta - mean * g), g = gamma / std, in its two exported spellings."""
+        recip = user(view, std, "Reciprocal")
+        if recip is None:
+            return None
+        start = len(nodes)
+        nodes.append(recip)
+        g, gamma = recip.output[0], None
+        scale = user(view, g, "Mul")
+        if scale is not None and _const_other(view, scale, g) is not None:
+            gamma = _const_other(view, scale, g)
+            nodes.append(scale)
+            g = scale.output[0]
+        muls = [u for u in view.users(g) if is_op(u, "Mul")]
+        x_mul = next((m for m in muls if other_input(m, g) == x), None)
+        mean_mul = next((m for m in muls if m is not x_mul), None)
+        if x_mul is None or mean_mul is None or len(muls) != 2:
+            del nodes[start:]
+            return None
+        shifted = other_input(mean_mul, g)
+        neg = view.producer.get(shifted)
+        negated = is_op(neg, "Neg") and neg.input[0] == mean
+        if not negated and shifted != mean:
+            del nodes[start:]
+            return None
+        nodes += ([neg] if negated else []) + [mean_mul]
+        m, beta = mean_mul.output[0], None
+        combine = user(view, m, "Add" if negated else "Sub")
+        if combine is not None and (negated and _const_other(view, combine, m)
+                                    or not negated and combine.input[1] == m and view.is_const(combine.input[0])):
+            beta = combine.input[0] if combine.input[1] == m else combine.input[1]
+            nodes.append(combine)
+            m = combine.output[0]
+        # The final node joins X * g with the shift: Add for "+ beta - mean*g" forms, Sub without beta.
+        joiner_op = "Sub" if (not negated and beta is None) else "Add"
+        final = user(view, x_mul.output[0], joiner_op)
+        if final is None or sorted(final.input) != sorted([x_mul.output[0], m]) or (
+                joiner_op == "Sub" and list(final.input) != [x_mul.output[0], m]):
+            del nodes[start:]
+            return None
+        nodes += [x_mul, final]
+        return final.output[0], gamma, beta
+
+    def _absorb_casts(self, view, nodes, parts, out):
+        """Cast(f16 -> f32) ... Cast(f32 -> f16) around the whole norm: fuse on the fp16 tensor."""
+        cast_in = view.producer.get(parts["x"])
+        readers = view.users(out)
+        if not (float_cast(cast_in) and len(readers) == 1 and float_cast(readers[0])
+                and not view.is_graph_output(out)):
+            return
+        low = view.elem_type(cast_in.input[0])
+        if low not in LOW_PRECISION or attr(readers[0], "to") != low:
+            return
+        inside = {id(n) for n in nodes}
+        if any(id(u) not in inside for u in view.users(parts["x"])) or view.is_graph_output(parts["x"]):
+            return
+        nodes.insert(0, cast_in)
+        nodes.append(readers[0])
+        parts["x"] = cast_in.input[0]
+        parts["out"] = readers[0].output[0]
+
+    # ---- check -------------------------------------------------------------------------------
     def check(self, view: GraphView, match: Match, ctx: FoldContext):
         p = match.parts
         x = p["x"]
         escaped = view.escapes(match.nodes, keep=match.output)
         if escaped:
             return Left("intermediate-used-elsewhere", f"{escaped!r} inside the LayerNorm is also used outside it")
-        square = p["square"]
-        if square.op_type == "Pow" and scalar(view, square.input[1]) != 2.0:
-            return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
-        eps = scalar(view, other_input(p["add_eps"], p["var"].output[0]))
+        for square in p["squares"]:
+            if scalar(view, square.input[1]) != 2.0:
+                return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
+        eps = scalar(view, other_input(p["add_eps"], p["var"]))
         if eps is None:
             return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
         if not eps > 0 or not np.isfinite(eps):
             return Left("invalid-statistics", f"epsilon {eps} is not positive")
-        axes, var_axes = reduce_axes(view, p["mean"]), reduce_axes(view, p["var"])
         rank = view.rank(x)
-        if axes is None or var_axes is None or sorted(a % rank if rank else a for a in axes) != sorted(
-                a % rank if rank else a for a in var_axes):
-            return Left("unsupported-axis", "the two ReduceMean nodes do not reduce the same known axes")
-        if attr(p["mean"], "keepdims", 1) != 1 or attr(p["var"], "keepdims", 1) != 1:
+        all_axes = [mean_axes(view, r) for r in p["reduces"]]
+        if any(a is None for a in all_axes):
+            return Left("unknown-shape", "the reduction axes could not be determined")
+        normal = [sorted(a % rank for a in axes) if rank else sorted(axes) for axes in all_axes]
+        if any(n != normal[0] for n in normal):
+            return Left("unsupported-axis", "the mean and the variance reduce different axes")
+        if not all(keeps_dims(r) for r in p["reduces"]):
             return Left("unsupported-attribute", "ReduceMean with keepdims=0")
+        axes = all_axes[0]
         k = trailing_count(axes, rank)
         if k is None:
             return Left("unsupported-axis", f"reduction over axes {list(axes)} of a rank-{rank or '?'} tensor: "
@@ -108,15 +239,15 @@ class LayerNormFusion(Rule):
         dims = view.dims(x)
         norm_shape = tuple(dims[-k:]) if dims is not None and all(isinstance(d, int) for d in dims[-k:]) else None
         affine = []
-        for label in ("gamma", "beta"):
-            name = p[label]
+        for part in ("gamma", "beta"):
+            name = p[part]
             if name is None:
                 affine.append(None)
                 continue
             value = view.const(name)
-            shape = _normalized(value.shape, k, norm_shape)
+            shape = _normalized(value.shape, k, norm_shape, rank)
             if shape is None:
-                return Left("not-per-channel", f"{label} of shape {list(value.shape)} does not broadcast like "
+                return Left("not-per-channel", f"{part} of shape {list(value.shape)} does not broadcast like "
                                                f"the normalized shape {list(norm_shape) if norm_shape else '?'}")
             norm_shape = norm_shape or shape
             affine.append(value)
@@ -126,18 +257,19 @@ class LayerNormFusion(Rule):
             return Left("opset-too-old", f"LayerNormalization needs opset {MIN_OPSET}; the model has opset "
                                          f"{ctx.opset} (rerun with --target-opset {MIN_OPSET})")
         dtype = view.elem_type(x)
-        gamma, beta = affine
-        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype) if dtype else (
-            gamma.dtype if gamma is not None else np.float32)
-        gamma = np.ones(norm_shape, np_dtype) if gamma is None else np.broadcast_to(
-            gamma.reshape(gamma.shape[max(0, gamma.ndim - k):]), norm_shape).astype(np_dtype)
-        if beta is not None:
-            beta = np.broadcast_to(beta.reshape(beta.shape[max(0, beta.ndim - k):]), norm_shape).astype(np_dtype)
+        if dtype is None:
+            return Left("unknown-shape", f"the type of {x!r} could not be inferred")
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+        gamma, beta = (None if v is None else np.broadcast_to(
+            v.reshape(v.shape[max(0, v.ndim - k):]).astype(np.float64), norm_shape).astype(np_dtype) for v in affine)
+        if gamma is None:
+            gamma = np.ones(norm_shape, np_dtype)
         return {"k": k, "eps": eps, "gamma": gamma, "beta": beta}
 
+    # ---- rewrite -----------------------------------------------------------------------------
     def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
         p = match.parts
-        anchor = match.nodes[0]
+        anchor = next(n for n in match.nodes if is_mean(n))
         prefix = anchor.name.rsplit("/", 1)[0] if "/" in anchor.name else (anchor.name or "LayerNorm")
         scale = _reuse_or_add(view, p["gamma"], plan["gamma"], f"{prefix}.scale")
         inputs = [p["x"], scale]
@@ -154,9 +286,11 @@ class LayerNormFusion(Rule):
                                        f"(axis={-plan['k']}, epsilon={plan['eps']:g})")
 
 
-def _normalized(shape: tuple, k: int, norm_shape: tuple | None) -> tuple | None:
-    """The normalized shape a gamma/beta of `shape` implies, if it varies only along the last k axes
-    and is compatible with `norm_shape` (when known)."""
+def _normalized(shape: tuple, k: int, norm_shape: tuple | None, rank: int | None) -> tuple | None:
+    """The normalized shape a gamma/beta of `shape` implies, if it varies only along the last k axes,
+    does not raise the output's rank, and is compatible with `norm_shape` (when known)."""
+    if rank is not None and len(shape) > rank:
+        return None
     if any(d != 1 for d in shape[:max(0, len(shape) - k)]):
         return None
     tail = (1,) * max(0, k - len(shape)) + tuple(shape[max(0, len(shape) - k):])
