@@ -84,3 +84,85 @@ def test_attention_scores_div_is_not_reported():
     }""", d=np.float32(2.0))
     _, report = normfold.fold(model)
     assert report.sites == []
+
+
+def test_nhwc_constants_after_transpose_fold_into_conv():
+    """tf2onnx without optimizers: Conv -> Transpose(NHWC) -> Mul(C[M]) -> Add(C[M])."""
+    model = build("""g (float[1,3,8,8] x) => (float[1,8,8,4] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      t = Transpose <perm=[0,2,3,1]> (c)
+      m = Mul (t, k)
+      y = Add (m, b)
+    }""", w=W, k=K.reshape(4), b=T.reshape(4))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "Transpose"]
+    assert len(sites(report, "folded")) == 2
+
+
+def test_nchw_shaped_constant_after_transpose_is_not_per_channel():
+    model = build("""g (float[1,3,4,4] x) => (float[1,4,4,4] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      t = Transpose <perm=[0,2,3,1]> (c)
+      y = Mul (t, k)
+    }""", w=W, k=K)  # [1,4,1,1] now broadcasts along H of the NHWC tensor
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "Transpose", "Mul"]
+    assert sites(report, "left", "not-per-channel")
+
+
+def test_keras_conv1d_squeeze_bias_and_bn_fold():
+    """Keras Conv1D: Conv(2-D, kernel 1x3) -> Squeeze(2) -> Add(bias) -> Mul -> Add."""
+    rng = np.random.default_rng(8)
+    model = build("""g (float[2,4,1,10] x) => (float[2,6,8] y) {
+      c = Conv (x, w)
+      s = Squeeze (c, ax)
+      bb = Add (s, bias)
+      m = Mul (bb, k)
+      y = Add (m, t)
+    }""", w=rng.standard_normal((6, 4, 1, 3)).astype(np.float32), ax=np.array([2], np.int64),
+                  bias=rng.standard_normal((1, 6, 1)).astype(np.float32), k=rng.standard_normal((1, 6, 1)).astype(np.float32),
+                  t=rng.standard_normal((1, 6, 1)).astype(np.float32))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "Squeeze"]
+
+
+def test_dense_behind_reshape_folds():
+    """Keras Dense on rank 3: Reshape -> MatMul -> Reshape -> Add(bias) -> Mul -> Add."""
+    rng = np.random.default_rng(9)
+    model = build("""g (float[2,5,6] x) => (float[2,5,4] y) {
+      r = Reshape (x, s1)
+      h = MatMul (r, w)
+      h3 = Reshape (h, s2)
+      hb = Add (h3, b)
+      m = Mul (hb, k)
+      y = Add (m, t)
+    }""", s1=np.array([10, 6], np.int64), s2=np.array([2, 5, 4], np.int64),
+                  w=rng.standard_normal((6, 4)).astype(np.float32), b=rng.standard_normal(4).astype(np.float32),
+                  k=rng.standard_normal(4).astype(np.float32), t=rng.standard_normal(4).astype(np.float32))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Reshape", "MatMul", "Add", "Reshape"]
+
+
+def test_mixed_precision_bn_folds_and_drops_the_cast_round_trip():
+    """Keras mixed_float16: Conv(fp16) -> Cast(f32) -> Mul -> Add -> Cast(f16)."""
+    model = build("""g (float16[1,3,8,8] x) => (float16[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      c32 = Cast <to=1> (c)
+      m = Mul (c32, k)
+      a = Add (m, t)
+      y = Cast <to=10> (a)
+    }""", w=W.astype(np.float16), k=K, t=T)
+    folded, report, comparisons = fold_and_compare(model)
+    assert ops(folded) == ["Conv"]
+    assert any("round trip" in note for s in report.sites for note in s.notes)
+    assert all(s.max_rounding is not None for s in sites(report, "folded"))
+
+
+def test_downcast_between_is_not_dropped():
+    model = build("""g (float[1,3,8,8] x) => (float16[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      c16 = Cast <to=10> (c)
+      y = Mul (c16, k)
+    }""", w=W, k=K.astype(np.float16))
+    folded, _, _ = fold_and_compare(model, atol=1e-2, rtol=1e-2)
+    assert ops(folded) == ["Conv", "Cast"]

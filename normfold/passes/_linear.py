@@ -17,7 +17,7 @@ Where the output channel lives in each layer's constants:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -30,27 +30,38 @@ LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 @dataclass
 class LinearLayer:
-    nodes: list[onnx.NodeProto]  # [layer] or [MatMul, Add(bias)]
+    core: list[onnx.NodeProto]  # [layer] or [MatMul, Add(bias)]
     op: str
-    output: str  # the tensor the layer (with its bias Add) writes
-    channel_axis: int  # axis of the output that holds output channels (-1: last)
-    out_rank: int | None
+    output: str  # the tensor the site reads: the layer's output, after `chain`
+    channel_axis: int  # axis of `output` that holds the layer's output channels (-1: last)
+    out_rank: int | None  # rank of `output`
+    chain: list[onnx.NodeProto] = field(default_factory=list)  # layout ops between layer and site
 
     @property
     def layer(self) -> onnx.NodeProto:
-        return self.nodes[0]
+        return self.core[0]
 
     @property
     def bias_add(self) -> onnx.NodeProto | None:
-        return self.nodes[1] if len(self.nodes) > 1 else None
+        return self.core[1] if len(self.core) > 1 else None
+
+    @property
+    def nodes(self) -> list[onnx.NodeProto]:
+        return self.core + self.chain
+
+
+# Ops that move data without changing values, so a per-channel constant after them is still one
+# per output channel of the layer before them (tf2onnx puts convs between Transposes, Keras' Conv1D
+# behind a Squeeze and Dense behind Reshapes, mixed precision behind a Cast to float32).
+LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Cast")
+MAX_CHAIN = 3
 
 
 def _is_default_domain(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx")
 
 
-def find_linear_layer(view: GraphView, tensor: str) -> LinearLayer | None:
-    """The linear layer that writes `tensor`, by structure only (constness is checked later)."""
+def _core(view: GraphView, tensor: str) -> LinearLayer | None:
     node = view.producer.get(tensor)
     if node is None or not _is_default_domain(node):
         return None
@@ -73,6 +84,68 @@ def find_linear_layer(view: GraphView, tensor: str) -> LinearLayer | None:
                 if w.ndim == 2 and _per_channel(bias.shape, w.shape[1], -1, view.rank(tensor)):
                     return LinearLayer([mm, node], "MatMul", tensor, -1, view.rank(tensor))
     return None
+
+
+def _through(view: GraphView, node: onnx.NodeProto, axis: int, rank: int | None) -> tuple[int, int | None] | None:
+    """Where the channel axis goes through a layout op: (axis, rank) of its output, or None when
+    the op mixes channels with other axes or the shapes needed are unknown."""
+    out_rank = view.rank(node.output[0])
+    if node.op_type == "Cast":
+        return (axis, rank) if attr(node, "to") in FLOAT_TYPES else None
+    if rank is None or out_rank is None:
+        return None
+    pos = axis % rank
+    if node.op_type == "Transpose":
+        perm = attr(node, "perm") or list(reversed(range(rank)))
+        return list(perm).index(pos), out_rank
+    if node.op_type in ("Squeeze", "Unsqueeze"):
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1:
+            value = view.const(node.input[1])
+            axes = None if value is None else [int(a) for a in value.reshape(-1)]
+        if axes is None:
+            return None
+        if node.op_type == "Squeeze":
+            axes = sorted(a % rank for a in axes)
+            return (None if pos in axes else (pos - sum(a < pos for a in axes), out_rank))
+        axes = sorted(a % out_rank for a in axes)
+        new = pos
+        for a in axes:  # inserted positions, in increasing order
+            if a <= new:
+                new += 1
+        return new, out_rank
+    if node.op_type == "Reshape":
+        # Only a reshape that keeps the channels as the (unchanged) last axis.
+        before, after = view.dims(node.input[0]), view.dims(node.output[0])
+        if pos == rank - 1 and before and after and isinstance(before[-1], int) and before[-1] == after[-1]:
+            return out_rank - 1, out_rank
+        return None
+    return None
+
+
+def find_linear_layer(view: GraphView, tensor: str) -> LinearLayer | None:
+    """The linear layer that writes `tensor`, perhaps behind a few layout ops, by structure only
+    (constness and single use are checked by check_layer)."""
+    chain: list[onnx.NodeProto] = []
+    while True:
+        layer = _core(view, tensor)
+        if layer is not None:
+            break
+        node = view.producer.get(tensor)
+        if node is None or not _is_default_domain(node) or node.op_type not in LAYOUT_OPS or len(chain) >= MAX_CHAIN:
+            return None
+        chain.insert(0, node)
+        tensor = node.input[0]
+    axis, rank = layer.channel_axis, layer.out_rank
+    for node in chain:
+        moved = _through(view, node, axis, rank)
+        if moved is None:
+            return None
+        axis, rank = moved
+    layer.chain = chain
+    layer.output = chain[-1].output[0] if chain else layer.output
+    layer.channel_axis, layer.out_rank = axis, rank
+    return layer
 
 
 def _per_channel(shape: tuple, channels: int, axis: int, out_rank: int | None) -> bool:
@@ -109,10 +182,12 @@ def channel_count(view: GraphView, layer: LinearLayer) -> int | None:
 def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | None:
     """Can `layer` absorb a per-channel affine map applied to its output `site_input`?"""
     node = layer.layer
-    if view.is_graph_output(site_input) or len(view.users(site_input)) != 1:
-        return Left("intermediate-used-elsewhere",
-                    f"{layer.op} {label(node)} output {site_input!r} is also used elsewhere"
-                    + (" (graph output)" if view.is_graph_output(site_input) else ""))
+    path = [n.output[0] for n in layer.nodes[len(layer.core) - 1:]]  # layer output, then each layout op's
+    for tensor in path:
+        if view.is_graph_output(tensor) or len(view.users(tensor)) != 1:
+            return Left("intermediate-used-elsewhere",
+                        f"{layer.op} {label(node)} output {tensor!r} is also used elsewhere"
+                        + (" (graph output)" if view.is_graph_output(tensor) else ""))
     if len(node.input) < 2 or not view.is_const(node.input[1]):
         return Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant")
     weight = view.const(node.input[1])
@@ -222,15 +297,48 @@ def fold_into_layer(view: GraphView, layer: LinearLayer, scale: np.ndarray, shif
             add = onnx.helper.make_node("Add", [node.output[0], bias_name], [view.unique_name(f"{node.output[0]}_biased")],
                                         name=view.unique_name(f"{node.name or 'MatMul'}_bias"))
             view.add_node(add, after=node)
-            layer.nodes.append(add)
+            if node.output[0] in view.shapes:  # same shape and type as the MatMul output
+                view.shapes[add.output[0]] = view.shapes[node.output[0]]
+            if layer.chain:
+                view.replace_input(layer.chain[0], 0, add.output[0])
+            layer.core.append(add)
             notes.append(f"created Add {add.name} for the folded bias")
     return notes, rounding
 
 
-def retarget_output(view: GraphView, layer: LinearLayer, removed: onnx.NodeProto) -> None:
-    """Remove the folded node `removed` and make the layer write its output tensor instead, so every
-    consumer (and a graph output of that name) stays wired."""
+def retarget_output(view: GraphView, layer: LinearLayer, removed: onnx.NodeProto) -> list[str]:
+    """Remove the folded node `removed` and make the layer (or its last layout op) write its output
+    tensor instead, so every consumer (and a graph output of that name) stays wired. A Cast up from
+    the layer's dtype followed by a Cast straight back is then an exact round trip: both go."""
     out = removed.output[0]
     view.remove(removed)
     last = layer.nodes[-1]
     view.rename_output(last, 0, out)
+    notes = []
+    readers = view.users(out)
+    if (layer.chain and layer.chain[-1].op_type == "Cast" and len(readers) == 1 and readers[0].op_type == "Cast"
+            and not view.is_graph_output(out)):
+        up, down = layer.chain[-1], readers[0]
+        before = view.elem_type(up.input[0])
+        if before is not None and attr(down, "to") == before and _widens(before, attr(up, "to")):
+            final = down.output[0]
+            view.remove(down)
+            view.remove(up)
+            feeder = view.producer[up.input[0]]
+            view.rename_output(feeder, list(feeder.output).index(up.input[0]), final)
+            layer.chain.pop()
+            notes.append(f"removed the exact Cast round trip {label(up)} -> {label(down)}")
+    return notes
+
+
+_PRECISION = {onnx.TensorProto.BFLOAT16: 0, onnx.TensorProto.FLOAT16: 1, onnx.TensorProto.FLOAT: 2,
+              onnx.TensorProto.DOUBLE: 3}
+
+
+def _widens(src: int, dst: int) -> bool:
+    """Is every value of type `src` exactly representable in `dst`?"""
+    if src == dst:
+        return True
+    if src == onnx.TensorProto.BFLOAT16:
+        return dst in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE)
+    return src in _PRECISION and dst in _PRECISION and _PRECISION[dst] > _PRECISION[src]

@@ -57,12 +57,13 @@ class BatchNormFold(Rule):
         refusal = check_layer(view, layer, bn.input[0])
         if refusal is not None:
             return refusal
-        if layer.op == "MatMul" and layer.out_rank != 2:
-            if layer.out_rank is None:
-                return Left("unknown-shape", f"rank of {layer.output!r} unknown; BN normalizes axis 1, "
-                                             "which is MatMul's channel axis only for rank 2")
-            return Left("not-per-channel", f"BN normalizes axis 1 of a rank-{layer.out_rank} MatMul output, "
-                                           "not the MatMul's output channels")
+        if layer.out_rank is None and layer.channel_axis != 1:
+            return Left("unknown-shape", f"rank of {layer.output!r} unknown; BN normalizes axis 1, which must "
+                                         f"hold the output channels of {layer.op} {label(layer.layer)}")
+        if layer.out_rank is not None and layer.channel_axis % layer.out_rank != 1:
+            return Left("not-per-channel", f"BN normalizes axis 1 of a rank-{layer.out_rank} tensor whose "
+                                           f"channels from {layer.op} {label(layer.layer)} are on axis "
+                                           f"{layer.channel_axis % layer.out_rank}")
         channels = channel_count(view, layer)
         gamma, beta, mean, var = (np.asarray(v, np.float64).reshape(-1) for v in values)
         if channels is None or any(v.size not in (1, channels) for v in (gamma, beta, mean, var)):
@@ -79,6 +80,6 @@ class BatchNormFold(Rule):
         scale, shift, channels = plan
         bn, layer = match.parts["bn"], match.parts["layer"]
         notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
-        retarget_output(view, layer, bn)
+        notes += retarget_output(view, layer, bn)
         return Rewritten([label(n) for n in layer.nodes], f"{label(bn)} folded into {layer.op} {label(layer.layer)}",
                          notes, rounding)

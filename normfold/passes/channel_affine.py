@@ -46,7 +46,7 @@ class ChannelAffineFold(Rule):
                 continue  # e.g. attention's Q @ K^T -> Div(sqrt(d)): not a layer with weights
             if view.const(const).size == 1 and view.sole_user(data) is not node:
                 continue  # a scalar op on a shared tensor (GELU's Div by sqrt(2)) is no norm site
-            if layer.op == "MatMul" and layer.bias_add is None and node.op_type == "Add":
+            if layer.op == "MatMul" and layer.bias_add is None and not layer.chain and node.op_type == "Add":
                 continue  # this Add is the layer's own bias
             return Match(f"{node.op_type} by constant after {layer.op}", layer.nodes + [node], node.output[0],
                          {"op": node, "layer": layer, "data": data, "const": const})
@@ -79,6 +79,6 @@ class ChannelAffineFold(Rule):
         scale, shift, channels = plan
         op, layer = match.parts["op"], match.parts["layer"]
         notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
-        retarget_output(view, layer, op)
+        notes += retarget_output(view, layer, op)
         return Rewritten([label(n) for n in layer.nodes], f"{op.op_type} {label(op)} folded into {layer.op} "
                          f"{label(layer.layer)}", notes, rounding)
