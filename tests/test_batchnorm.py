@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import pytest
@@ -247,3 +249,29 @@ def test_bn_inside_if_branches_folds():
     assert then_ops == ["Conv"]
     # the outer Conv still reads the original weight
     assert folded.graph.node[0].input[1] == "w"
+
+
+def test_fold_that_would_overflow_float16_is_refused():
+    rng = np.random.default_rng(12)
+    model = build("""g (float16[1,3,8,8] x) => (float16[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y = BatchNormalization <epsilon=1e-12> (c, s, bb, m, v)
+    }""", w=np.full((4, 3, 3, 3), 100, np.float16), s=np.full(4, 100, np.float16),
+                  bb=np.zeros(4, np.float16), m=np.zeros(4, np.float16), v=np.zeros(4, np.float16) + np.float16(1e-7))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["Conv", "BatchNormalization"]
+    [site] = report.sites
+    assert site.reason == "invalid-statistics" and "overflow" in site.detail
+
+
+def test_every_bn_of_a_real_export_is_accounted_for():
+    """The report names every BatchNormalization node of the model: folded, or left with a reason."""
+    path = Path(__file__).parents[1] / "models" / "torch" / "cnn_bn_op13.onnx"
+    model = onnx.load(path)
+    bn_names = {n.name for n in model.graph.node if n.op_type == "BatchNormalization"}
+    folded, report = normfold.fold(model)
+    reported = {s.nodes[-1]: s for s in report.sites if s.pass_name == "bn"}
+    assert set(reported) == bn_names
+    left = {name: s.reason for name, s in reported.items() if s.status == "left"}
+    assert sorted(left.values()) == ["intermediate-used-elsewhere", "no-linear-producer", "no-linear-producer"]
+    assert sum(1 for n in folded.graph.node if n.op_type == "BatchNormalization") == len(left)

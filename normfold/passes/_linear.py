@@ -234,18 +234,29 @@ def _rounding(stored: np.ndarray, exact: np.ndarray) -> float:
     return float(diff.max()) if diff.size else 0.0
 
 
-def fold_into_layer(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.ndarray,
-                    channels: int) -> tuple[list[str], float]:
-    """Fold `y' = scale * y + shift` (float64 vectors of length `channels`) into `layer`.
-    Returns notes for the report and the largest rounding change of the stored constants."""
+@dataclass
+class FoldPlan:
+    """The constants a fold will write, computed (and checked) before the graph is touched."""
+
+    weight: np.ndarray | None  # new weight, or None when the scale is 1 everywhere
+    bias: np.ndarray | None  # new bias / C / bias-Add constant, or None when none is needed
+    rounding: float  # largest |stored - exact float64| over the new constants
+    reset_gemm_beta: bool = False
+
+
+def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.ndarray,
+              channels: int) -> FoldPlan | Left:
+    """Compute, in float64, the constants that fold `y' = scale * y + shift` into `layer`, stored
+    in the dtype of the constants they replace. Refuses when a stored value would not be finite
+    (e.g. a tiny variance that overflows float16 weights)."""
     node = layer.layer
-    notes: list[str] = []
-    rounding = 0.0
     scale = np.broadcast_to(np.asarray(scale, np.float64), (channels,))
     shift = np.broadcast_to(np.asarray(shift, np.float64), (channels,))
     weight = view.const(node.input[1])
     dtype = weight.dtype
+    exact: list[tuple[np.ndarray, np.ndarray]] = []  # (stored, exact) pairs
 
+    new_w = None
     if not np.all(scale == 1.0):
         w = weight.astype(np.float64)
         if layer.op == "Conv":
@@ -259,51 +270,70 @@ def fold_into_layer(view: GraphView, layer: LinearLayer, scale: np.ndarray, shif
             w = w * (scale[:, None] if attr(node, "transB", 0) else scale[None, :])
         else:  # MatMul
             w = w * scale[None, :]
-        stored = w.astype(dtype)
-        rounding = max(rounding, _rounding(stored, w))
-        _store(view, node, 1, stored, notes, "weight")
+        new_w = w.astype(dtype)
+        exact.append((new_w, w))
 
     bias_name = _bias_name(layer)
+    new_b, reset_beta = None, False
     if layer.op in ("Conv", "ConvTranspose"):
         b = view.const(bias_name).astype(np.float64) if bias_name else np.zeros(channels)
-        new_b = b * scale + shift
-        stored = new_b.astype(dtype)
-        rounding = max(rounding, _rounding(stored, new_b))
-        if bias_name or np.any(new_b != 0):
-            _store(view, node, 2, stored, notes, "bias")
+        value = b * scale + shift
+        if bias_name or np.any(value != 0):
+            new_b = value.astype(dtype)
+            exact.append((new_b, value))
     elif layer.op == "Gemm":
         beta = float(attr(node, "beta", 1.0))
         c = view.const(bias_name).astype(np.float64) * beta if bias_name else np.zeros(channels)
-        new_c = c * scale + shift  # broadcasts C ([], [N], [1, N] or [M, N]) along N
-        stored = new_c.astype(dtype)
-        rounding = max(rounding, _rounding(stored, new_c))
-        if bias_name or np.any(new_c != 0):
-            _store(view, node, 2, stored, notes, "bias")
-            if beta != 1.0:
-                set_attr(node, "beta", 1.0)
-    else:  # MatMul [+ Add]
+        value = c * scale + shift  # broadcasts C ([], [N], [1, N] or [M, N]) along N
+        if bias_name or np.any(value != 0):
+            new_b = value.astype(dtype)
+            exact.append((new_b, value))
+            reset_beta = beta != 1.0
+    elif layer.bias_add is not None:  # MatMul + Add(bias)
+        bias = view.const(bias_name)
+        value = np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)) * scale + shift
+        new_b = value.reshape(bias.shape if bias.size == channels else (channels,)).astype(bias.dtype)
+        exact.append((new_b.reshape(-1), value))
+    elif np.any(shift != 0):  # MatMul without bias: an Add will be created
+        new_b = shift.astype(dtype)
+        exact.append((new_b, shift))
+
+    for stored, value in exact:
+        if not np.all(np.isfinite(stored.astype(np.float64))):
+            return Left("invalid-statistics", f"folding into {layer.op} {label(node)} would store values that "
+                                              f"overflow {stored.dtype}")
+    rounding = max((_rounding(stored, value) for stored, value in exact), default=0.0)
+    return FoldPlan(new_w, new_b, rounding, reset_beta)
+
+
+def apply_fold(view: GraphView, layer: LinearLayer, plan: FoldPlan) -> list[str]:
+    """Write a FoldPlan's constants into the layer. Returns notes for the report."""
+    node = layer.layer
+    notes: list[str] = []
+    if plan.weight is not None:
+        _store(view, node, 1, plan.weight, notes, "weight")
+    if plan.bias is None:
+        return notes
+    if layer.op in ("Conv", "ConvTranspose", "Gemm"):
+        _store(view, node, 2, plan.bias, notes, "bias")
+        if plan.reset_gemm_beta:
+            set_attr(node, "beta", 1.0)
+    elif layer.bias_add is not None:
         add = layer.bias_add
-        if add is not None:
-            index = 0 if add.input[0] == bias_name else 1
-            bias = view.const(bias_name)
-            new_b = np.broadcast_to(bias.astype(np.float64), (channels,)) * scale + shift
-            stored = new_b.reshape(bias.shape if bias.size == channels else (channels,)).astype(bias.dtype)
-            rounding = max(rounding, _rounding(stored.reshape(-1), new_b))
-            _store(view, add, index, stored, notes, "bias")
-        elif np.any(shift != 0):
-            stored = shift.astype(dtype)
-            rounding = max(rounding, _rounding(stored, shift))
-            bias_name = view.add_initializer(f"{node.name or 'MatMul'}_bias_folded", stored)
-            add = onnx.helper.make_node("Add", [node.output[0], bias_name], [view.unique_name(f"{node.output[0]}_biased")],
-                                        name=view.unique_name(f"{node.name or 'MatMul'}_bias"))
-            view.add_node(add, after=node)
-            if node.output[0] in view.shapes:  # same shape and type as the MatMul output
-                view.shapes[add.output[0]] = view.shapes[node.output[0]]
-            if layer.chain:
-                view.replace_input(layer.chain[0], 0, add.output[0])
-            layer.core.append(add)
-            notes.append(f"created Add {add.name} for the folded bias")
-    return notes, rounding
+        bias_name = _bias_name(layer)
+        _store(view, add, 0 if add.input[0] == bias_name else 1, plan.bias, notes, "bias")
+    else:
+        bias_name = view.add_initializer(f"{node.name or 'MatMul'}_bias_folded", plan.bias)
+        add = onnx.helper.make_node("Add", [node.output[0], bias_name], [view.unique_name(f"{node.output[0]}_biased")],
+                                    name=view.unique_name(f"{node.name or 'MatMul'}_bias"))
+        view.add_node(add, after=node)
+        if node.output[0] in view.shapes:  # same shape and type as the MatMul output
+            view.shapes[add.output[0]] = view.shapes[node.output[0]]
+        if layer.chain:
+            view.replace_input(layer.chain[0], 0, add.output[0])
+        layer.core.append(add)
+        notes.append(f"created Add {add.name} for the folded bias")
+    return notes
 
 
 def retarget_output(view: GraphView, layer: LinearLayer, removed: onnx.NodeProto) -> list[str]:

@@ -21,7 +21,8 @@ import onnx
 
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._linear import channel_count, check_layer, find_linear_layer, fold_into_layer, retarget_output
+from normfold.passes._linear import (apply_fold, channel_count, check_layer, find_linear_layer, plan_fold,
+                                     retarget_output)
 
 
 class BatchNormFold(Rule):
@@ -73,13 +74,11 @@ class BatchNormFold(Rule):
         if not np.all(denom > 0) or not all(np.all(np.isfinite(v)) for v in (gamma, beta, mean, var)):
             return Left("invalid-statistics", f"{label(bn)}: var + eps must be positive and parameters finite")
         scale = gamma / np.sqrt(denom)
-        shift = beta - mean * scale
-        return scale, shift, channels
+        return plan_fold(view, layer, scale, beta - mean * scale, channels)
 
     def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
-        scale, shift, channels = plan
         bn, layer = match.parts["bn"], match.parts["layer"]
-        notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
+        notes = apply_fold(view, layer, plan)
         notes += retarget_output(view, layer, bn)
         return Rewritten([label(n) for n in layer.nodes], f"{label(bn)} folded into {layer.op} {label(layer.layer)}",
-                         notes, rounding)
+                         notes, plan.rounding)

@@ -20,8 +20,8 @@ import onnx
 
 from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._linear import (_per_channel, channel_count, check_layer, find_linear_layer,
-                                     fold_into_layer, retarget_output)
+from normfold.passes._linear import (_per_channel, apply_fold, channel_count, check_layer, find_linear_layer,
+                                     plan_fold, retarget_output)
 
 OPS = ("Mul", "Add", "Sub", "Div")
 
@@ -73,12 +73,11 @@ class ChannelAffineFold(Rule):
             return Left("invalid-statistics", f"{label(op)}: constant is not finite")
         one, zero = np.ones(channels), np.zeros(channels)
         scale, shift = {"Mul": (k, zero), "Div": (1.0 / k, zero), "Add": (one, k), "Sub": (one, -k)}[op.op_type]
-        return scale, shift, channels
+        return plan_fold(view, layer, scale, shift, channels)
 
     def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
-        scale, shift, channels = plan
         op, layer = match.parts["op"], match.parts["layer"]
-        notes, rounding = fold_into_layer(view, layer, scale, shift, channels)
+        notes = apply_fold(view, layer, plan)
         notes += retarget_output(view, layer, op)
         return Rewritten([label(n) for n in layer.nodes], f"{op.op_type} {label(op)} folded into {layer.op} "
-                         f"{label(layer.layer)}", notes, rounding)
+                         f"{label(layer.layer)}", notes, plan.rounding)
