@@ -3,6 +3,7 @@ CLI runs (load, fold, write to a staging folder, verify, move into place)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from normfold.errors import NormfoldError, VerificationUnavailable
 from normfold.graph import count_ops
 from normfold.io import StagedModel, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
+from normfold.passes.rmsnorm import add_contrib_opset_import
 from normfold.report import Report, Verification
 from normfold.shapes import infer_shapes
 from normfold.verify import compare_models
@@ -83,6 +85,7 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
                       allow_contrib=options.allow_contrib)
     rules = [rule for rule in RULES if rule.name in options.passes]
     report.sites = run_rules(model.graph, rules, ctx, infer_shapes(model))
+    add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
     report.opset_after = model_opset(model)
     report.ops_after = count_ops(model.graph)
     report.nodes_after = sum(report.ops_after.values())
@@ -118,10 +121,33 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     model, external_files = read_model(src)
     timings = {"load": time.perf_counter() - t}
 
+    options = options or FoldOptions()
+    before = count_ops(model.graph), model_opset(model)
+    conversion = None
+    if options.target_opset is not None and options.target_opset > model_opset(model):
+        # Convert first and check the conversion on its own, so that a converter bug is named as
+        # such (and never blamed on, or hidden by, a fold).
+        t = time.perf_counter()
+        model = convert_opset(model, options.target_opset)
+        if verify.enabled:
+            conversion = _verify_staged(src, model, dest, verify, external_files)
+        timings["convert"] = time.perf_counter() - t
+        options = dataclasses.replace(options, target_opset=None)
+
     t = time.perf_counter()
     model, report = fold(model, options, copy=False)
     timings["fold"] = time.perf_counter() - t
     report.input, report.output = str(src), str(dest)
+    report.ops_before, report.opset_before = before
+    report.nodes_before = sum(report.ops_before.values())
+    report.conversion = conversion
+    if conversion is not None and conversion.status == "failed":
+        conversion.detail = "converting the opset alone changed the outputs: " + conversion.detail
+        report.verification = conversion
+        report.exit_code = exit_codes.OUTPUTS_DIFFER
+        timings["total"] = time.perf_counter() - started
+        report.timings = {k: round(v, 4) for k, v in timings.items()}
+        return report
 
     t = time.perf_counter()
     staged = StagedModel(model, dest, external_data=True if external_files else None)
@@ -151,3 +177,16 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     timings["total"] = time.perf_counter() - started
     report.timings = {k: round(v, 4) for k, v in timings.items()}
     return report
+
+
+def _verify_staged(src: Path, model: onnx.ModelProto, dest: Path, verify: VerifyOptions,
+                   external_files: list[str]) -> Verification:
+    """Compare the original file with `model`, staged beside `dest` and discarded afterwards."""
+    staged = StagedModel(model, dest, external_data=True if external_files else None)
+    try:
+        return compare_models(src, staged.path, seed=verify.seed, shapes=verify.shapes, dims=verify.dims,
+                              atol=verify.atol, rtol=verify.rtol)
+    except VerificationUnavailable as exc:
+        return Verification("unavailable", seed=verify.seed, detail=str(exc))
+    finally:
+        staged.discard()

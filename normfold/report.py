@@ -95,6 +95,7 @@ class Report:
     ops_after: dict[str, int] = field(default_factory=dict)
     sites: list[SiteRecord] = field(default_factory=list)
     verification: Verification | None = None
+    conversion: Verification | None = None  # original vs opset-converted model (with --target-opset)
     timings: dict[str, float] = field(default_factory=dict)
     exit_code: int | None = None
     error: str | None = None

@@ -70,9 +70,11 @@ class Rule:
 def _rules():
     from normfold.passes.batchnorm import BatchNormFold
     from normfold.passes.channel_affine import ChannelAffineFold
+    from normfold.passes.groupnorm import GroupNormFusion
     from normfold.passes.layernorm import LayerNormFusion
+    from normfold.passes.rmsnorm import RMSNormFusion
 
-    return [BatchNormFold(), ChannelAffineFold(), LayerNormFusion()]
+    return [BatchNormFold(), ChannelAffineFold(), LayerNormFusion(), RMSNormFusion(), GroupNormFusion()]
 
 
 RULES: list[Rule] = _rules()

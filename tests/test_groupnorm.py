@@ -1,0 +1,343 @@
+"""Decomposed GroupNorm -> GroupNormalization (opset 21), in the spellings exporters write."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+import normfold
+from builders import build, fold_and_compare, ops, run, sites
+from normfold.api import FoldOptions, VerifyOptions
+from normfold.verify import compare_arrays
+
+MODELS = Path(__file__).parents[1] / "models"
+
+
+def _affine(channels: int, seed: int, dtype=np.float32) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal(channels).astype(dtype), rng.standard_normal(channels).astype(dtype)
+
+
+def torch_groupnorm(shape=(2, 8, 5, 5), groups=4, eps=1e-5, affine="both", restore="shape", opset=21,
+                    dtype="float", batch=None, gamma=None, beta=None, in_scale=None, grouping=None,
+                    extra="", extra_out="", seed=0):
+    """The TorchScript / dynamo exporters' GroupNorm: Reshape -> InstanceNormalization -> Reshape -> Mul -> Add.
+    `restore` is how the second Reshape gets X's shape: "shape" (Shape(X)) or "const"."""
+    np_dtype = np.float16 if dtype == "float16" else np.float32
+    rank, channels = len(shape), shape[1]
+    dims = ",".join([batch or str(shape[0])] + [str(d) for d in shape[1:]])
+    per_channel = (channels,) + (1,) * (rank - 2)
+    g, b = _affine(channels, seed, np_dtype)
+    consts = {"k": np.array(grouping or [0, groups, -1], np.int64),
+              "ones": (np.ones(groups) if in_scale is None else in_scale).astype(np_dtype),
+              "zeros": np.zeros(groups, np_dtype),
+              "gamma": (g.reshape(per_channel) if gamma is None else gamma).astype(np_dtype),
+              "beta": (b.reshape(per_channel) if beta is None else beta).astype(np_dtype)}
+    if restore == "shape":
+        shape_line = "s = Shape (x)"
+    else:
+        shape_line = ""
+        consts["s"] = np.array(shape, np.int64)
+    tail = {"both": "m = Mul (b, gamma)\n y = Add (m, beta)", "swapped": "m = Mul (gamma, b)\n y = Add (beta, m)",
+            "scale": "y = Mul (b, gamma)", "bias": "y = Add (b, beta)", "none": "y = Identity (b)"}[affine]
+    text = f"""g ({dtype}[{dims}] x) => ({dtype}[{dims}] y{extra_out}) {{
+      r = Reshape (x, k)
+      n = InstanceNormalization <epsilon={eps!r}> (r, ones, zeros)
+      {shape_line}
+      b = Reshape (n, s)
+      {tail}
+      {extra}
+    }}"""
+    used = set(text.replace("(", " ").replace(")", " ").replace(",", " ").split())
+    return build(text, opset=opset, **{k: v for k, v in consts.items() if k in used})
+
+
+def keras_groupnorm(shape=(1, 8, 4, 4), groups=4, eps=1e-3, flavour="keras3", center=True, scale=True,
+                    axes_as_input=True, opset=21, transpose=True, batch=None, seed=0):
+    """tf2onnx's Keras GroupNormalization on a channels-first X (N, C, *S): Transpose to channels-last,
+    Reshape to (N, *S, G, C/G), moments over every axis but N and G, affine inside the grouped shape,
+    Reshape back. flavour "keras3" (ReduceMean, Neg(mean)) or "tfkeras" (ReduceSum / n with the
+    div_no_nan Equal/Where guard, Sub(beta, mean * g))."""
+    rank, channels = len(shape), shape[1]
+    last = [shape[0], *shape[2:], channels]
+    grouped_rank = rank + 1
+    axes = list(range(1, rank - 1)) + [rank]
+    size = int(np.prod(shape[2:])) * (channels // groups)
+    in_dims = ",".join([batch or str(shape[0])] + [str(d) for d in (shape[1:] if transpose else last[1:])])
+    out_dims = ",".join([batch or str(shape[0])] + [str(d) for d in last[1:]])
+    g, b = _affine(channels, seed)
+    affine_shape = (1,) * (grouped_rank - 2) + (groups, channels // groups)
+    consts = {"k1": np.array([-1, *shape[2:], groups, channels // groups], np.int64),
+              "k2": np.array([-1, *last[1:]], np.int64), "eps": np.float32(eps),
+              "gamma": g.reshape(affine_shape), "beta": b.reshape(affine_shape)}
+    if axes_as_input:
+        consts["ax"] = np.array(axes, np.int64)
+
+    def reduce(op, out, inp):
+        return f"{out} = {op} ({inp}, ax)" if axes_as_input else f"{out} = {op} <axes={axes}> ({inp})"
+
+    perm = [0] + list(range(2, rank)) + [1]
+    lines = [f"t = Transpose <perm={perm}> (x)" if transpose else "t = Identity (x)", "z = Reshape (t, k1)"]
+    if flavour == "keras3":
+        lines += [reduce("ReduceMean", "mean", "z"), "d = Sub (z, mean)", "sq = Mul (d, d)",
+                  reduce("ReduceMean", "var", "sq")]
+    else:
+        consts["count"] = np.full((1,) * (grouped_rank - 2) + (groups, 1), size, np.float32)
+        consts["zero"] = np.float32(0)
+        lines += [reduce("ReduceSum", "sum", "z"), "q = Div (sum, count)", "nz = Equal (count, zero)",
+                  "mean = Where (nz, zero, q)", "d = Sub (z, mean)", "sq = Mul (d, d)",
+                  reduce("ReduceSum", "sum2", "sq"), "q2 = Div (sum2, count)", "var = Where (nz, zero, q2)"]
+    lines += ["ve = Add (var, eps)", "sd = Sqrt (ve)", "r = Reciprocal (sd)" if scale else "gg = Reciprocal (sd)"]
+    lines += ["gg = Mul (r, gamma)"] if scale else []
+    lines.append("a = Mul (z, gg)")
+    if flavour == "keras3":
+        lines += ["ng = Neg (mean)", "bm = Mul (ng, gg)"]
+        lines += ["s = Add (bm, beta)", "o = Add (a, s)"] if center else ["o = Add (a, bm)"]
+    else:
+        lines += ["bm = Mul (mean, gg)", "s = Sub (beta, bm)", "o = Add (a, s)"] if center else \
+                 ["bm = Mul (mean, gg)", "o = Sub (a, bm)"]
+    lines.append("y = Reshape (o, k2)")
+    body = "\n      ".join(lines)
+    text = f"""g (float[{in_dims}] x) => (float[{out_dims}] y) {{
+      {body}
+    }}"""
+    used = set(text.replace("(", " ").replace(")", " ").replace(",", " ").split())
+    return build(text, opset=opset, **{k: v for k, v in consts.items() if k in used})
+
+
+def gn_sites(report, status=None, reason=None):
+    return [s for s in sites(report, status, reason) if s.pass_name == "groupnorm"]
+
+
+def only_groupnorm(model) -> onnx.NodeProto:
+    [node] = [n for n in model.graph.node if n.op_type == "GroupNormalization"]
+    return node
+
+
+# ---- PyTorch spelling ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("affine", ["both", "swapped", "scale", "bias", "none"])
+@pytest.mark.parametrize("restore", ["shape", "const"])
+def test_torch_spellings_fuse_into_one_groupnormalization(affine, restore):
+    model = torch_groupnorm(affine=affine, restore=restore)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization"] + (["Identity"] if affine == "none" else [])
+    assert [s.status for s in report.sites] == ["fused"]
+    node = only_groupnorm(folded)
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["num_groups"] == 4 and attrs["stash_type"] == 1 and attrs["epsilon"] == pytest.approx(1e-5)
+
+
+@pytest.mark.parametrize("shape, groups, gamma_shape", [
+    ((2, 16, 12), 16, (16, 1)),         # Wav2Vec2: rank 3, one channel per group
+    ((2, 6, 3, 4, 5), 3, (6, 1, 1, 1)),  # rank 5
+    ((3, 8, 4, 4), 2, (1, 8, 1, 1)),     # gamma with a leading 1
+    ((2, 8, 4, 4), 1, (8, 1, 1)),        # one group: LayerNorm over C, H, W
+])
+def test_torch_ranks_and_gamma_shapes(shape, groups, gamma_shape):
+    g, b = _affine(shape[1], 7)
+    model = torch_groupnorm(shape=shape, groups=groups, gamma=g.reshape(gamma_shape), beta=b.reshape(gamma_shape))
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization"]
+
+
+def test_fp16_fuses_and_matches():
+    folded, _, _ = fold_and_compare(torch_groupnorm(dtype="float16"))
+    assert ops(folded) == ["GroupNormalization"]
+    assert folded.graph.initializer[-1].data_type == onnx.TensorProto.FLOAT16
+
+
+def test_grouping_shape_with_the_batch_written_out():
+    folded, _, _ = fold_and_compare(torch_groupnorm(grouping=[2, 4, -1], restore="const"), atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization"]
+
+
+@pytest.mark.parametrize("builder", [lambda: torch_groupnorm(batch="N"),
+                                     lambda: keras_groupnorm(batch="N")], ids=["torch", "keras3"])
+def test_dynamic_batch(builder):
+    model = builder()
+    folded, report = normfold.fold(model)
+    assert "GroupNormalization" in ops(folded), report.to_text(verbose=True)
+    onnx.checker.check_model(folded, full_check=True)
+    dims = [3] + [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[1:]]
+    feeds = {"x": np.random.default_rng(1).standard_normal(dims).astype(np.float32)}
+    [expected], [got] = run(model, feeds), run(folded, feeds)
+    assert compare_arrays("y", expected, got, 1e-5, 1e-5).passed
+
+
+def test_target_opset_converts_then_fuses():
+    folded, report, _ = fold_and_compare(torch_groupnorm(opset=13), atol=1e-5, rtol=1e-5, target_opset=21)
+    assert ops(folded) == ["GroupNormalization"]
+    assert (report.opset_before, report.opset_after) == (13, 21)
+
+
+def test_gamma_along_the_last_axis_is_not_absorbed():
+    model = torch_groupnorm(gamma=np.linspace(0.5, 2, 5).astype(np.float32))  # [W]: not a channel scale
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization", "Mul", "Add"]
+    assert [s.status for s in gn_sites(report)] == ["fused"]
+
+
+# ---- Keras spellings (channels-last through tf2onnx) ---------------------------------------------
+
+@pytest.mark.parametrize("flavour", ["keras3", "tfkeras"])
+@pytest.mark.parametrize("center, scale", [(True, True), (False, True), (True, False), (False, False)])
+def test_keras_spellings_fuse_with_the_transpose_moved_after(flavour, center, scale):
+    model = keras_groupnorm(flavour=flavour, center=center, scale=scale)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization", "Transpose"]
+    assert [s.status for s in report.sites] == ["fused"]
+    assert folded.graph.node[0].input[0] == "x"
+
+
+@pytest.mark.parametrize("shape, groups", [((1, 6, 10), 3), ((2, 8, 2, 3, 4), 2)])
+def test_keras_other_ranks(shape, groups):
+    folded, _, _ = fold_and_compare(keras_groupnorm(shape=shape, groups=groups), atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization", "Transpose"]
+
+
+def test_keras_axes_attribute_converted_from_opset_13():
+    model = keras_groupnorm(axes_as_input=False, opset=13)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, target_opset=21)
+    assert ops(folded) == ["GroupNormalization", "Transpose"]
+
+
+def test_keras_transpose_read_elsewhere_is_kept_and_a_new_one_added():
+    model = keras_groupnorm()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [1, 4, 4, 8]))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Transpose", "GroupNormalization", "Transpose"]
+
+
+def test_keras_without_a_transpose_from_nchw_is_left():
+    model = keras_groupnorm(transpose=False)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = gn_sites(report)
+    assert site.reason == "unsupported-axis" and "Transpose" in site.detail
+
+
+# ---- sites left with a reason --------------------------------------------------------------------
+
+@pytest.mark.parametrize("opset", [13, 18, 20])
+def test_old_opset_is_left_with_the_opset_that_would_allow_it(opset):
+    model = torch_groupnorm(opset=opset)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert site.reason == "opset-too-old" and "--target-opset 21" in site.detail
+    assert f"opset {opset}" in site.detail
+
+
+def test_non_unit_instance_norm_scale_is_left():
+    model = torch_groupnorm(in_scale=np.array([1, 2, 1, 1], np.float32))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert gn_sites(report, "left", "not-per-channel")
+
+
+@pytest.mark.parametrize("extra, extra_out", [("z = Identity (n)", ", float[2,4,50] z"),
+                                              ("z = Identity (r)", ", float[2,4,50] z")])
+def test_intermediate_used_elsewhere_is_left(extra, extra_out):
+    model = torch_groupnorm(extra=extra, extra_out=extra_out)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert gn_sites(report, "left", "intermediate-used-elsewhere")
+
+
+def test_keras_intermediate_used_elsewhere_is_left():
+    model = keras_groupnorm()
+    model.graph.output.append(onnx.helper.make_tensor_value_info("var", onnx.TensorProto.FLOAT, None))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert gn_sites(report, "left", "intermediate-used-elsewhere")
+
+
+def test_groups_that_do_not_split_the_channels_are_left():
+    # 6 channels, 4 groups of 6 * 4 / 4 = 6 values each: groups straddle channels, not a GroupNorm
+    model = torch_groupnorm(shape=(1, 6, 2, 2), groups=4, affine="none")
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert gn_sites(report, "left", "unsupported-axis")
+
+
+def test_excluded_node_is_left():
+    model = torch_groupnorm()
+    inorm = next(n for n in model.graph.node if n.op_type == "InstanceNormalization")
+    inorm.name = "gn/InstanceNormalization"
+    folded, report = normfold.fold(model, normfold.FoldOptions(exclude_nodes=["gn/InstanceNormalization"]))
+    assert ops(folded) == ops(model)
+    assert gn_sites(report, "left", "excluded")
+
+
+# ---- property test -------------------------------------------------------------------------------
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), groups=st.integers(1, 4), per_group=st.integers(1, 3),
+       spatial=st.lists(st.integers(1, 4), min_size=1, max_size=3),
+       eps=st.sampled_from([1e-12, 1e-6, 1e-5, 1e-3]), spelling=st.sampled_from(["torch", "keras3", "tfkeras"]),
+       seed=st.integers(0, 1000))
+def test_groupnorm_fuses_for_any_shape(n, groups, per_group, spatial, eps, spelling, seed):
+    shape = (n, groups * per_group, *spatial)
+    # Keras computes x * g - mean * g with g = gamma / sqrt(var + eps): for a one-element group
+    # (var = 0) both terms are ~gamma / sqrt(eps) and cancel, so the *original* loses every digit.
+    assume(spelling == "torch" or per_group * int(np.prod(spatial)) > 1)
+    if spelling == "torch":
+        model = torch_groupnorm(shape=shape, groups=groups, eps=eps, seed=seed)
+        expected = ["GroupNormalization"]
+    else:
+        model = keras_groupnorm(shape=shape, groups=groups, eps=eps, flavour=spelling, seed=seed)
+        expected = ["GroupNormalization", "Transpose"]
+    folded, report, _ = fold_and_compare(model, atol=1e-4, rtol=1e-4)
+    assert ops(folded) == expected, report.to_text(verbose=True)
+
+
+# ---- the committed corpus ------------------------------------------------------------------------
+
+CORPUS = [("torch", "conv_groupnorm_op13.onnx"), ("torch", "conv_groupnorm_op18.onnx"),
+          ("torch", "conv_groupnorm_dynamo_op18.onnx"), ("torch", "hf_wav2vec2_op14.onnx"),
+          ("tf", "keras3_groupnorm_op13.onnx"), ("tf", "keras3_groupnorm_op17.onnx"),
+          ("tf", "keras3_groupnorm_op18.onnx"), ("tf", "tfkeras_groupnorm_op17.onnx")]
+
+
+def manifest_entry(folder: str, name: str) -> dict:
+    entries = json.loads((MODELS / folder / "manifest.json").read_text())["models"]
+    return next(e for e in entries if e["file"] == name)
+
+
+def shape_sets(entry: dict) -> list[dict]:
+    first = {name: spec["shape"] for name, spec in entry["inputs"].items()}
+    return [first] + [check["shapes"] for check in entry.get("other_shape_checks", [])]
+
+
+@pytest.mark.parametrize("folder, name", CORPUS, ids=[f"{f}/{n}" for f, n in CORPUS])
+def test_corpus_groupnorms_fuse_at_opset_21(folder, name, tmp_path):
+    entry = manifest_entry(folder, name)
+    truth = entry["ground_truth"]["groupnorm"]
+    for shapes in shape_sets(entry):
+        report = normfold.fold_file(MODELS / folder / name, tmp_path / "out.onnx",
+                                    options=FoldOptions(target_opset=21), verify=VerifyOptions(shapes=shapes))
+        assert report.verification.status == "passed", report.to_text()
+        assert report.exit_code == 0 and report.written
+        assert len(gn_sites(report, "fused")) == truth, report.to_text(verbose=True)
+        assert not gn_sites(report, "left")
+        assert report.ops_after.get("GroupNormalization", 0) == truth
+        assert report.ops_after.get("InstanceNormalization", 0) == 0
+        assert max(o.max_abs_error for o in report.verification.outputs) < 1e-4
+    onnx.checker.check_model(onnx.load(tmp_path / "out.onnx"), full_check=True)
+
+
+@pytest.mark.parametrize("folder, name", CORPUS, ids=[f"{f}/{n}" for f, n in CORPUS])
+def test_corpus_groupnorms_at_their_own_opset_are_left_as_too_old(folder, name):
+    entry = manifest_entry(folder, name)
+    folded, report = normfold.fold(onnx.load(MODELS / folder / name))
+    left = gn_sites(report, "left", "opset-too-old")
+    assert len(left) == len(gn_sites(report)) == entry["ground_truth"]["groupnorm"]
+    assert all("--target-opset 21" in s.detail for s in left)
+    assert "GroupNormalization" not in normfold.graph.count_ops(folded.graph)
