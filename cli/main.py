@@ -62,6 +62,8 @@ def main() -> None:
 @click.option("--target-opset", type=int, help="Convert the model to this opset first (e.g. 17 for LayerNormalization).")
 @click.option("--allow-contrib", is_flag=True,
               help="Where the standard op needs a newer opset, use onnxruntime's com.microsoft ops instead.")
+@click.option("--allow-transpose", is_flag=True,
+              help="Fuse a LayerNorm over non-trailing axes (channels-first) between a Transpose pair.")
 @click.option("--passes", help=f"Comma-separated passes to run [default: all: {','.join(PASS_NAMES)}].")
 @click.option("--skip", help="Comma-separated passes not to run.")
 @click.option("--exclude-node", multiple=True, help="Leave sites containing this node alone (repeatable).")
@@ -74,7 +76,7 @@ def main() -> None:
 @click.option("--allow-unverified", is_flag=True, help="Write even when onnxruntime cannot run the model.")
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing on success.")
 @click.option("-v", "--verbose", is_flag=True, help="List every site, not only those left.")
-def fold(model, output, in_place, report_path, target_opset, allow_contrib, passes, skip, exclude_node, shapes, dims, seed,
+def fold(model, output, in_place, report_path, target_opset, allow_contrib, allow_transpose, passes, skip, exclude_node, shapes, dims, seed,
          atol, rtol, no_verify, allow_unverified, quiet, verbose):
     """Fold and fuse the norm sites of MODEL, check the result in onnxruntime, and write it.
 
@@ -84,7 +86,8 @@ def fold(model, output, in_place, report_path, target_opset, allow_contrib, pass
     report = None
     try:
         options = FoldOptions(passes=_parse_passes(passes, skip), target_opset=target_opset,
-                              exclude_nodes=frozenset(exclude_node), allow_contrib=allow_contrib)
+                              exclude_nodes=frozenset(exclude_node), allow_contrib=allow_contrib,
+                              allow_transpose=allow_transpose)
         verify = VerifyOptions(enabled=not no_verify, allow_unverified=allow_unverified, seed=seed,
                                shapes=dict(parse_shape(s) for s in shapes), dims=_parse_dims(dims),
                                atol=atol, rtol=rtol)

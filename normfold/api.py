@@ -36,6 +36,7 @@ class FoldOptions:
     target_opset: int | None = None
     exclude_nodes: frozenset[str] = frozenset()
     allow_contrib: bool = False
+    allow_transpose: bool = False
 
 
 @dataclass
@@ -82,7 +83,7 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     if options.target_opset is not None:
         model = convert_opset(model, options.target_opset)
     ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
-                      allow_contrib=options.allow_contrib)
+                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose)
     rules = [rule for rule in RULES if rule.name in options.passes]
     report.sites = run_rules(model.graph, rules, ctx, infer_shapes(model))
     add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)

@@ -140,6 +140,9 @@ class GraphView:
                 del self.producer[name]
 
     # ---- queries -----------------------------------------------------------------------------
+    def is_removed(self, node: onnx.NodeProto) -> bool:
+        return id(node) in self._removed
+
     def live_nodes(self) -> list[onnx.NodeProto]:
         return [n for n in self.nodes if id(n) not in self._removed]
 

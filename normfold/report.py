@@ -29,6 +29,7 @@ REASONS: dict[str, str] = {
     "unknown-shape": "a shape or rank the rewrite needs could not be inferred",
     "unsupported-dtype": "the tensor type is not a floating-point type the rewrite handles",
     "excluded": "the user excluded this node (--exclude-node)",
+    "unrecognized-pattern": "it looks like a norm (a mean is subtracted) but the rest is not a spelling normfold knows",
 }
 
 STATUSES = ("folded", "fused", "left")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normfold
+
+MODELS = Path(__file__).parents[1] / "models"
 from builders import build, fold_and_compare, ops, sites
 
 D = 16
@@ -238,3 +242,34 @@ def onnx_attr(node, name):
     import onnx
 
     return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
+def test_channels_first_layernorm_fuses_between_transposes_on_request():
+    model = torch_layernorm(shape="2,16,5", axes="1", gamma=GAMMA.reshape(16, 1), beta=BETA.reshape(16, 1))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, allow_transpose=True)
+    assert ops(folded) == ["Transpose", "LayerNormalization", "Transpose"]
+    assert [s.status for s in report.sites] == ["fused"]
+
+
+@pytest.mark.parametrize("name, fused", [("torch/cf_layernorm_op14.onnx", 2), ("tf/keras3_conv_ln_c_op17.onnx", 1)])
+def test_real_channels_first_layernorms(tmp_path, name, fused):
+    path = MODELS / name
+    report = normfold.fold_file(path, tmp_path / "out.onnx", options=normfold.FoldOptions(target_opset=17))
+    assert [s.reason for s in report.sites if s.pass_name == "layernorm"] == ["unsupported-axis"] * fused
+    report = normfold.fold_file(path, tmp_path / "out.onnx",
+                                options=normfold.FoldOptions(target_opset=17, allow_transpose=True))
+    assert report.verification.status == "passed"
+    assert report.ops_after.get("LayerNormalization") == fused
+    assert not [s for s in report.sites if s.status == "left"]
+
+
+def test_unknown_continuation_of_a_mean_subtraction_is_reported():
+    model = build("""g (float[2,5,16] x) => (float[2,5,16] y) {
+      mean = ReduceMean <axes=[-1]> (x)
+      d = Sub (x, mean)
+      y = Abs (d)
+    }""", opset=17)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert site.reason == "unrecognized-pattern"

@@ -50,7 +50,8 @@ class Rewritten:
 class FoldContext:
     opset: int  # the default-domain opset of the model being rewritten
     exclude_nodes: frozenset[str] = frozenset()
-    allow_contrib: bool = False
+    allow_contrib: bool = False  # use com.microsoft ops where the standard one needs a newer opset
+    allow_transpose: bool = False  # wrap a LayerNorm over non-trailing axes in a Transpose pair
 
 
 class Rule:
@@ -86,28 +87,30 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
     """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site."""
     view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset)
     records: list[SiteRecord] = []
-    removed = view._removed
     for node in list(view.nodes):
-        if id(node) in removed:
+        if view.is_removed(node):
             continue
+        left_here: list[SiteRecord] = []
         for rule in rules:
             match = rule.match(view, node)
             if match is None:
                 continue
             names = [label(n) for n in match.nodes]
-            if ctx.exclude_nodes.intersection(names):
+            if ctx.exclude_nodes.intersection(n.name for n in match.nodes):
                 outcome: Left | Any = Left("excluded", "left alone at the user's request (--exclude-node)")
             else:
                 outcome = rule.check(view, match, ctx)
             if isinstance(outcome, Left):
-                records.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
-                                          reason=outcome.reason, output=match.output, graph=path))
+                left_here.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
+                                            reason=outcome.reason, output=match.output, graph=path))
                 continue
             done = rule.rewrite(view, match, outcome)
             records.append(SiteRecord(rule.name, match.kind, rule.status, names, done.detail,
                                       created=done.created, output=match.output, graph=path,
                                       notes=done.notes, max_rounding=done.max_rounding))
+            left_here.clear()  # another rule's refusal of the same node is moot once it is rewritten
             break  # the node may be gone now; later rules see the sites after it
+        records.extend(left_here)
     for node in view.live_nodes():
         for attr_name, sub in subgraphs(node):
             sub_path = f"{path}/{node.name or node.op_type}:{attr_name}"

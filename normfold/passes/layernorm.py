@@ -67,10 +67,28 @@ class LayerNormFusion(Rule):
         if not is_mean(node):
             return None
         x, mean = node.input[0], node.output[0]
-        sub = next((u for u in view.users(mean) if is_op(u, "Sub") and list(u.input) == [x, mean]), None)
+        nodes = [node]
+        centered = _identity_reshape(view, mean)  # tf2onnx sometimes reshapes the mean to its own shape
+        if centered is not None:
+            nodes.append(centered)
+        m = centered.output[0] if centered is not None else mean
+        sub = next((u for u in view.users(m) if is_op(u, "Sub") and list(u.input) == [x, m]), None)
         if sub is None:
             return None
-        nodes = [node, sub]
+        nodes.append(sub)
+        found = self._rest(view, x, mean, sub, nodes)
+        if found is None:
+            # X - mean(X) that goes on in a way we do not know: say so rather than stay silent.
+            return Match("LayerNorm-like (unrecognized spelling)", nodes[:1] + [sub], sub.output[0],
+                         {"unrecognized": True})
+        out, gamma, beta, reduces, add_eps, var = found
+        parts = {"x": x, "reduces": reduces, "add_eps": add_eps, "var": var, "gamma": gamma, "beta": beta,
+                 "squares": [n for n in nodes if is_op(n, "Pow")]}
+        self._absorb_casts(view, nodes, parts, out)
+        return Match("LayerNorm (decomposed)", nodes, parts.pop("out", out), parts)
+
+    def _rest(self, view, x, mean, sub, nodes):
+        """From d = X - mean on: the variance, epsilon, and one of the normalization spellings."""
         d = through_cast(view, sub.output[0], nodes)
         variance = self._central_variance(view, d, nodes) or self._raw_variance(view, x, mean, nodes)
         if variance is None:
@@ -85,11 +103,7 @@ class LayerNormFusion(Rule):
         found = self._divide(view, d, std, nodes) or self._factored(view, x, mean, std, nodes)
         if found is None:
             return None
-        out, gamma, beta = found
-        parts = {"x": x, "reduces": reduces, "add_eps": add_eps, "var": var, "gamma": gamma, "beta": beta,
-                 "squares": [n for n in nodes if is_op(n, "Pow")]}
-        self._absorb_casts(view, nodes, parts, out)
-        return Match("LayerNorm (decomposed)", nodes, parts.pop("out", out), parts)
+        return (*found, reduces, add_eps, var)
 
     def _central_variance(self, view, d, nodes):
         """mean((X - mean)^2)"""
@@ -210,6 +224,9 @@ class LayerNormFusion(Rule):
     # ---- check -------------------------------------------------------------------------------
     def check(self, view: GraphView, match: Match, ctx: FoldContext):
         p = match.parts
+        if p.get("unrecognized"):
+            return Left("unrecognized-pattern", f"{label(match.nodes[0])} subtracts a mean like a LayerNorm, but "
+                                                "the nodes after it are not a spelling normfold knows")
         x = p["x"]
         escaped = view.escapes(match.nodes, keep=match.output)
         if escaped:
@@ -233,10 +250,19 @@ class LayerNormFusion(Rule):
             return Left("unsupported-attribute", "ReduceMean with keepdims=0")
         axes = all_axes[0]
         k = trailing_count(axes, rank)
+        perm = None
         if k is None:
-            return Left("unsupported-axis", f"reduction over axes {list(axes)} of a rank-{rank or '?'} tensor: "
-                                            "LayerNormalization normalizes trailing axes only")
+            if not ctx.allow_transpose or rank is None:
+                return Left("unsupported-axis", f"reduction over axes {list(axes)} of a rank-{rank or '?'} tensor: "
+                                                "LayerNormalization normalizes trailing axes only "
+                                                "(--allow-transpose wraps it in a Transpose pair)")
+            # Move the normalized axes to the end, normalize there, and move them back.
+            reduced = sorted(a % rank for a in axes)
+            perm = [i for i in range(rank) if i not in reduced] + reduced
+            k = len(reduced)
         dims = view.dims(x)
+        if perm is not None and dims is not None:
+            dims = [dims[i] for i in perm]
         norm_shape = tuple(dims[-k:]) if dims is not None and all(isinstance(d, int) for d in dims[-k:]) else None
         affine = []
         for part in ("gamma", "beta"):
@@ -245,6 +271,10 @@ class LayerNormFusion(Rule):
                 affine.append(None)
                 continue
             value = view.const(name)
+            if perm is not None:
+                if value.ndim > rank:
+                    return Left("not-per-channel", f"{part} of shape {list(value.shape)} has more axes than the input")
+                value = np.transpose(value.reshape((1,) * (rank - value.ndim) + value.shape), perm)
             shape = _normalized(value.shape, k, norm_shape, rank)
             if shape is None:
                 return Left("not-per-channel", f"{part} of shape {list(value.shape)} does not broadcast like "
@@ -264,7 +294,7 @@ class LayerNormFusion(Rule):
             v.reshape(v.shape[max(0, v.ndim - k):]).astype(np.float64), norm_shape).astype(np_dtype) for v in affine)
         if gamma is None:
             gamma = np.ones(norm_shape, np_dtype)
-        return {"k": k, "eps": eps, "gamma": gamma, "beta": beta}
+        return {"k": k, "eps": eps, "gamma": gamma, "beta": beta, "perm": perm}
 
     # ---- rewrite -----------------------------------------------------------------------------
     def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
@@ -275,15 +305,41 @@ class LayerNormFusion(Rule):
         inputs = [p["x"], scale]
         if plan["beta"] is not None:
             inputs.append(_reuse_or_add(view, p["beta"], plan["beta"], f"{prefix}.bias"))
-        fused = onnx.helper.make_node("LayerNormalization", inputs, [match.output],
-                                      name=view.unique_name(f"{prefix}/LayerNormalization"),
-                                      axis=-plan["k"], epsilon=plan["eps"], stash_type=1)
+        perm = plan["perm"]
+        out = match.output if perm is None else view.unique_name(f"{prefix}/LayerNormalization_output")
+        created = []
+        if perm is not None:
+            inputs[0] = view.unique_name(f"{prefix}/Transpose_in_output")
+            created.append(onnx.helper.make_node("Transpose", [p["x"]], [inputs[0]], perm=perm,
+                                                 name=view.unique_name(f"{prefix}/Transpose_in")))
+        created.append(onnx.helper.make_node("LayerNormalization", inputs, [out],
+                                             name=view.unique_name(f"{prefix}/LayerNormalization"),
+                                             axis=-plan["k"], epsilon=plan["eps"], stash_type=1))
+        if perm is not None:
+            created.append(onnx.helper.make_node("Transpose", [out], [match.output],
+                                                 perm=[int(i) for i in np.argsort(perm)],
+                                                 name=view.unique_name(f"{prefix}/Transpose_out")))
         last = match.nodes[-1]
         for node in match.nodes:
             view.remove(node)
-        view.add_node(fused, after=last)
-        return Rewritten([fused.name], f"{len(match.nodes)} nodes fused into LayerNormalization "
-                                       f"(axis={-plan['k']}, epsilon={plan['eps']:g})")
+        for node in created:
+            view.add_node(node, after=last)
+        wrapped = "" if perm is None else f", between Transposes {perm} and back"
+        return Rewritten([n.name for n in created], f"{len(match.nodes)} nodes fused into LayerNormalization "
+                                                    f"(axis={-plan['k']}, epsilon={plan['eps']:g}{wrapped})")
+
+
+def _identity_reshape(view: GraphView, tensor: str) -> onnx.NodeProto | None:
+    """A Reshape reading `tensor` that gives it back its own (known) shape."""
+    before = view.dims(tensor)
+    if before is None or None in before:
+        return None
+    for reshape in view.users(tensor):
+        if is_op(reshape, "Reshape") and reshape.input[0] == tensor:
+            after = view.const(reshape.input[1])
+            if after is not None and [int(a) for a in after.reshape(-1)] == list(before):
+                return reshape
+    return None
 
 
 def _normalized(shape: tuple, k: int, norm_shape: tuple | None, rank: int | None) -> tuple | None:
