@@ -46,8 +46,23 @@ class VerifyOptions:
     seed: int = 0
     shapes: dict[str, list[int]] = field(default_factory=dict)
     dims: dict[str, int] = field(default_factory=dict)
-    atol: float | None = None
-    rtol: float | None = None
+    int_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
+    input_files: list[str] = field(default_factory=list)
+    batches: int = 1
+    atol: float | dict | None = None
+    rtol: float | dict | None = None
+    opt_level: str = "disabled"
+    sites: bool = False  # also compare every rewritten site's output tensor
+    benchmark: bool = False  # time both models in onnxruntime
+
+    def compare(self, reference, candidate, sites: list[str] | None = None) -> Verification:
+        """compare_models with these options; a model onnxruntime cannot run gives 'unavailable'."""
+        try:
+            return compare_models(reference, candidate, seed=self.seed, shapes=self.shapes, dims=self.dims,
+                                  int_ranges=self.int_ranges, input_files=self.input_files, batches=self.batches,
+                                  atol=self.atol, rtol=self.rtol, opt_level=self.opt_level, sites=sites)
+        except VerificationUnavailable as exc:
+            return Verification("unavailable", seed=self.seed, detail=str(exc))
 
 
 def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -156,15 +171,19 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     try:
         if verify.enabled:
             t = time.perf_counter()
-            try:
-                report.verification = compare_models(src, staged.path, seed=verify.seed, shapes=verify.shapes,
-                                                     dims=verify.dims, atol=verify.atol, rtol=verify.rtol)
-            except VerificationUnavailable as exc:
-                report.verification = Verification("unavailable", seed=verify.seed, detail=str(exc))
+            sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
+            report.verification = verify.compare(src, staged.path, sites)
+            errors = {c.name: c.max_abs_error for c in report.verification.sites}
+            for site in report.sites:
+                site.max_abs_error = errors.get(site.output) if site.status != "left" else None
             timings["verify"] = time.perf_counter() - t
         else:
             report.verification = Verification("skipped", detail="--no-verify")
         status = report.verification.status
+        if verify.benchmark and status != "unavailable":
+            t = time.perf_counter()
+            report.benchmark = benchmark_files(src, staged.path, verify)
+            timings["benchmark"] = time.perf_counter() - t
         if status == "failed":
             report.exit_code = exit_codes.OUTPUTS_DIFFER
         elif status == "unavailable" and not verify.allow_unverified:
@@ -185,9 +204,18 @@ def _verify_staged(src: Path, model: onnx.ModelProto, dest: Path, verify: Verify
     """Compare the original file with `model`, staged beside `dest` and discarded afterwards."""
     staged = StagedModel(model, dest, external_data=True if external_files else None)
     try:
-        return compare_models(src, staged.path, seed=verify.seed, shapes=verify.shapes, dims=verify.dims,
-                              atol=verify.atol, rtol=verify.rtol)
-    except VerificationUnavailable as exc:
-        return Verification("unavailable", seed=verify.seed, detail=str(exc))
+        return verify.compare(src, staged.path)
     finally:
         staged.discard()
+
+
+def benchmark_files(original, candidate, verify: VerifyOptions) -> dict:
+    """Session creation time and latency of the original and the folded model (see benchmark_models)."""
+    from normfold.verify import benchmark_models, load_input_file, make_inputs, open_session
+
+    probe = open_session(original, "original")
+    names = [i.name for i in probe.session.get_inputs()]
+    feeds = (load_input_file(verify.input_files[0], names) if verify.input_files
+             else make_inputs(probe, verify.seed, verify.shapes, verify.dims, verify.int_ranges))
+    del probe
+    return benchmark_models({"original": original, "folded": candidate}, feeds)

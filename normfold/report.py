@@ -50,6 +50,7 @@ class SiteRecord:
     graph: str = "main"  # which (sub)graph: "main" or "main/<node>:<attribute>"
     notes: list[str] = field(default_factory=list)  # side effects worth knowing, e.g. a cloned weight
     max_rounding: float | None = None  # largest |stored - exact float64| over the new constants
+    max_abs_error: float | None = None  # error of the site's output tensor, with --verify=sites
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -81,6 +82,9 @@ class Verification:
     inputs: dict[str, list[int]] = field(default_factory=dict)
     outputs: list[OutputComparison] = field(default_factory=list)
     detail: str = ""
+    batches: int = 1
+    sites: list[OutputComparison] = field(default_factory=list)  # site tensors, worst first (--verify=sites)
+    first_failing_site: str | None = None  # the earliest site tensor, in graph order, that differs
 
 
 @dataclass
@@ -97,6 +101,7 @@ class Report:
     sites: list[SiteRecord] = field(default_factory=list)
     verification: Verification | None = None
     conversion: Verification | None = None  # original vs opset-converted model (with --target-opset)
+    benchmark: dict | None = None  # {"original"|"folded": {"disabled"|"all": {session_s, latency_ms}}}
     timings: dict[str, float] = field(default_factory=dict)
     exit_code: int | None = None
     error: str | None = None
@@ -115,9 +120,12 @@ class Report:
 
     def to_text(self, verbose: bool = False) -> str:
         lines: list[str] = []
-        folded, fused, left = self.count("folded"), self.count("fused"), self.count("left")
-        lines.append(f"{self.input}: {folded} folded, {fused} fused, {left} left; "
-                     f"nodes {self.nodes_before} -> {self.nodes_after}")
+        if self.nodes_before or self.sites:
+            folded, fused, left = self.count("folded"), self.count("fused"), self.count("left")
+            lines.append(f"{self.input}: {folded} folded, {fused} fused, {left} left; "
+                         f"nodes {self.nodes_before} -> {self.nodes_after}")
+        else:
+            lines.append(f"{self.input} vs {self.output}:")
         if self.opset_before != self.opset_after:
             lines.append(f"  opset {self.opset_before} -> {self.opset_after}")
         for site in self.sites:
@@ -125,21 +133,41 @@ class Report:
                 where = "" if site.graph == "main" else f" [{site.graph}]"
                 tag = site.status if site.status != "left" else f"left ({site.reason})"
                 lines.append(f"  {tag}: {site.kind} at {site.nodes[0] if site.nodes else '?'}{where}: {site.detail}")
-        if self.verification is not None:
-            v = self.verification
+        rounding = [s.max_rounding for s in self.sites if s.max_rounding]
+        if rounding and verbose:
+            lines.append(f"  largest rounding change written by a fold: {max(rounding):.3g}")
+        for label, v in (("opset conversion", self.conversion), ("verification", self.verification)):
+            if v is None or (label == "opset conversion" and v.status == "passed"):
+                continue
             if v.status in ("passed", "failed"):
                 for out in v.outputs:
-                    verdict = "PASSED" if out.passed else "FAILED"
-                    lines.append(f"  {verdict} {out.name}: max abs {out.max_abs_error:.3g}, max rel "
-                                 f"{out.max_rel_error:.3g} (atol {out.atol:g}, rtol {out.rtol:g}"
-                                 + ("" if out.passed else f"; needed atol {out.needed_atol:.3g}") + ")")
+                    lines.append("  " + _comparison_line(out))
+                if v.sites:
+                    shown = v.sites if verbose else v.sites[:5]
+                    lines.append(f"  sites, worst first ({len(shown)} of {len(v.sites)}):")
+                    lines.extend("    " + _comparison_line(c) for c in shown)
+                if v.first_failing_site:
+                    lines.append(f"  first site that differs, in graph order: {v.first_failing_site}")
+                if v.status == "failed" and label == "opset conversion":
+                    lines.append(f"  {v.detail}")
             else:
-                lines.append(f"  verification {v.status}: {v.detail}")
+                lines.append(f"  {label} {v.status}: {v.detail}")
+        if self.benchmark:
+            for model, levels in self.benchmark.items():
+                cells = ", ".join(f"{level}: {m['latency_ms']:.3f} ms (session {m['session_s']:.3f} s)"
+                                  for level, m in levels.items())
+                lines.append(f"  latency {model}: {cells}")
         if self.written:
             lines.append(f"  wrote {self.output}")
-        elif self.output:
-            lines.append(f"  nothing written")
+        elif self.output and self.nodes_before:
+            lines.append("  nothing written")
         total = self.timings.get("total")
         if total is not None:
             lines.append(f"  time {total:.2f}s")
         return "\n".join(lines)
+
+
+def _comparison_line(out: OutputComparison) -> str:
+    verdict = "PASSED" if out.passed else "FAILED"
+    return (f"{verdict} {out.name}: max abs {out.max_abs_error:.3g}, max rel {out.max_rel_error:.3g} "
+            f"(atol {out.atol:g}, rtol {out.rtol:g}" + ("" if out.passed else f"; needed atol {out.needed_atol:.3g}") + ")")

@@ -44,6 +44,53 @@ def parse_shape(text: str) -> tuple[str, list[int]]:
     return name, [int(d) for d in dims.split("x")] if dims else []
 
 
+OPT_LEVELS = ("disabled", "basic", "extended", "all")
+
+
+def parse_int_range(text: str) -> tuple[str, tuple[int, int]]:
+    """'input_ids:0:1000' -> ('input_ids', (0, 1000)), the range [low, high)."""
+    parts = text.rsplit(":", 2)
+    if len(parts) != 3 or not parts[0]:
+        raise NormfoldError(f"--int-range {text!r}: expected NAME:LOW:HIGH such as input_ids:0:1000")
+    try:
+        low, high = int(parts[1]), int(parts[2])
+    except ValueError:
+        raise NormfoldError(f"--int-range {text!r}: LOW and HIGH must be integers") from None
+    if high <= low:
+        raise NormfoldError(f"--int-range {text!r}: HIGH must be greater than LOW")
+    return parts[0], (low, high)
+
+
+def parse_tolerance(values: tuple[str, ...] | list[str], flag: str) -> dict[str | None, float]:
+    """['1e-4', 'logits:1e-2'] -> {None: 1e-4, 'logits': 1e-2} (None: every other output)."""
+    result: dict[str | None, float] = {}
+    for text in values:
+        name, sep, number = text.rpartition(":")
+        try:
+            result[name if sep else None] = float(number)
+        except ValueError:
+            raise NormfoldError(f"{flag} {text!r}: expected a number or OUTPUT:number") from None
+    return result
+
+
+def load_input_file(path: str | os.PathLike, input_names: list[str]) -> dict[str, np.ndarray]:
+    """One batch of inputs from a .npz (arrays named like the inputs) or a .npy (single-input models)."""
+    try:
+        data = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise NormfoldError(f"--inputs {path}: cannot read ({exc})") from None
+    if isinstance(data, np.ndarray):
+        if len(input_names) != 1:
+            raise NormfoldError(f"--inputs {path}: a .npy file fits a model with one input; this one has "
+                                f"{len(input_names)} ({', '.join(input_names)}); use a .npz")
+        return {input_names[0]: data}
+    feeds = {name: data[name] for name in data.files}
+    missing = sorted(set(input_names) - set(feeds))
+    if missing:
+        raise NormfoldError(f"--inputs {path}: no array for input(s) {missing}")
+    return {name: feeds[name] for name in input_names}
+
+
 @dataclass
 class Session:
     """A loaded onnxruntime session and where it came from (for messages)."""
@@ -52,14 +99,19 @@ class Session:
     session: object
 
 
-def open_session(model: str | os.PathLike | bytes, label: str, optimize: bool = False) -> Session:
+def open_session(model: str | os.PathLike | bytes, label: str, optimize: bool | str = False,
+                 threads: int = 1) -> Session:
     import onnxruntime as ort
 
+    levels = {"disabled": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    level = optimize if isinstance(optimize, str) else ("basic" if optimize else "disabled")
     options = ort.SessionOptions()
-    options.graph_optimization_level = (ort.GraphOptimizationLevel.ORT_ENABLE_BASIC if optimize
-                                        else ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    options.graph_optimization_level = levels[level]
     options.log_severity_level = 3
-    options.intra_op_num_threads = 1  # deterministic reductions; the models we check are run once
+    options.intra_op_num_threads = threads  # 1 by default: deterministic reductions
     source = model if isinstance(model, bytes) else str(model)
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -73,20 +125,38 @@ def _one_line(exc: BaseException) -> str:
     return text[:300] + ("..." if len(text) > 300 else "")
 
 
+def _numpy_type(ort_type: str):
+    if ort_type == "tensor(bfloat16)":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return _ORT_TYPES.get(ort_type)
+
+
 def make_inputs(session: Session, seed: int = 0, shapes: dict[str, list[int]] | None = None,
-                dims: dict[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Seeded random inputs for every model input: floats ~ N(0, 1), integers in DEFAULT_INT_RANGE,
-    dynamic dimensions from `shapes` (whole shapes by input name) or `dims` (by symbol), else
+                dims: dict[str, int] | None = None, int_ranges: dict[str, tuple[int, int]] | None = None
+                ) -> dict[str, np.ndarray]:
+    """Seeded random inputs for every model input: floats ~ N(0, 1), integers in `int_ranges[name]`
+    or DEFAULT_INT_RANGE, dynamic dimensions from `shapes` (whole shapes by input name), `dims` (by
+    symbol; a symbol also takes its value from a shape given for another input), else
     DEFAULT_DYNAMIC_DIM."""
-    shapes, dims = shapes or {}, dims or {}
+    shapes, dims, int_ranges = shapes or {}, dims or {}, int_ranges or {}
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
     known = {i.name for i in session.session.get_inputs()}
-    unknown = sorted(set(shapes) - known)
-    if unknown:
-        raise NormfoldError(f"--shape names {unknown} that are not model inputs (inputs: {sorted(known)})")
+    for flag, names in (("--shape", shapes), ("--int-range", int_ranges)):
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise NormfoldError(f"{flag} names {unknown} that are not model inputs (inputs: {sorted(known)})")
+    # A shape given for one input names the dynamic dimensions it shares with the others.
+    dims = dict(dims)
     for spec in session.session.get_inputs():
-        dtype = _ORT_TYPES.get(spec.type)
+        if spec.name in shapes and len(shapes[spec.name]) == len(spec.shape):
+            for symbol, value in zip(spec.shape, shapes[spec.name]):
+                if isinstance(symbol, str):
+                    dims.setdefault(symbol, value)
+    for spec in session.session.get_inputs():
+        dtype = _numpy_type(spec.type)
         if dtype is None:
             raise VerificationUnavailable(f"input {spec.name!r} has type {spec.type}, which normfold cannot generate")
         if spec.name in shapes:
@@ -96,17 +166,18 @@ def make_inputs(session: Session, seed: int = 0, shapes: dict[str, list[int]] | 
         else:
             shape = [d if isinstance(d, int) and d >= 0 else dims.get(d, DEFAULT_DYNAMIC_DIM) if isinstance(d, str)
                      else DEFAULT_DYNAMIC_DIM for d in spec.shape]
-        if np.issubdtype(dtype, np.floating):
+        kind = np.dtype(dtype).kind if dtype is not np.bool_ else "b"
+        if kind == "f" or str(np.dtype(dtype)) == "bfloat16":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif dtype is np.bool_:
+        elif kind == "b":
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:
-            feeds[spec.name] = rng.integers(*DEFAULT_INT_RANGE, size=shape).astype(dtype)
+            feeds[spec.name] = rng.integers(*int_ranges.get(spec.name, DEFAULT_INT_RANGE), size=shape).astype(dtype)
     return feeds
 
 
-def _run(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    names = [o.name for o in session.session.get_outputs()]
+def _run(session: Session, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:
+    names = names or [o.name for o in session.session.get_outputs()]
     try:
         values = session.session.run(names, feeds)
     except Exception as exc:
@@ -117,7 +188,7 @@ def _run(session: Session, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray
 def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | None = None,
                    rtol: float | None = None) -> OutputComparison:
     dtype = str(ref.dtype)
-    if np.issubdtype(ref.dtype, np.floating):
+    if np.issubdtype(ref.dtype, np.floating) or dtype == "bfloat16":
         d_atol, d_rtol = DEFAULT_TOLERANCES.get(dtype, DEFAULT_TOLERANCES["float32"])
     else:
         d_atol, d_rtol = 0.0, 0.0
@@ -144,27 +215,121 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
     return OutputComparison(name, dtype, list(ref.shape), max_abs, max_rel, atol, rtol, passed, needed)
 
 
+def _merge(old: OutputComparison | None, new: OutputComparison) -> OutputComparison:
+    """The worst of two batches' comparisons of the same tensor."""
+    if old is None:
+        return new
+    return OutputComparison(new.name, new.dtype, new.shape, max(old.max_abs_error, new.max_abs_error),
+                            max(old.max_rel_error, new.max_rel_error), new.atol, new.rtol,
+                            old.passed and new.passed, max(old.needed_atol, new.needed_atol))
+
+
+def with_outputs(model: str | os.PathLike | bytes, names: list[str]) -> tuple[bytes, list[str]]:
+    """The model serialized with `names` (intermediate tensors) added as graph outputs; returns the
+    bytes and the names that could be exposed (those with a known tensor type)."""
+    import onnx
+
+    from normfold.shapes import infer_shapes
+
+    proto = onnx.load_from_string(model) if isinstance(model, bytes) else onnx.load(str(model))
+    shapes = infer_shapes(proto)
+    present = {o.name for o in proto.graph.output}
+    produced = {o for n in proto.graph.node for o in n.output}
+    exposed = []
+    for name in names:
+        if name in present or name not in produced or shapes.get(name) is None:
+            continue
+        proto.graph.output.append(onnx.helper.make_tensor_value_info(name, shapes[name][0], None))
+        exposed.append(name)
+    return proto.SerializeToString(), exposed
+
+
 def compare_models(reference: str | os.PathLike | bytes, candidate: str | os.PathLike | bytes, *,
                    seed: int = 0, shapes: dict[str, list[int]] | None = None, dims: dict[str, int] | None = None,
-                   atol: float | None = None, rtol: float | None = None,
+                   int_ranges: dict[str, tuple[int, int]] | None = None, input_files: list[str] | None = None,
+                   batches: int = 1, atol: float | dict | None = None, rtol: float | dict | None = None,
+                   opt_level: str = "disabled", sites: list[str] | None = None,
                    feeds: dict[str, np.ndarray] | None = None) -> Verification:
-    """Run both models on the same inputs and compare every output of the reference."""
-    ref = open_session(reference, "original")
-    feeds = feeds if feeds is not None else make_inputs(ref, seed, shapes, dims)
-    ref_out = _run(ref, feeds)
+    """Run both models on the same inputs and compare every output of the reference.
+
+    Inputs: `feeds`, else one batch per file in `input_files`, else `batches` seeded random batches
+    (seeds seed, seed+1, ...). `atol`/`rtol` are a number for every output or {output: number,
+    None: default}. With `sites` (tensor names present in both models), those tensors are exposed
+    and compared too, so a mismatch can be traced to the first rewritten site that caused it."""
+    atols = atol if isinstance(atol, dict) else {None: atol}
+    rtols = rtol if isinstance(rtol, dict) else {None: rtol}
+    site_names: list[str] = []
+    if sites:
+        try:
+            reference, site_names = with_outputs(reference, list(sites))
+            candidate, cand_sites = with_outputs(candidate, site_names)
+            site_names = [n for n in site_names if n in cand_sites]
+        except Exception as exc:  # a model too large to serialize, or one onnx cannot read back
+            raise VerificationUnavailable(f"cannot expose site tensors: {_one_line(exc)}") from None
+    ref = open_session(reference, "original", opt_level)
+    inputs = [i.name for i in ref.session.get_inputs()]
+    unknown = sorted(set(atols) - {None} | set(rtols) - {None})
+    outputs = [o.name for o in ref.session.get_outputs() if o.name not in site_names]
+    if set(unknown) - set(outputs):
+        raise NormfoldError(f"tolerance given for {sorted(set(unknown) - set(outputs))}, which are not outputs "
+                            f"(outputs: {outputs})")
+    if feeds is not None:
+        batch_feeds = [feeds]
+    elif input_files:
+        batch_feeds = [load_input_file(f, inputs) for f in input_files]
+    else:
+        batch_feeds = [make_inputs(ref, seed + i, shapes, dims, int_ranges) for i in range(max(1, batches))]
+    ref_out = [_run(ref, f) for f in batch_feeds]
     del ref
-    cand = open_session(candidate, "folded")
-    cand_out = _run(cand, feeds)
-    del cand
-    result = Verification("passed", seed=seed, inputs={k: list(v.shape) for k, v in feeds.items()})
-    for name, value in ref_out.items():
-        if name not in cand_out:
-            result.outputs.append(OutputComparison(name, str(value.dtype), list(value.shape), float("inf"),
-                                                   float("inf"), 0.0, 0.0, False, float("inf")))
-            continue
-        result.outputs.append(compare_arrays(name, value, cand_out[name], atol, rtol))
+    cand = open_session(candidate, "folded", opt_level)
+    result = Verification("passed", seed=seed, inputs={k: list(v.shape) for k, v in batch_feeds[0].items()})
+    result.batches = len(batch_feeds)
+    merged: dict[str, OutputComparison] = {}
+    cand_names = {o.name for o in cand.session.get_outputs()}
+    for f, expected in zip(batch_feeds, ref_out):
+        got = _run(cand, f, [n for n in expected if n in cand_names])
+        for name, value in expected.items():
+            if name not in got:
+                merged[name] = OutputComparison(name, str(value.dtype), list(value.shape), float("inf"),
+                                                float("inf"), 0.0, 0.0, False, float("inf"))
+                continue
+            a = atols.get(name, atols.get(None)) if name in outputs else atols.get(None)
+            r = rtols.get(name, rtols.get(None)) if name in outputs else rtols.get(None)
+            merged[name] = _merge(merged.get(name), compare_arrays(name, value, got[name], a, r))
+    result.outputs = [merged[n] for n in outputs]
+    if site_names:
+        order = {n: i for i, n in enumerate(site_names)}
+        result.sites = sorted((merged[n] for n in site_names), key=lambda c: (-c.needed_atol, -c.max_abs_error, order[c.name]))
+        failing = [n for n in site_names if not merged[n].passed]
+        result.first_failing_site = failing[0] if failing else None
     if not all(o.passed for o in result.outputs):
         result.status = "failed"
         bad = [o.name for o in result.outputs if not o.passed]
         result.detail = f"outputs differ: {', '.join(bad)}"
+        if result.first_failing_site:
+            result.detail += f"; first failing site (in graph order): {result.first_failing_site}"
+    return result
+
+
+def benchmark_models(models: dict[str, str | os.PathLike | bytes], feeds: dict[str, np.ndarray],
+                     runs: int = 20, warmup: int = 3) -> dict[str, dict[str, dict[str, float]]]:
+    """Session creation time and median latency of each model, with graph optimizations disabled
+    and at onnxruntime's default level ("all"), using every core."""
+    import time
+
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for label, model in models.items():
+        result[label] = {}
+        for level in ("disabled", "all"):
+            t = time.perf_counter()
+            session = open_session(model, label, level, threads=0)
+            created = time.perf_counter() - t
+            for _ in range(warmup):
+                _run(session, feeds)
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                _run(session, feeds)
+                times.append(time.perf_counter() - t)
+            result[label][level] = {"session_s": round(created, 4), "latency_ms": round(float(np.median(times)) * 1e3, 4)}
     return result

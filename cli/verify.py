@@ -1,0 +1,61 @@
+"""`normfold verify ORIGINAL CANDIDATE`: compare any two models with the same inputs and outputs."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import click
+
+from normfold import exit_codes
+from normfold.api import benchmark_files
+from normfold.cli.main import EXIT_CODES_HELP
+from normfold.cli.options import pass_errors, verification_options, verify_options
+from normfold.io import read_model, write_text_atomic
+from normfold.report import Report
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("original", type=click.Path(dir_okay=False))
+@click.argument("candidate", type=click.Path(dir_okay=False))
+@verification_options
+@click.option("--sites", "site_names", is_flag=False, flag_value="*", default=None, metavar="[NAME,...]",
+              help="Also compare intermediate tensors present in both models: all of them, or those named.")
+@click.option("--benchmark", is_flag=True, help="Time both models in onnxruntime (session creation, median latency).")
+@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON to this file.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing when the models match.")
+@pass_errors
+def verify(original, candidate, site_names, benchmark, report_path, quiet, **groups):
+    """Run ORIGINAL and CANDIDATE in onnxruntime on the same inputs and compare every output.
+
+    Exit 0 when all outputs match, 1 when any differs, 2 on bad input, 3 when onnxruntime cannot
+    run a model.
+    """
+    started = time.perf_counter()
+    options = verify_options(groups)
+    models = [read_model(path)[0] for path in (original, candidate)]  # one-line errors for bad files
+    sites = None
+    if site_names == "*":
+        sites = _common_tensors(*models)
+    elif site_names:
+        sites = [n.strip() for n in site_names.split(",") if n.strip()]
+    del models
+    report = Report(input=original, output=candidate)
+    report.verification = options.compare(original, candidate, sites)
+    status = report.verification.status
+    if benchmark and status != "unavailable":
+        report.benchmark = benchmark_files(original, candidate, options)
+    report.exit_code = {"passed": exit_codes.OK, "failed": exit_codes.OUTPUTS_DIFFER}.get(status, exit_codes.UNVERIFIED)
+    report.timings = {"total": round(time.perf_counter() - started, 4)}
+    if report_path:
+        write_text_atomic(report_path, report.to_json())
+    if report.exit_code != exit_codes.OK or not quiet:
+        click.echo(report.to_text(), err=report.exit_code != exit_codes.OK)
+    sys.exit(report.exit_code)
+
+
+def _common_tensors(a, b) -> list[str]:
+    """Tensors written by a node in both models (in `b`'s graph order), other than graph outputs."""
+    produced_a = {o for n in a.graph.node for o in n.output if o}
+    outputs = {o.name for o in b.graph.output}
+    return [o for n in b.graph.node for o in n.output if o and o in produced_a and o not in outputs]
