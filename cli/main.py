@@ -34,18 +34,23 @@ def main() -> None:
 
 def _register() -> None:
     from normfold.cli.fold import fold
+    from normfold.cli.inspect import check, inspect
     from normfold.cli.verify import verify
 
-    main.add_command(fold)
-    main.add_command(verify)
+    for command in (fold, inspect, check, verify):
+        main.add_command(command)
 
 
 _register()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def run() -> None:
     """Console entry point: never a traceback, a named exit code for every ending."""
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)  # a pipeline's kill ends like Ctrl-C: staged files removed
     try:
         main(standalone_mode=False)
     except click.exceptions.Exit as exc:
@@ -53,9 +58,7 @@ def run() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exit_codes.BAD_INPUT)
-    except click.exceptions.Abort:
-        sys.exit(exit_codes.INTERRUPTED)
-    except KeyboardInterrupt:
+    except (click.exceptions.Abort, KeyboardInterrupt):  # Click turns Ctrl-C into Abort
         click.echo("normfold: interrupted; nothing written", err=True)
         sys.exit(exit_codes.INTERRUPTED)
     except SystemExit:

@@ -11,6 +11,7 @@ from normfold import exit_codes
 from normfold.api import benchmark_files
 from normfold.cli.main import EXIT_CODES_HELP
 from normfold.cli.options import pass_errors, verification_options, verify_options
+from normfold.cli.render import colour
 from normfold.io import read_model, write_text_atomic
 from normfold.report import Report
 
@@ -23,9 +24,10 @@ from normfold.report import Report
               help="Also compare intermediate tensors present in both models: all of them, or those named.")
 @click.option("--benchmark", is_flag=True, help="Time both models in onnxruntime (session creation, median latency).")
 @click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON to this file.")
-@click.option("-q", "--quiet", is_flag=True, help="Print nothing when the models match.")
+@click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
+@click.option("-v", "--verbose", is_flag=True, help="Print the comparison even when not on a terminal.")
 @pass_errors
-def verify(original, candidate, site_names, benchmark, report_path, quiet, **groups):
+def verify(original, candidate, site_names, benchmark, report_path, quiet, verbose, **groups):
     """Run ORIGINAL and CANDIDATE in onnxruntime on the same inputs and compare every output.
 
     Exit 0 when all outputs match, 1 when any differs, 2 on bad input, 3 when onnxruntime cannot
@@ -48,9 +50,13 @@ def verify(original, candidate, site_names, benchmark, report_path, quiet, **gro
     report.exit_code = {"passed": exit_codes.OK, "failed": exit_codes.OUTPUTS_DIFFER}.get(status, exit_codes.UNVERIFIED)
     report.timings = {"total": round(time.perf_counter() - started, 4)}
     if report_path:
-        write_text_atomic(report_path, report.to_json())
-    if report.exit_code != exit_codes.OK or not quiet:
-        click.echo(report.to_text(), err=report.exit_code != exit_codes.OK)
+        write_text_atomic(report_path, report.to_json("verify"))
+    failed = report.exit_code != exit_codes.OK
+    if not quiet and (failed or verbose or sys.stdout.isatty()):
+        click.echo(colour(report.to_text(verbose=verbose)), err=failed)
+    if failed:
+        detail = report.verification.detail or "outputs differ"
+        click.echo(f"normfold: error: {detail}", err=True)
     sys.exit(report.exit_code)
 
 

@@ -15,3 +15,6 @@ DESCRIPTIONS = {
     INTERNAL_ERROR: "internal error; nothing written",
     INTERRUPTED: "interrupted; nothing written",
 }
+
+# From least to most severe: the exit code of a run over several models is the most severe one.
+SEVERITY = [OK, UNVERIFIED, OUTPUTS_DIFFER, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED]

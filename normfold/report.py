@@ -33,6 +33,7 @@ REASONS: dict[str, str] = {
 }
 
 STATUSES = ("folded", "fused", "left")
+COMMANDS = ("fold", "inspect", "check", "verify")
 
 
 @dataclass
@@ -110,13 +111,11 @@ class Report:
         return sum(1 for s in self.sites if s.status == status)
 
     def as_dict(self) -> dict[str, Any]:
-        from normfold import __version__
+        return dataclasses.asdict(self)
 
-        body = dataclasses.asdict(self)
-        return {"schema_version": SCHEMA_VERSION, "tool": "normfold", "version": __version__, **body}
-
-    def to_json(self) -> str:
-        return json.dumps(self.as_dict(), indent=2, sort_keys=False) + "\n"
+    def to_json(self, command: str = "fold") -> str:
+        """This report alone in the JSON document every command writes."""
+        return document_json(command, [self])
 
     def to_text(self, verbose: bool = False) -> str:
         lines: list[str] = []
@@ -171,3 +170,26 @@ def _comparison_line(out: OutputComparison) -> str:
     verdict = "PASSED" if out.passed else "FAILED"
     return (f"{verdict} {out.name}: max abs {out.max_abs_error:.3g}, max rel {out.max_rel_error:.3g} "
             f"(atol {out.atol:g}, rtol {out.rtol:g}" + ("" if out.passed else f"; needed atol {out.needed_atol:.3g}") + ")")
+
+
+def worst_exit_code(codes: list[int | None]) -> int:
+    """The most severe of several models' exit codes (README: 'Exit codes')."""
+    from normfold.exit_codes import SEVERITY
+
+    known = [c for c in codes if c is not None]
+    return max(known, key=SEVERITY.index) if known else 0
+
+
+def document(command: str, reports: list[Report]) -> dict[str, Any]:
+    """The one JSON layout of every command: an envelope with one report per model."""
+    from normfold import __version__
+
+    if command not in COMMANDS:
+        raise ValueError(f"unknown command {command!r}")
+    return {"schema_version": SCHEMA_VERSION, "tool": "normfold", "version": __version__, "command": command,
+            "exit_code": worst_exit_code([r.exit_code for r in reports]),
+            "models": [r.as_dict() for r in reports]}
+
+
+def document_json(command: str, reports: list[Report]) -> str:
+    return json.dumps(document(command, reports), indent=2) + "\n"

@@ -110,7 +110,7 @@ def open_session(model: str | os.PathLike | bytes, label: str, optimize: bool | 
     level = optimize if isinstance(optimize, str) else ("basic" if optimize else "disabled")
     options = ort.SessionOptions()
     options.graph_optimization_level = levels[level]
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # our one-line error says what failed; no ORT log on stderr
     options.intra_op_num_threads = threads  # 1 by default: deterministic reductions
     source = model if isinstance(model, bytes) else str(model)
     try:

@@ -59,3 +59,16 @@ def ops(model: onnx.ModelProto) -> list[str]:
 
 def sites(report, status=None, reason=None):
     return [s for s in report.sites if (status is None or s.status == status) and (reason is None or s.reason == reason)]
+
+
+def load_report(path) -> dict:
+    """A JSON report as written by the CLI, validated against normfold/report.schema.json."""
+    import json
+    from pathlib import Path
+
+    import jsonschema
+
+    schema = json.loads((Path(normfold.__file__).parent / "report.schema.json").read_text())
+    document = json.loads(Path(path).read_text())
+    jsonschema.validate(document, schema)
+    return document

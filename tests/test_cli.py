@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 import normfold
 import normfold.api
-from builders import build
+from builders import build, load_report
 from normfold import REASONS
 from normfold.cli.main import main
 
@@ -59,7 +59,7 @@ def digest(path: Path) -> str:
 def test_fold_writes_verified_model_and_report(model_path, tmp_path):
     before = digest(model_path)
     report_path = tmp_path / "report.json"
-    result = normfold_cmd("fold", model_path, "--report", report_path)
+    result = normfold_cmd("fold", model_path, "--report", report_path, "-v")
     assert result.returncode == 0, result.stderr
     out = tmp_path / "net.folded.onnx"
     folded = onnx.load(out)
@@ -69,8 +69,9 @@ def test_fold_writes_verified_model_and_report(model_path, tmp_path):
     assert {p.key: p.value for p in folded.metadata_props} == {"author": "tests"}
     assert [o.name for o in folded.graph.output] == ["y"]
     assert digest(model_path) == before  # the input is never modified
-    report = json.loads(report_path.read_text())
-    assert report["schema_version"] == normfold.SCHEMA_VERSION
+    document = load_report(report_path)
+    assert document["schema_version"] == normfold.SCHEMA_VERSION and document["command"] == "fold"
+    [report] = document["models"]
     assert report["exit_code"] == 0 and report["written"] is True
     assert (report["nodes_before"], report["nodes_after"]) == (3, 2)
     assert [s["status"] for s in report["sites"]] == ["folded"]
@@ -103,7 +104,7 @@ def test_mismatch_exits_1_and_writes_nothing(model_path, tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "r.json"]
-    report = json.loads((tmp_path / "r.json").read_text())
+    [report] = load_report(tmp_path / "r.json")["models"]
     assert report["verification"]["status"] == "failed" and report["written"] is False
     assert "FAILED y" in result.output
 

@@ -14,6 +14,7 @@ from onnx import numpy_helper
 import normfold
 from normfold.cli.main import main
 from normfold.verify import compare_arrays, compare_models
+from builders import load_report
 
 MODELS = Path(__file__).parents[1] / "models"
 BERT = MODELS / "torch" / "hf_bert_op14.onnx"
@@ -46,7 +47,7 @@ def break_layernorm_epsilon(path: Path, dest: Path, index: int) -> str:
 
 
 def test_matching_models_exit_0(folded_bert):
-    result = invoke("verify", BERT, folded_bert, *BERT_SHAPES)
+    result = invoke("verify", BERT, folded_bert, *BERT_SHAPES, "-v")
     assert result.exit_code == 0, result.output
     assert "PASSED" in result.output and "FAILED" not in result.output
 
@@ -56,7 +57,7 @@ def test_changed_epsilon_is_caught_and_the_site_named(folded_bert, tmp_path):
     site = break_layernorm_epsilon(folded_bert, broken, 1)
     result = invoke("verify", BERT, broken, *BERT_SHAPES, "--sites", "--report", tmp_path / "r.json")
     assert result.exit_code == 1
-    report = json.loads((tmp_path / "r.json").read_text())
+    [report] = load_report(tmp_path / "r.json")["models"]
     assert report["verification"]["first_failing_site"] == site
     assert report["verification"]["sites"][0]["passed"] is False
     assert f"first site that differs, in graph order: {site}" in result.output
@@ -78,7 +79,7 @@ def test_fold_verify_sites_reports_every_site_error(tmp_path):
     result = invoke("fold", BERT, "-o", tmp_path / "out.onnx", "--target-opset", "17", "--verify", "sites",
                     *BERT_SHAPES, "--report", report_path)
     assert result.exit_code == 0, result.output
-    report = json.loads(report_path.read_text())
+    [report] = load_report(report_path)["models"]
     fused = [s for s in report["sites"] if s["status"] == "fused"]
     assert len(fused) == 5
     # four sites write intermediate tensors (the last one writes a graph output, compared anyway)
@@ -96,7 +97,7 @@ def test_npz_and_npy_inputs(tmp_path):
     np.save(tmp_path / "x.npy", rng.standard_normal((4, 3, 32, 32)).astype(np.float32))
     result = invoke("verify", image, image, "--inputs", tmp_path / "x.npy", "--report", tmp_path / "r.json")
     assert result.exit_code == 0
-    assert json.loads((tmp_path / "r.json").read_text())["verification"]["inputs"] == {"x": [4, 3, 32, 32]}
+    assert load_report(tmp_path / "r.json")["models"][0]["verification"]["inputs"] == {"x": [4, 3, 32, 32]}
     result = invoke("verify", BERT, BERT, "--inputs", tmp_path / "x.npy")
     assert result.exit_code == 2 and "one input" in result.output
 
@@ -142,7 +143,7 @@ def test_same_seed_same_report(folded_bert):
 
 
 def test_benchmark_reports_both_models(folded_bert):
-    result = invoke("verify", BERT, folded_bert, *BERT_SHAPES, "--benchmark")
+    result = invoke("verify", BERT, folded_bert, *BERT_SHAPES, "--benchmark", "-v")
     assert result.exit_code == 0
     assert "latency original: disabled:" in result.output and "latency candidate" not in result.output
     assert "latency folded: disabled:" in result.output
