@@ -11,6 +11,7 @@ copies every initializer and drops metadata, and a fold should touch only the te
 
 from __future__ import annotations
 
+import sys
 from collections import defaultdict
 from typing import Iterable, Iterator
 
@@ -248,7 +249,11 @@ class GraphView:
     def set_initializer(self, name: str, value: np.ndarray) -> None:
         """Replace an initializer's contents where it stands (keeps the initializer order stable)."""
         tensor = self.initializers[name]
-        tensor.CopyFrom(numpy_helper.from_array(value, name))
+        if (sys.byteorder == "little" and tensor.HasField("raw_data") and list(tensor.dims) == list(value.shape)
+                and onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type) == value.dtype):
+            tensor.raw_data = np.ascontiguousarray(value).tobytes()  # one copy, not from_array + CopyFrom
+        else:
+            tensor.CopyFrom(numpy_helper.from_array(value, name))
         self._const_cache.clear()
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:

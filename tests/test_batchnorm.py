@@ -275,3 +275,52 @@ def test_every_bn_of_a_real_export_is_accounted_for():
     left = {name: s.reason for name, s in reported.items() if s.status == "left"}
     assert sorted(left.values()) == ["intermediate-used-elsewhere", "no-linear-producer", "no-linear-producer"]
     assert sum(1 for n in folded.graph.node if n.op_type == "BatchNormalization") == len(left)
+
+
+def test_bn_inside_a_loop_body_folds():
+    rng = np.random.default_rng(13)
+    p = bn_params(rng, 4)
+    w = rng.standard_normal((4, 4, 3, 3)).astype(np.float32)
+    body_nodes = [helper.make_node("Conv", ["h_in", "w"], ["c"], pads=[1, 1, 1, 1], name="conv_in_loop"),
+                  helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["h_out"], name="bn_in_loop"),
+                  helper.make_node("Identity", ["cond_in"], ["cond_out"])]
+    body = helper.make_graph(body_nodes, "body",
+                             [helper.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("h_in", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+                             [helper.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("h_out", onnx.TensorProto.FLOAT, [1, 4, 6, 6])])
+    loop = helper.make_node("Loop", ["trips", "", "x"], ["y"], body=body, name="loop")
+    graph = helper.make_graph([loop], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(w, "w")]
+                              + [numpy_helper.from_array(v, k) for k, v in p.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    folded, report, _ = fold_and_compare(model, atol=1e-3, rtol=1e-4)
+    [site] = report.sites
+    assert site.status == "folded" and site.graph == "main/loop:body"
+    body_ops = [n.op_type for n in folded.graph.node[0].attribute[0].g.node]
+    assert body_ops == ["Conv", "Identity"]
+
+
+def test_bfloat16_weights_are_stored_in_bfloat16():
+    import ml_dtypes
+
+    from normfold.graph import GraphView
+    from normfold.passes._linear import find_linear_layer, plan_fold
+
+    rng = np.random.default_rng(14)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(ml_dtypes.bfloat16)
+    model = build("""g (bfloat16[1,3,8,8] x) => (bfloat16[1,4,8,8] y) {
+      c = Conv <pads=[1,1,1,1]> (x, w)
+      y = Relu (c)
+    }""", opset=22, ir_version=10, w=w)  # Conv takes bfloat16 from opset 22
+    view = GraphView(model.graph)
+    layer = find_linear_layer(view, "c")
+    scale = np.array([0.5, 2.0, 3.0, -1.0])
+    plan = plan_fold(view, layer, scale, np.ones(4), 4)
+    assert plan.weight.dtype == ml_dtypes.bfloat16 and plan.bias.dtype == ml_dtypes.bfloat16
+    exact = w.astype(np.float64) * scale[:, None, None, None]
+    assert np.max(np.abs(plan.weight.astype(np.float64) - exact)) == plan.rounding
+    assert 0 < plan.rounding <= np.max(np.abs(exact)) * 2 ** -8  # within bfloat16's half ulp

@@ -240,7 +240,7 @@ class FoldPlan:
 
     weight: np.ndarray | None  # new weight, or None when the scale is 1 everywhere
     bias: np.ndarray | None  # new bias / C / bias-Add constant, or None when none is needed
-    rounding: float  # largest |stored - exact float64| over the new constants
+    rounding: float | None  # largest |stored - exact float64| over the new constants (16-bit types)
     reset_gemm_beta: bool = False
 
 
@@ -302,7 +302,9 @@ def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.
         if not np.all(np.isfinite(stored.astype(np.float64))):
             return Left("invalid-statistics", f"folding into {layer.op} {label(node)} would store values that "
                                               f"overflow {stored.dtype}")
-    rounding = max((_rounding(stored, value) for stored, value in exact), default=0.0)
+    # The rounding report matters where it can be large (16-bit types); for float32/64 it is ~1e-8
+    # relative and computing it would cost a float64 copy of every weight.
+    rounding = max((_rounding(stored, value) for stored, value in exact if stored.dtype.itemsize <= 2), default=None)
     return FoldPlan(new_w, new_b, rounding, reset_beta)
 
 
