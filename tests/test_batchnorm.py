@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -252,7 +251,6 @@ def test_bn_inside_if_branches_folds():
 
 
 def test_fold_that_would_overflow_float16_is_refused():
-    rng = np.random.default_rng(12)
     model = build("""g (float16[1,3,8,8] x) => (float16[1,4,8,8] y) {
       c = Conv <pads=[1,1,1,1]> (x, w)
       y = BatchNormalization <epsilon=1e-12> (c, s, bb, m, v)

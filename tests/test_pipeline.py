@@ -13,11 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-import onnx
 import pytest
 from click.testing import CliRunner
 
-import normfold
 from builders import load_report
 from normfold.cli.main import main
 from test_cli import normfold_cmd

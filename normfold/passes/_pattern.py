@@ -102,3 +102,25 @@ def through_cast(view: GraphView, tensor: str, nodes: list) -> str:
         nodes.append(readers[0])
         return readers[0].output[0]
     return tensor
+
+
+def normalized_shape(shape: tuple, k: int, rank: int | None, norm_shape: tuple | None) -> tuple | None:
+    """The normalized shape a gamma/beta of `shape` implies, if it varies only along the last k axes,
+    does not add axes to a rank-`rank` input, and is compatible with `norm_shape` (when known)."""
+    if rank is not None and len(shape) > rank:
+        return None
+    if any(d != 1 for d in shape[:max(0, len(shape) - k)]):
+        return None
+    tail = (1,) * max(0, k - len(shape)) + tuple(shape[max(0, len(shape) - k):])
+    if norm_shape is not None:
+        return norm_shape if all(t in (1, n) for t, n in zip(tail, norm_shape)) else None
+    return tail if 1 not in tail else None
+
+
+def reuse_or_add(view: GraphView, name: str | None, value: np.ndarray, base: str) -> str:
+    """Use the existing initializer when it already holds exactly `value`; otherwise add one."""
+    if name and name in view.initializers and name not in view.input_names:
+        current = view.const(name)
+        if current.shape == value.shape and current.dtype == value.dtype and np.array_equal(current, value):
+            return name
+    return view.add_initializer(base, np.ascontiguousarray(value))

@@ -37,8 +37,8 @@ import onnx
 
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._pattern import (float_cast, is_mean, is_op, keeps_dims, mean_axes, other_input, scalar,
-                                      through_cast, trailing_count, user)
+from normfold.passes._pattern import (float_cast, is_mean, is_op, keeps_dims, mean_axes, normalized_shape,
+                                      other_input, reuse_or_add, scalar, through_cast, trailing_count, user)
 
 MIN_OPSET = 17
 LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -275,7 +275,7 @@ class LayerNormFusion(Rule):
                 if value.ndim > rank:
                     return Left("not-per-channel", f"{part} of shape {list(value.shape)} has more axes than the input")
                 value = np.transpose(value.reshape((1,) * (rank - value.ndim) + value.shape), perm)
-            shape = _normalized(value.shape, k, norm_shape, rank)
+            shape = normalized_shape(value.shape, k, rank, norm_shape)
             if shape is None:
                 return Left("not-per-channel", f"{part} of shape {list(value.shape)} does not broadcast like "
                                                f"the normalized shape {list(norm_shape) if norm_shape else '?'}")
@@ -301,10 +301,10 @@ class LayerNormFusion(Rule):
         p = match.parts
         anchor = next(n for n in match.nodes if is_mean(n))
         prefix = anchor.name.rsplit("/", 1)[0] if "/" in anchor.name else (anchor.name or "LayerNorm")
-        scale = _reuse_or_add(view, p["gamma"], plan["gamma"], f"{prefix}.scale")
+        scale = reuse_or_add(view, p["gamma"], plan["gamma"], f"{prefix}.scale")
         inputs = [p["x"], scale]
         if plan["beta"] is not None:
-            inputs.append(_reuse_or_add(view, p["beta"], plan["beta"], f"{prefix}.bias"))
+            inputs.append(reuse_or_add(view, p["beta"], plan["beta"], f"{prefix}.bias"))
         perm = plan["perm"]
         out = match.output if perm is None else view.unique_name(f"{prefix}/LayerNormalization_output")
         created = []
@@ -340,25 +340,3 @@ def _identity_reshape(view: GraphView, tensor: str) -> onnx.NodeProto | None:
             if after is not None and [int(a) for a in after.reshape(-1)] == list(before):
                 return reshape
     return None
-
-
-def _normalized(shape: tuple, k: int, norm_shape: tuple | None, rank: int | None) -> tuple | None:
-    """The normalized shape a gamma/beta of `shape` implies, if it varies only along the last k axes,
-    does not raise the output's rank, and is compatible with `norm_shape` (when known)."""
-    if rank is not None and len(shape) > rank:
-        return None
-    if any(d != 1 for d in shape[:max(0, len(shape) - k)]):
-        return None
-    tail = (1,) * max(0, k - len(shape)) + tuple(shape[max(0, len(shape) - k):])
-    if norm_shape is not None:
-        return norm_shape if all(t in (1, n) for t, n in zip(tail, norm_shape)) else None
-    return tail if 1 not in tail else None
-
-
-def _reuse_or_add(view: GraphView, name: str | None, value: np.ndarray, base: str) -> str:
-    """Use the existing initializer when it already holds exactly `value`; otherwise add one."""
-    if name and name in view.initializers and name not in view.input_names:
-        current = view.const(name)
-        if current.shape == value.shape and current.dtype == value.dtype:
-            return name
-    return view.add_initializer(base, np.ascontiguousarray(value))

@@ -47,7 +47,8 @@ import onnx
 
 from normfold.graph import FLOAT_TYPES, GraphView, attr, label, subgraphs
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._pattern import is_op, other_input, reduce_axes, scalar, trailing_count, user
+from normfold.passes._pattern import (is_op, normalized_shape, other_input, reduce_axes, reuse_or_add, scalar,
+                                      trailing_count, user)
 
 MIN_OPSET = 23
 CONTRIB_DOMAIN = "com.microsoft"
@@ -202,7 +203,7 @@ class RMSNormFusion(Rule):
         gamma = None
         if p["gamma"] is not None:
             gamma = view.const(p["gamma"])
-            shape = _normalized(gamma.shape, k, rank, norm_shape)
+            shape = normalized_shape(gamma.shape, k, rank, norm_shape)
             if shape is None:
                 return Left("not-per-channel", f"gamma of shape {list(gamma.shape)} does not broadcast like the "
                                                f"normalized shape {list(norm_shape) if norm_shape else '?'}")
@@ -233,7 +234,7 @@ class RMSNormFusion(Rule):
         p = match.parts
         anchor = p["square"]
         prefix = anchor.name.rsplit("/", 1)[0] if "/" in anchor.name else (anchor.name or "RMSNorm")
-        scale = _reuse_or_add(view, p["gamma"], plan["scale"], f"{prefix}.scale")
+        scale = reuse_or_add(view, p["gamma"], plan["scale"], f"{prefix}.scale")
         fused = onnx.helper.make_node(plan["op"], [p["x"], scale], [match.output],
                                       name=view.unique_name(f"{prefix}/{plan['op']}"), domain=plan["domain"],
                                       axis=-plan["k"], epsilon=plan["eps"], stash_type=plan["stash"])
@@ -278,25 +279,3 @@ def _centered(view: GraphView, tensor: str) -> bool:
             break
         mean = view.producer.get(mean.input[0])
     return is_op(mean, "ReduceMean", "GlobalAveragePool")
-
-
-def _normalized(shape: tuple, k: int, rank: int | None, norm_shape: tuple | None) -> tuple | None:
-    """The normalized shape a gamma of `shape` implies, if it varies only along the last k axes,
-    does not add axes to a rank-`rank` input, and is compatible with `norm_shape` (when known)."""
-    if rank is not None and len(shape) > rank:
-        return None
-    if any(d != 1 for d in shape[:max(0, len(shape) - k)]):
-        return None
-    tail = (1,) * max(0, k - len(shape)) + tuple(shape[max(0, len(shape) - k):])
-    if norm_shape is not None:
-        return norm_shape if all(t in (1, n) for t, n in zip(tail, norm_shape)) else None
-    return tail if 1 not in tail else None
-
-
-def _reuse_or_add(view: GraphView, name: str | None, value: np.ndarray, base: str) -> str:
-    """Use the existing initializer when it already holds exactly `value`; otherwise add one."""
-    if name and name in view.initializers and name not in view.input_names:
-        current = view.const(name)
-        if current.shape == value.shape and current.dtype == value.dtype and np.array_equal(current, value):
-            return name
-    return view.add_initializer(base, np.ascontiguousarray(value))
