@@ -55,8 +55,9 @@ def run() -> None:
         main(standalone_mode=False)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except click.ClickException as exc:  # usage errors: one line, like every other error
+        hint = f" (see 'normfold {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
+        click.echo(f"normfold: error: {exc.format_message()}{hint}", err=True)
         sys.exit(exit_codes.BAD_INPUT)
     except (click.exceptions.Abort, KeyboardInterrupt):  # Click turns Ctrl-C into Abort
         click.echo("normfold: interrupted; nothing written", err=True)

@@ -15,7 +15,7 @@ from onnx import version_converter
 from normfold import exit_codes
 from normfold.errors import NormfoldError, VerificationUnavailable
 from normfold.graph import count_ops
-from normfold.io import StagedModel, read_model
+from normfold.io import StagedModel, check_destination, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
 from normfold.passes.rmsnorm import add_contrib_opset_import
 from normfold.report import Report, Verification
@@ -128,14 +128,18 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
         dest = Path(output_path) if output_path is not None else default_output(src)
         if dest.exists() and src.exists() and dest.resolve() == src.resolve():
             raise NormfoldError(f"{dest}: output is the input file; pass --in-place to overwrite it")
-    if dest.is_dir():
-        raise NormfoldError(f"{dest}: is a directory; give a file name for the output")
-    if not dest.parent.is_dir():
-        raise NormfoldError(f"{dest}: output folder {str(dest.parent)!r} does not exist")
+    check_destination(dest)
 
     t = time.perf_counter()
     model, external_files = read_model(src)
     timings = {"load": time.perf_counter() - t}
+    if not in_place:
+        # Writing over the input's own weights file would corrupt the input model.
+        ours = {dest.resolve(), dest.with_name(dest.name + ".data").resolve()}
+        theirs = {(src.resolve().parent / loc).resolve() for loc in external_files}
+        if ours & theirs:
+            raise NormfoldError(f"{dest}: would overwrite the input's external data file "
+                                f"{sorted(str(p) for p in ours & theirs)[0]}; choose another output name")
 
     options = options or FoldOptions()
     before = count_ops(model.graph), model_opset(model)
@@ -166,7 +170,8 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
         return report
 
     t = time.perf_counter()
-    staged = StagedModel(model, dest, external_data=True if external_files else None)
+    staged = StagedModel(model, dest, external_data=True if external_files else None, consume=True)
+    del model  # verification loads both models in onnxruntime; do not hold a third copy
     timings["save"] = time.perf_counter() - t
     try:
         if verify.enabled:

@@ -216,7 +216,17 @@ class GraphView:
         return None
 
     def is_const(self, name: str) -> bool:
+        """Like `const(name) is not None`, without decoding a weight initializer (the common case)."""
+        if name in self.initializers and name not in self._const_cache:
+            return name not in self.input_names
         return self.const(name) is not None
+
+    def const_shape(self, name: str) -> tuple[int, ...] | None:
+        """The shape of a constant, from an initializer's header when it is one (no decoding)."""
+        if name in self.initializers and name not in self.input_names:
+            return tuple(self.initializers[name].dims)
+        value = self.const(name)
+        return None if value is None else value.shape
 
     def rank(self, name: str) -> int | None:
         info = self.shapes.get(name)

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import tempfile
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 
 import onnx
-from google.protobuf.message import DecodeError
-from onnx import external_data_helper
+from onnx import external_data_helper, numpy_helper
 
 from normfold.errors import NormfoldError
 from normfold.graph import subgraphs
@@ -22,21 +22,57 @@ from normfold.graph import subgraphs
 TWO_GB = 2**31
 
 
-def _all_tensors(graph: onnx.GraphProto):
-    yield from graph.initializer
-    for node in graph.node:
+def _all_graphs(model: onnx.ModelProto):
+    """The main graph and every subgraph, also those inside model-local functions."""
+    def walk(graph):
+        yield graph
+        for node in graph.node:
+            for _, sub in subgraphs(node):
+                yield from walk(sub)
+
+    yield from walk(model.graph)
+    for function in model.functions:
+        for node in function.node:
+            for _, sub in subgraphs(node):
+                yield from walk(sub)
+
+
+def _node_tensors(nodes):
+    for node in nodes:
         for a in node.attribute:
             if a.type == onnx.AttributeProto.TENSOR:
                 yield a.t
             elif a.type == onnx.AttributeProto.TENSORS:
                 yield from a.tensors
+            elif a.type == onnx.AttributeProto.SPARSE_TENSOR:
+                yield from (a.sparse_tensor.values, a.sparse_tensor.indices)
+            elif a.type == onnx.AttributeProto.SPARSE_TENSORS:
+                for sparse in a.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+
+
+def _all_tensors(graph: onnx.GraphProto):
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    yield from _node_tensors(graph.node)
+    for node in graph.node:
         for _, sub in subgraphs(node):
             yield from _all_tensors(sub)
 
 
+def _model_tensors(model: onnx.ModelProto):
+    yield from _all_tensors(model.graph)
+    for function in model.functions:
+        yield from _node_tensors(function.node)
+        for node in function.node:
+            for _, sub in subgraphs(node):
+                yield from _all_tensors(sub)
+
+
 def external_locations(model: onnx.ModelProto) -> list[str]:
     locations = []
-    for tensor in _all_tensors(model.graph):
+    for tensor in _model_tensors(model):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             info = {e.key: e.value for e in tensor.external_data}
             locations.append(info.get("location", ""))
@@ -48,64 +84,255 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return read_model(path)[0]
 
 
+_FILE_KINDS = ((stat.S_ISDIR, "is a directory, not a model file"), (stat.S_ISFIFO, "is a FIFO (named pipe)"),
+               (stat.S_ISCHR, "is a character device"), (stat.S_ISBLK, "is a block device"),
+               (stat.S_ISSOCK, "is a socket"))
+
+
+def _regular_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a regular file, or None. Never opens it (a FIFO would block)."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "no such file"
+    except PermissionError:
+        return "permission denied"
+    except (OSError, ValueError) as exc:  # ELOOP, ENAMETOOLONG, embedded NUL byte, ...
+        return f"cannot read ({getattr(exc, 'strerror', None) or _one_line(exc)})"
+    if stat.S_ISREG(mode):
+        return None
+    for test, text in _FILE_KINDS:
+        if test(mode):
+            return f"{text}; a model must be a regular file"
+    return "not a regular file"
+
+
+def _max_opsets() -> dict[str, int]:
+    """The newest opset of each operator domain the installed onnx knows."""
+    known = {"": onnx.defs.onnx_opset_version()}
+    try:
+        from onnx.onnx_cpp2py_export import defs as _defs
+
+        known.update({domain: high for domain, (_, high) in _defs.schema_version_map().items()})
+    except Exception:  # a private helper; the default domain above is what matters
+        pass
+    known["ai.onnx"] = known[""]
+    return known
+
+
+def _check_opsets(path: Path, model: onnx.ModelProto) -> None:
+    known = _max_opsets()
+    imports = list(model.opset_import)
+    for function in model.functions:
+        imports.extend(function.opset_import)
+    for imp in imports:
+        high = known.get(imp.domain)
+        if high is not None and imp.version > high:
+            domain = f"domain {imp.domain!r}" if imp.domain not in ("", "ai.onnx") else "the default domain"
+            raise NormfoldError(f"{path}: opset {imp.version} of {domain} is newer than the installed onnx "
+                                f"{onnx.__version__} supports (up to {high})")
+
+
+_VALID_DTYPES = frozenset(v for v in onnx.TensorProto.DataType.values() if v != onnx.TensorProto.UNDEFINED)
+
+
+def _type_elem_types(tp: onnx.TypeProto):
+    kind = tp.WhichOneof("value")
+    if kind in ("tensor_type", "sparse_tensor_type"):
+        yield getattr(tp, kind).elem_type
+    elif kind == "sequence_type":
+        yield from _type_elem_types(tp.sequence_type.elem_type)
+    elif kind == "optional_type":
+        yield from _type_elem_types(tp.optional_type.elem_type)
+    elif kind == "map_type":
+        yield tp.map_type.key_type
+        yield from _type_elem_types(tp.map_type.value_type)
+
+
+def _check_types(path: Path, model: onnx.ModelProto) -> None:
+    """Element types the checker lets through but onnx's and numpy's type tables do not know."""
+    for graph in _all_graphs(model):
+        for vi in (*graph.input, *graph.output, *graph.value_info):
+            for elem in _type_elem_types(vi.type):
+                if elem != onnx.TensorProto.UNDEFINED and elem not in _VALID_DTYPES:
+                    raise NormfoldError(f"{path}: invalid model: {vi.name!r} has an unknown element type {elem}")
+
+
+def _check_tensor_headers(path: Path, model: onnx.ModelProto) -> None:
+    """Every constant must have a known data type and no negative dimension (onnx's checker names
+    neither the tensor nor the type, and numpy would reshape to a -1 dimension)."""
+    for tensor in _model_tensors(model):
+        name = tensor.name or "<unnamed>"
+        if tensor.data_type not in _VALID_DTYPES:
+            raise NormfoldError(f"{path}: invalid model: tensor {name!r} has an unknown data type {tensor.data_type}")
+        if any(d < 0 for d in tensor.dims):
+            raise NormfoldError(f"{path}: invalid model: tensor {name!r} has a negative dimension {list(tensor.dims)}")
+
+
+def _raw_size_ok(tensor: onnx.TensorProto) -> bool | None:
+    """Whether raw_data has exactly the bytes its type and shape need; None when that cannot be
+    told from the header alone (no raw_data, or a type without a fixed item size)."""
+    if not tensor.HasField("raw_data"):
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
+    if bits is not None or tensor.data_type in _SUB_BYTE:
+        return None
+    return len(tensor.raw_data) == count * itemsize
+
+
+_SUB_BYTE = frozenset(getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
+                      if hasattr(onnx.TensorProto, name))
+
+
+def _check_tensor_data(path: Path, model: onnx.ModelProto) -> None:
+    """Every constant must hold exactly the data its type and shape need (after external data is in).
+    Weights in raw_data are checked by their byte count, not decoded: that would copy every weight."""
+    for tensor in _model_tensors(model):
+        if _raw_size_ok(tensor):
+            continue
+        try:
+            numpy_helper.to_array(tensor)
+        except Exception as exc:
+            name = tensor.name or "<unnamed>"
+            dtype = onnx.TensorProto.DataType.Name(tensor.data_type)
+            raise NormfoldError(f"{path}: invalid model: tensor {name!r} ({dtype} {list(tensor.dims)}) has data that "
+                                f"does not match its type and shape: {_one_line(exc, 120)}") from None
+
+
+def _is_repeated(field) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` before (and gone in 7)
+    return repeated if repeated is not None else field.label == field.LABEL_REPEATED
+
+
+def _check_strings(path: Path, model: onnx.ModelProto) -> None:
+    """Names and other strings must be valid UTF-8. The protobuf runtime hands back bytes for those
+    that are not, and onnx's checker then fails while formatting its own message."""
+    stack: list = [model]
+    while stack:
+        message = stack.pop()
+        for field, value in message.ListFields():
+            if field.type == field.TYPE_MESSAGE:
+                if _is_repeated(field):
+                    stack.extend(value)
+                else:
+                    stack.append(value)
+            elif field.type == field.TYPE_STRING:
+                for text in (value if _is_repeated(field) else (value,)):
+                    if isinstance(text, bytes):
+                        raise NormfoldError(f"{path}: invalid model: {message.DESCRIPTOR.name}.{field.name} holds a "
+                                            f"string that is not valid UTF-8 ({text[:40]!r})")
+
+
+def _check_external_location(path: Path, base: Path, location: str) -> None:
+    """Refuse a location outside the model's folder before anything is opened, then require a
+    regular file (a FIFO or device would block or never end)."""
+    if not location:
+        raise NormfoldError(f"{path}: external data of a tensor has no location")
+    if "\0" in location or os.path.isabs(location) or PureWindowsPath(location).drive:
+        raise NormfoldError(f"{path}: external data location {location!r} points outside the model's folder; refused")
+    try:
+        target = (base / location).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a name too long
+        raise NormfoldError(f"{path}: external data location {location!r} cannot be resolved; refused") from None
+    if base not in target.parents:
+        raise NormfoldError(f"{path}: external data location {location!r} points outside the model's folder; refused")
+    problem = _regular_file_problem(target)
+    if problem == "no such file":
+        raise NormfoldError(f"{path}: external data file {location!r} not found")
+    if problem:
+        raise NormfoldError(f"{path}: external data file {location!r}: {problem.split(';')[0]}; refused")
+
+
 def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[str]]:
     """Like load_model, and also the external data files the model's weights came from."""
     path = Path(path)
-    if not path.exists():
-        raise NormfoldError(f"{path}: no such file")
-    if path.is_dir():
-        raise NormfoldError(f"{path}: is a directory, not a model file")
+    problem = _regular_file_problem(path)
+    if problem:
+        raise NormfoldError(f"{path}: {problem}")
     if path.stat().st_size == 0:
         raise NormfoldError(f"{path}: empty file, not an ONNX model")
     try:
         model = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, RuntimeError, ValueError, OSError) as exc:
-        raise NormfoldError(f"{path}: not a readable ONNX model ({_first_line(exc)})") from None
+    except OSError as exc:
+        raise NormfoldError(f"{path}: cannot read ({exc.strerror or _one_line(exc)})") from None
+    except Exception as exc:  # DecodeError and whatever else the protobuf runtime raises on bad bytes
+        raise NormfoldError(f"{path}: not a readable ONNX model ({_one_line(exc)})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise NormfoldError(f"{path}: not an ONNX model (no graph)")
     if not model.opset_import:
         raise NormfoldError(f"{path}: not an ONNX model (no opset import)")
+    _check_strings(path, model)
+    _check_opsets(path, model)
+    _check_types(path, model)
+    _check_tensor_headers(path, model)
     base = path.resolve().parent
-    for location in dict.fromkeys(external_locations(model)):
-        target = (base / location).resolve()
-        if not location or os.path.isabs(location) or base not in target.parents:
-            raise NormfoldError(f"{path}: external data location {location!r} points outside the model's folder; refused")
-        if not target.is_file():
-            raise NormfoldError(f"{path}: external data file {location!r} not found")
+    locations = list(dict.fromkeys(external_locations(model)))
+    for location in locations:
+        _check_external_location(path, base, location)
     try:
         # The checker sees the graph before external weights are read in. With external data it
         # must be given the path, so that it resolves data locations against the model's folder.
-        if external_locations(model):
-            onnx.checker.check_model(str(path))
+        # full_check adds strict shape inference: a model whose recorded shapes and types contradict
+        # what its ops compute is refused here, so that every model normfold writes passes it too.
+        if locations:
+            onnx.checker.check_model(str(path), full_check=True)
         else:
-            onnx.checker.check_model(model)
-    except onnx.checker.ValidationError as exc:
-        raise NormfoldError(f"{path}: invalid model: {_first_line(exc)}") from None
-    except Exception as exc:  # the checker raises several C++-mapped types
-        raise NormfoldError(f"{path}: invalid model: {_first_line(exc)}") from None
-    locations = list(dict.fromkeys(external_locations(model)))
+            # On a copy whose large weights are typed inputs: the checks are the same (only small
+            # constants such as Reshape targets matter to shape inference), and the checker does
+            # not serialize every weight once more. Their sizes are checked by _check_tensor_data.
+            onnx.checker.check_model(light_model(model), full_check=True)
+    except Exception as exc:  # ValidationError and several other C++-mapped types
+        raise NormfoldError(f"{path}: invalid model: {_one_line(exc)}") from None
     if locations:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
-        except (OSError, ValueError) as exc:
-            raise NormfoldError(f"{path}: cannot read external data: {_first_line(exc)}") from None
+        except Exception as exc:  # OSError, ValueError (bad offset/length, short file), ...
+            raise NormfoldError(f"{path}: cannot read external data: {_one_line(exc)}") from None
+    _check_tensor_data(path, model)
     return model, locations
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    """The whole message on one line (checker messages continue on further lines), shortened."""
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def approximate_size(model: onnx.ModelProto) -> int:
+    """The serialized size of a model, within a few percent: its tensors' data plus a margin for
+    the graph. ByteSize() would be exact but costs about as much as serializing the whole model."""
+    data = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _model_tensors(model))
+    return data + 64 * (len(model.graph.node) + 1) * 16
+
+
+def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of `model` for the checker and shape inference, with every large initializer of the
+    main graph turned into a graph input of the same type and shape."""
+    from normfold.shapes import light_model as _light
+
+    return _light(model)
 
 
 class StagedModel:
     """A model written to a temporary folder beside `dest`, waiting to be moved into place."""
 
     def __init__(self, model: onnx.ModelProto, dest: str | os.PathLike, external_data: bool | None = None,
-                 data_name: str | None = None):
+                 data_name: str | None = None, consume: bool = False):
+        """Write `model` for `dest`. With external data (forced, or needed past protobuf's 2 GB),
+        `consume=True` leaves the model's weights in the data file instead of reading them back:
+        for a caller that has no further use for the model, that saves reading it all again."""
         self.dest = Path(dest)
         parent = self.dest.parent
-        if not parent.is_dir():
-            raise NormfoldError(f"{self.dest}: output folder {str(parent)!r} does not exist")
+        check_destination(self.dest)
         try:
             self.folder = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=parent))
         except OSError as exc:
@@ -113,22 +340,25 @@ class StagedModel:
         self.path = self.folder / self.dest.name
         self.files: list[str] = [self.dest.name]
         try:
-            size = model.ByteSize()
             if external_data is None:
-                external_data = size >= TWO_GB - 2**20
+                external_data = approximate_size(model) >= TWO_GB - 2**26
             if external_data:
                 data_name = data_name or f"{self.dest.name}.data"
                 onnx.save_model(model, str(self.path), save_as_external_data=True, all_tensors_to_one_file=True,
                                 location=data_name, size_threshold=1024, convert_attribute=False)
-                # save_model converts tensors in place; turn them back so the caller's model is unchanged.
-                external_data_helper.load_external_data_for_model(model, str(self.folder))
+                if not consume:
+                    # save_model moved the weights out of the proto; read them back for the caller.
+                    external_data_helper.load_external_data_for_model(model, str(self.folder))
                 if (self.folder / data_name).exists():  # absent when every tensor is under the threshold
                     self.files.insert(0, data_name)
             else:
+                # No fsync: the rename already guarantees that a crashed or killed run leaves no
+                # partial model; forcing 400 MB to disk would cost more than the fold itself.
                 with open(self.path, "wb") as f:
                     f.write(model.SerializeToString())
-                    f.flush()
-                    os.fsync(f.fileno())
+        except OSError as exc:  # disk full, quota, a file system that refuses the name
+            self.discard()
+            raise NormfoldError(f"{self.dest}: cannot write ({exc.strerror or _one_line(exc)})") from None
         except BaseException:
             self.discard()
             raise
@@ -138,6 +368,8 @@ class StagedModel:
         try:
             for name in self.files:
                 os.replace(self.folder / name, self.dest.parent / name)
+        except OSError as exc:
+            raise NormfoldError(f"{self.dest}: cannot move the result into place ({exc.strerror or _one_line(exc)})") from None
         finally:
             self.discard()
 
@@ -145,10 +377,20 @@ class StagedModel:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def check_destination(path: str | os.PathLike, what: str = "output") -> None:
+    """Raise NormfoldError unless `path` names a file that could be created in an existing folder.
+    Meant to be called before any work, so that a bad destination leaves nothing written."""
+    path = Path(path)
+    if path.is_dir():
+        raise NormfoldError(f"{path}: is a directory; give a file name for the {what}")
+    if not path.parent.is_dir():
+        problem = "is not a folder" if path.parent.exists() else "does not exist"
+        raise NormfoldError(f"{path}: {what} folder {str(path.parent)!r} {problem}")
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
-    if not path.parent.is_dir():
-        raise NormfoldError(f"{path}: folder {str(path.parent)!r} does not exist")
+    check_destination(path, "report")
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:

@@ -28,6 +28,7 @@ def _light_graph(graph: onnx.GraphProto, dest: onnx.GraphProto) -> None:
     dest.input.extend(graph.input)
     dest.output.extend(graph.output)
     dest.value_info.extend(graph.value_info)
+    dest.sparse_initializer.extend(graph.sparse_initializer)
     inputs = {i.name for i in graph.input}
     for t in graph.initializer:
         if _tensor_bytes(t) <= SMALL:
@@ -52,13 +53,22 @@ def _collect(graph: onnx.GraphProto, out: Shapes) -> None:
             _collect(sub, out)
 
 
-def infer_shapes(model: onnx.ModelProto) -> Shapes:
-    """name -> (elem_type, dims) for every tensor whose type could be inferred (dims: int or None)."""
+def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`model` without its large weights: each initializer over SMALL bytes becomes a graph input of
+    the same type and shape. Shape inference and the checker see the same graph, for a fraction of
+    the cost."""
     light = onnx.ModelProto()
     light.ir_version = model.ir_version
     light.opset_import.extend(model.opset_import)
     light.functions.extend(model.functions)
+    light.metadata_props.extend(model.metadata_props)
     _light_graph(model.graph, light.graph)
+    return light
+
+
+def infer_shapes(model: onnx.ModelProto) -> Shapes:
+    """name -> (elem_type, dims) for every tensor whose type could be inferred (dims: int or None)."""
+    light = light_model(model)
     shapes: Shapes = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)

@@ -26,7 +26,8 @@ DEFAULT_TOLERANCES = {  # dtype -> (atol, rtol)
     "bfloat16": (6e-2, 6e-2),
 }
 DEFAULT_DYNAMIC_DIM = 1
-DEFAULT_INT_RANGE = (0, 2)  # [low, high): valid for ids, masks and token types alike
+DEFAULT_INT_RANGE = (0, 2)
+MAX_INPUT_BYTES = 1 << 30  # a generated input larger than this is surely a wrong shape  # [low, high): valid for ids, masks and token types alike
 
 _ORT_TYPES = {
     "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
@@ -166,6 +167,10 @@ def make_inputs(session: Session, seed: int = 0, shapes: dict[str, list[int]] | 
         else:
             shape = [d if isinstance(d, int) and d >= 0 else dims.get(d, DEFAULT_DYNAMIC_DIM) if isinstance(d, str)
                      else DEFAULT_DYNAMIC_DIM for d in spec.shape]
+        size = int(np.prod(shape, dtype=np.float64)) * np.dtype(dtype).itemsize
+        if size > MAX_INPUT_BYTES:
+            raise VerificationUnavailable(f"input {spec.name!r} of shape {shape} would take {size / 2**30:.1f} GiB; "
+                                          "give smaller dimensions with --shape or --dim")
         kind = np.dtype(dtype).kind if dtype is not np.bool_ else "b"
         if kind == "f" or str(np.dtype(dtype)) == "bfloat16":
             feeds[spec.name] = rng.standard_normal(shape).astype(dtype)

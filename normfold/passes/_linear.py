@@ -79,9 +79,8 @@ def _core(view: GraphView, tensor: str) -> LinearLayer | None:
             if (mm is not None and mm.op_type == "MatMul" and _is_default_domain(mm)
                     and view.is_const(name) and view.is_const(mm.input[1])
                     and view.sole_user(other) is node):
-                bias = view.const(name)
-                w = view.const(mm.input[1])
-                if w.ndim == 2 and _per_channel(bias.shape, w.shape[1], -1, view.rank(tensor)):
+                bias, w = view.const_shape(name), view.const_shape(mm.input[1])
+                if len(w) == 2 and _per_channel(bias, w[1], -1, view.rank(tensor)):
                     return LinearLayer([mm, node], "MatMul", tensor, -1, view.rank(tensor))
     return None
 
@@ -167,16 +166,16 @@ def _per_channel(shape: tuple, channels: int, axis: int, out_rank: int | None) -
 
 def channel_count(view: GraphView, layer: LinearLayer) -> int | None:
     node = layer.layer
-    w = view.const(node.input[1])
-    if w is None or w.ndim < 2:
+    w = view.const_shape(node.input[1])
+    if w is None or len(w) < 2:
         return None
     if layer.op == "Conv":
-        return w.shape[0]
+        return w[0]
     if layer.op == "ConvTranspose":
-        return w.shape[1] * int(attr(node, "group", 1))
+        return w[1] * int(attr(node, "group", 1))
     if layer.op == "Gemm":
-        return w.shape[0] if attr(node, "transB", 0) else w.shape[1]
-    return w.shape[1] if w.ndim == 2 else None
+        return w[0] if attr(node, "transB", 0) else w[1]
+    return w[1] if len(w) == 2 else None
 
 
 def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | None:
@@ -190,16 +189,20 @@ def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | 
                         + (" (graph output)" if view.is_graph_output(tensor) else ""))
     if len(node.input) < 2 or not view.is_const(node.input[1]):
         return Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant")
-    weight = view.const(node.input[1])
+    shape = view.const_shape(node.input[1])
     bias_name = _bias_name(layer)
     if bias_name and not view.is_const(bias_name):
         return Left("non-constant-weights", f"{layer.op} {label(node)} bias {bias_name!r} is not a constant")
-    if view.elem_type(node.input[1]) not in FLOAT_TYPES and weight.dtype.kind != "f" and str(weight.dtype) != "bfloat16":
-        return Left("unsupported-dtype", f"{layer.op} {label(node)} weight has dtype {weight.dtype}")
+    elem = view.elem_type(node.input[1])
+    if elem is None:
+        elem = onnx.helper.np_dtype_to_tensor_dtype(view.const(node.input[1]).dtype)
+    if elem not in FLOAT_TYPES:
+        return Left("unsupported-dtype", f"{layer.op} {label(node)} weight has type "
+                                         f"{onnx.TensorProto.DataType.Name(elem)}")
     if layer.op == "Gemm" and attr(node, "transA", 0) not in (0, 1):
         return Left("unsupported-attribute", f"Gemm {label(node)} has an invalid transA")
-    if layer.op == "MatMul" and weight.ndim != 2:
-        return Left("unsupported-attribute", f"MatMul {label(node)} weight has rank {weight.ndim}, not 2")
+    if layer.op == "MatMul" and len(shape) != 2:
+        return Left("unsupported-attribute", f"MatMul {label(node)} weight has rank {len(shape)}, not 2")
     return None
 
 
@@ -258,18 +261,17 @@ def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.
 
     new_w = None
     if not np.all(scale == 1.0):
-        w = weight.astype(np.float64)
+        w = weight.astype(np.float64)  # the one float64 copy; scaled in place below
         if layer.op == "Conv":
-            w = w * scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            w *= scale.reshape((-1,) + (1,) * (w.ndim - 1))
         elif layer.op == "ConvTranspose":
             group = int(attr(node, "group", 1))
-            grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])
-            per_group = scale.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
-            w = (grouped * per_group).reshape(w.shape)
+            grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])  # a view of w
+            grouped *= scale.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
         elif layer.op == "Gemm":
-            w = w * (scale[:, None] if attr(node, "transB", 0) else scale[None, :])
+            w *= scale[:, None] if attr(node, "transB", 0) else scale[None, :]
         else:  # MatMul
-            w = w * scale[None, :]
+            w *= scale[None, :]
         new_w = w.astype(dtype)
         exact.append((new_w, w))
 

@@ -44,7 +44,7 @@ class ChannelAffineFold(Rule):
                 continue
             if not view.is_const(layer.layer.input[1]):
                 continue  # e.g. attention's Q @ K^T -> Div(sqrt(d)): not a layer with weights
-            if view.const(const).size == 1 and view.sole_user(data) is not node:
+            if np.prod(view.const_shape(const)) == 1 and view.sole_user(data) is not node:
                 continue  # a scalar op on a shared tensor (GELU's Div by sqrt(2)) is no norm site
             if layer.op == "MatMul" and layer.bias_add is None and not layer.chain and node.op_type == "Add":
                 continue  # this Add is the layer's own bias
