@@ -52,6 +52,9 @@ def fold(models, output, in_place, report_path, verify_mode, no_verify, allow_un
         _check_writable(report_path)
     try:
         job_list = find_models(models, output, in_place)
+        if options.external_data and len(job_list) > 1:
+            raise NormfoldError("--external-data NAME fits one model; with several, use --external-data "
+                                "without a name (each gets <output>.data)")
     except NormfoldError as exc:
         if report_path:
             write_text_atomic(report_path, document_json("fold", [Report(input=" ".join(models),

@@ -13,7 +13,7 @@ from normfold.passes import PASS_NAMES
 from normfold.verify import OPT_LEVELS, parse_int_range, parse_shape, parse_tolerance
 
 VERIFY_KEYS = ("shapes", "dims", "int_ranges", "input_files", "batches", "seed", "atol", "rtol", "ort_opt_level")
-FOLD_KEYS = ("target_opset", "allow_contrib", "allow_transpose", "passes", "skip", "exclude_node")
+FOLD_KEYS = ("target_opset", "allow_contrib", "allow_transpose", "passes", "skip", "exclude_node", "external_data")
 
 
 def _stack(*decorators):
@@ -55,6 +55,9 @@ fold_options = _stack(
     click.option("--passes", help=f"Comma-separated passes to run [default: all: {','.join(PASS_NAMES)}]."),
     click.option("--skip", help="Comma-separated passes not to run."),
     click.option("--exclude-node", multiple=True, help="Leave sites containing this node alone (repeatable)."),
+    click.option("--external-data", is_flag=False, flag_value="", default=None, metavar="[NAME]",
+                 help="Write the weights to an external data file NAME beside the output [default name: "
+                      "<output>.data; used by itself for inputs with external data and models near 2 GB]."),
 )
 
 
@@ -97,7 +100,7 @@ def fold_options_from(kwargs: dict) -> FoldOptions:
     f = {k: kwargs.pop(k) for k in FOLD_KEYS}
     return FoldOptions(passes=_parse_passes(f["passes"], f["skip"]), target_opset=f["target_opset"],
                        exclude_nodes=frozenset(f["exclude_node"]), allow_contrib=f["allow_contrib"],
-                       allow_transpose=f["allow_transpose"])
+                       allow_transpose=f["allow_transpose"], external_data=f["external_data"])
 
 
 def pass_errors(func):

@@ -37,6 +37,10 @@ class FoldOptions:
     exclude_nodes: frozenset[str] = frozenset()
     allow_contrib: bool = False
     allow_transpose: bool = False
+    # Write weights to an external data file beside the output: None decides by itself (when the
+    # input had external data or the model is near protobuf's 2 GB limit), "" forces it with the
+    # default name <output>.data, any other string forces it with that file name.
+    external_data: str | None = None
 
 
 @dataclass
@@ -170,7 +174,11 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
         return report
 
     t = time.perf_counter()
-    staged = StagedModel(model, dest, external_data=True if external_files else None, consume=True)
+    name = options.external_data
+    if name and (os.path.basename(name) != name or name in (".", "..")):
+        raise NormfoldError(f"--external-data {name!r}: give a file name, not a path (it is written beside the output)")
+    staged = StagedModel(model, dest, external_data=True if external_files or name is not None else None,
+                         data_name=name or None, consume=True)
     del model  # verification loads both models in onnxruntime; do not hold a third copy
     timings["save"] = time.perf_counter() - t
     try:

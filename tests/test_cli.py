@@ -218,3 +218,32 @@ def test_help_lists_exit_codes_and_readme_matches():
 def test_console_script_and_module_entry_agree():
     assert normfold_cmd("--version").stdout.strip().endswith(normfold.__version__)
     assert normfold_cmd("--version", module=True).stdout.strip().endswith(normfold.__version__)
+
+
+def test_external_data_on_request_with_a_chosen_name(tmp_path):
+    model = conv_bn_model()
+    big = np.ones((64, 3, 3, 3), np.float32)  # over the 1 KiB threshold, so it goes to the data file
+    model.graph.initializer.append(onnx.numpy_helper.from_array(big, "unused_big"))
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    result = normfold_cmd("fold", path, "-o", tmp_path / "out.onnx", "--external-data", "weights.bin")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "weights.bin").exists()
+    out = onnx.load(tmp_path / "out.onnx")
+    assert [n.op_type for n in out.graph.node] == ["Conv", "Relu"]
+    assert normfold_cmd("fold", path, "-o", tmp_path / "o2.onnx", "--external-data").returncode == 0
+    assert (tmp_path / "o2.onnx.data").exists()
+    result = normfold_cmd("fold", path, "-o", tmp_path / "o3.onnx", "--external-data", "../escape.bin")
+    assert result.returncode == 2 and "file name" in result.stderr
+
+
+def test_models_near_two_gigabytes_are_written_with_external_data(tmp_path, monkeypatch):
+    """The switch is by estimated size; pretend the limit is tiny to test it without writing 2 GB."""
+    import normfold.io
+
+    model = conv_bn_model()
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((64, 3, 3, 3), np.float32), "unused_big"))
+    onnx.save(model, tmp_path / "m.onnx")
+    monkeypatch.setattr(normfold.io, "TWO_GB", 2**26 + 5000)
+    report = normfold.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
+    assert report.written and (tmp_path / "out.onnx.data").exists()
