@@ -47,7 +47,8 @@ verification_options = _stack(
 
 fold_options = _stack(
     click.option("--target-opset", type=int,
-                 help="Convert to this opset first (17: LayerNormalization, 21: GroupNormalization, 23: RMSNormalization)."),
+                 help="Allow raising the opset to this where a fused op needs it (17: LayerNormalization, "
+                      "21: GroupNormalization, 23: RMSNormalization); converted only when some site needs it."),
     click.option("--allow-contrib", is_flag=True,
                  help="Where the standard op needs a newer opset, use onnxruntime's com.microsoft ops instead."),
     click.option("--allow-transpose", is_flag=True,

@@ -99,7 +99,7 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     report = Report(opset_before=model_opset(model))
     report.ops_before = count_ops(model.graph)
     report.nodes_before = sum(report.ops_before.values())
-    if options.target_opset is not None:
+    if needs_newer_opset(model, options):
         model = convert_opset(model, options.target_opset)
     ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
                       allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose)
@@ -110,6 +110,19 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     report.ops_after = count_ops(model.graph)
     report.nodes_after = sum(report.ops_after.values())
     return model, report
+
+
+def needs_newer_opset(model: onnx.ModelProto, options: FoldOptions) -> bool:
+    """Whether some site is left only because the model's opset is too old for the fused op (a dry
+    run of the passes, nothing rewritten). When none is, --target-opset can be skipped: the version
+    converter copies the whole model and would change nothing normfold does."""
+    if options.target_opset is None or options.target_opset <= model_opset(model):
+        return False
+    ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
+                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose)
+    rules = [rule for rule in RULES if rule.name in options.passes]
+    sites = run_rules(model.graph, rules, ctx, infer_shapes(model), dry=True)
+    return any(s.reason == "opset-too-old" for s in sites)
 
 
 def default_output(path: Path) -> Path:
@@ -148,6 +161,8 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     options = options or FoldOptions()
     before = count_ops(model.graph), model_opset(model)
     conversion = None
+    if options.target_opset is not None and not needs_newer_opset(model, options):
+        options = dataclasses.replace(options, target_opset=None)  # converting would change nothing we do
     if options.target_opset is not None and options.target_opset > model_opset(model):
         # Convert first and check the conversion on its own, so that a converter bug is named as
         # such (and never blamed on, or hidden by, a fold).

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -239,8 +240,6 @@ def test_residual_reads_of_the_input_do_not_block_fusion():
 
 
 def onnx_attr(node, name):
-    import onnx
-
     return next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name)
 
 
@@ -273,3 +272,11 @@ def test_unknown_continuation_of_a_mean_subtraction_is_reported():
     assert ops(folded) == ops(model)
     [site] = report.sites
     assert site.reason == "unrecognized-pattern"
+
+
+def test_target_opset_is_not_applied_when_no_site_needs_it():
+    """The version converter copies the whole model; a BN-only model at opset 13 needs no newer op."""
+    model = onnx.load(MODELS / "torch" / "cnn_bn_op13.onnx")
+    folded, report = normfold.fold(model, normfold.FoldOptions(target_opset=23))
+    assert (report.opset_before, report.opset_after) == (13, 13)
+    assert report.count("folded") == 6

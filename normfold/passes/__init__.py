@@ -83,8 +83,10 @@ PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(rule.name for rule in RULES))
 
 
 def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shapes: dict,
-              path: str = "main", outer: GraphView | None = None) -> list[SiteRecord]:
-    """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site."""
+              path: str = "main", outer: GraphView | None = None, dry: bool = False) -> list[SiteRecord]:
+    """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site.
+    With `dry`, sites are matched and checked but nothing is rewritten (sites that only an earlier
+    rewrite would create, such as the second BN of Conv -> BN -> BN, are then not seen)."""
     view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset)
     records: list[SiteRecord] = []
     for node in list(view.nodes):
@@ -104,6 +106,11 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
                 left_here.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
                                             reason=outcome.reason, output=match.output, graph=path))
                 continue
+            if dry:
+                records.append(SiteRecord(rule.name, match.kind, rule.status, names, "would be rewritten",
+                                          output=match.output, graph=path))
+                left_here.clear()
+                break
             done = rule.rewrite(view, match, outcome)
             records.append(SiteRecord(rule.name, match.kind, rule.status, names, done.detail,
                                       created=done.created, output=match.output, graph=path,
@@ -114,6 +121,7 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
     for node in view.live_nodes():
         for attr_name, sub in subgraphs(node):
             sub_path = f"{path}/{node.name or node.op_type}:{attr_name}"
-            records.extend(run_rules(sub, rules, ctx, shapes, sub_path, view))
-    view.commit()
+            records.extend(run_rules(sub, rules, ctx, shapes, sub_path, view, dry))
+    if not dry:
+        view.commit()
     return records

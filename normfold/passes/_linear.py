@@ -261,17 +261,18 @@ def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.
 
     new_w = None
     if not np.all(scale == 1.0):
-        w = weight.astype(np.float64)  # the one float64 copy; scaled in place below
+        # One pass: each weight is widened to float64, multiplied, and kept in float64.
         if layer.op == "Conv":
-            w *= scale.reshape((-1,) + (1,) * (w.ndim - 1))
+            w = np.multiply(weight, scale.reshape((-1,) + (1,) * (weight.ndim - 1)), dtype=np.float64)
         elif layer.op == "ConvTranspose":
             group = int(attr(node, "group", 1))
-            grouped = w.reshape((group, w.shape[0] // group) + w.shape[1:])  # a view of w
-            grouped *= scale.reshape((group, 1, w.shape[1]) + (1,) * (w.ndim - 2))
+            grouped = weight.reshape((group, weight.shape[0] // group) + weight.shape[1:])
+            per_group = scale.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+            w = np.multiply(grouped, per_group, dtype=np.float64).reshape(weight.shape)
         elif layer.op == "Gemm":
-            w *= scale[:, None] if attr(node, "transB", 0) else scale[None, :]
+            w = np.multiply(weight, scale[:, None] if attr(node, "transB", 0) else scale[None, :], dtype=np.float64)
         else:  # MatMul
-            w *= scale[None, :]
+            w = np.multiply(weight, scale[None, :], dtype=np.float64)
         new_w = w.astype(dtype)
         exact.append((new_w, w))
 
