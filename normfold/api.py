@@ -120,7 +120,12 @@ def needs_newer_opset(model: onnx.ModelProto, options: FoldOptions) -> bool:
         return False
     ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
                       allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose)
-    rules = [rule for rule in RULES if rule.name in options.passes]
+    # Only the rules whose op needs a newer opset can be held back by it (and a BN fold's check
+    # would compute every folded weight just to be thrown away).
+    rules = [rule for rule in RULES if rule.name in options.passes and rule.min_opset
+             and ctx.opset < rule.min_opset <= options.target_opset]
+    if not rules:
+        return False
     sites = run_rules(model.graph, rules, ctx, infer_shapes(model), dry=True)
     return any(s.reason == "opset-too-old" for s in sites)
 

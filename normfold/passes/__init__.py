@@ -56,6 +56,7 @@ class FoldContext:
 
 class Rule:
     name = ""  # the pass name users select with --passes
+    min_opset: int | None = None  # the opset the op it writes needs (None: no new op, e.g. a BN fold)
     status = "folded"  # what a rewrite of this rule is called in the report
 
     def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:

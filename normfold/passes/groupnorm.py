@@ -63,6 +63,7 @@ KERAS_KIND = "GroupNorm (decomposed, channels-last)"
 
 class GroupNormFusion(Rule):
     name = "groupnorm"
+    min_opset = MIN_OPSET
     status = "fused"
 
     # ---- match -------------------------------------------------------------------------------

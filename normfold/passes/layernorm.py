@@ -60,6 +60,7 @@ def _const_other(view: GraphView, node: onnx.NodeProto | None, tensor: str) -> s
 
 class LayerNormFusion(Rule):
     name = "layernorm"
+    min_opset = MIN_OPSET
     status = "fused"
 
     # ---- match -------------------------------------------------------------------------------

@@ -59,6 +59,7 @@ CONTRIB_NOTE = f"uses {CONTRIB_DOMAIN}.SimplifiedLayerNormalization: the model n
 
 class RMSNormFusion(Rule):
     name = "rmsnorm"
+    min_opset = MIN_OPSET
     status = "fused"
 
     def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
