@@ -52,8 +52,12 @@ class SiteRecord:
     notes: list[str] = field(default_factory=list)  # side effects worth knowing, e.g. a cloned weight
     max_rounding: float | None = None  # largest |stored - exact float64| over the new constants
     max_abs_error: float | None = None  # error of the site's output tensor, with --verify=sites
+    id: str = ""  # stable across runs: "<graph>:<output tensor>" (tensor names are unique in a graph)
+
 
     def __post_init__(self) -> None:
+        if not self.id:
+            self.id = f"{self.graph}:{self.output or (self.nodes[-1] if self.nodes else '')}"
         if self.status not in STATUSES:
             raise ValueError(f"unknown site status {self.status!r}")
         if (self.status == "left") != (self.reason is not None):

@@ -43,6 +43,8 @@ def test_every_bn_is_folded_or_explained(path, entry, tmp_path):
     report = fold_file(path, tmp_path / "out.onnx", verify=VerifyOptions(shapes=shapes_of(entry)))
     assert report.verification.status == "passed", report.to_text()
     assert report.exit_code == 0 and report.written
+    ids = [s.id for s in report.sites]
+    assert len(ids) == len(set(ids)), "site ids must be unique within a report"
     original = onnx.load(path)
     bn_nodes = {n.name for n in original.graph.node if n.op_type == "BatchNormalization"}
     reported = {s.nodes[-1]: s for s in report.sites if s.pass_name == "bn"}
