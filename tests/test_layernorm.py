@@ -280,3 +280,21 @@ def test_target_opset_is_not_applied_when_no_site_needs_it():
     folded, report = normfold.fold(model, normfold.FoldOptions(target_opset=23))
     assert (report.opset_before, report.opset_after) == (13, 13)
     assert report.count("folded") == 6
+
+
+@pytest.mark.parametrize("form", ["divide", "factored"])
+def test_reciprocal_square_root_as_pow(form):
+    tail = ("n = Mul (d, r)\n g = Mul (n, gamma)\n y = Add (g, beta)" if form == "divide" else
+            "gr = Mul (r, gamma)\n a = Mul (x, gr)\n neg = Neg (mean)\n b = Mul (neg, gr)\n c = Add (b, beta)\n"
+            " y = Add (a, c)")
+    model = build(f"""g (float[2,5,16] x) => (float[2,5,16] y) {{
+      mean = ReduceMean <axes=[-1]> (x)
+      d = Sub (x, mean)
+      sq = Mul (d, d)
+      var = ReduceMean <axes=[-1]> (sq)
+      ve = Add (var, eps)
+      r = Pow (ve, half)
+      {tail}
+    }}""", opset=17, eps=np.float32(1e-5), half=np.float32(-0.5), gamma=GAMMA, beta=BETA)
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]

@@ -11,6 +11,7 @@ The spellings real exporters write (d = X - mean, "mean" is ReduceMean or Global
 
   Keras 3 through tf2onnx (factored; center=False drops Add(beta), scale=False drops Mul(gamma)):
     r = Reciprocal(Sqrt(Add(mean(Mul(d, d)), eps)));  g = Mul(r, gamma)
+    (r may also be written Pow(Add(var, eps), -0.5), in this and the PyTorch form)
     Y = Add(Mul(X, g), Add(Mul(Neg(mean), g), beta))
 
   tf_keras (non-fused path):   Y = Add(Mul(X, g), Sub(beta, Mul(mean, g)))
@@ -84,7 +85,7 @@ class LayerNormFusion(Rule):
                          {"unrecognized": True})
         out, gamma, beta, reduces, add_eps, var = found
         parts = {"x": x, "reduces": reduces, "add_eps": add_eps, "var": var, "gamma": gamma, "beta": beta,
-                 "squares": [n for n in nodes if is_op(n, "Pow")]}
+                 "squares": [n for n in nodes if is_op(n, "Pow") and scalar(view, n.input[1]) != -0.5]}
         self._absorb_casts(view, nodes, parts, out)
         return Match("LayerNorm (decomposed)", nodes, parts.pop("out", out), parts)
 
@@ -96,12 +97,21 @@ class LayerNormFusion(Rule):
             return None
         reduces, var = variance
         add_eps = user(view, var, "Add")
-        sqrt = add_eps and user(view, add_eps.output[0], "Sqrt")
-        if sqrt is None:
+        if add_eps is None:
             return None
-        nodes += [add_eps, sqrt]
-        std = sqrt.output[0]
-        found = self._divide(view, d, std, nodes) or self._factored(view, x, mean, std, nodes)
+        nodes.append(add_eps)
+        sqrt = user(view, add_eps.output[0], "Sqrt")
+        rsqrt = user(view, add_eps.output[0], "Pow")
+        if sqrt is not None:
+            nodes.append(sqrt)
+            std = sqrt.output[0]
+            found = self._divide(view, d, std, nodes) or self._factored(view, x, mean, std, nodes)
+        elif rsqrt is not None and rsqrt.input[0] == add_eps.output[0] and scalar(view, rsqrt.input[1]) == -0.5:
+            nodes.append(rsqrt)  # (var + eps) ** -0.5: the reciprocal std in one node
+            found = (self._scale_by(view, d, rsqrt.output[0], nodes)
+                     or self._factored_from(view, x, mean, rsqrt.output[0], nodes, len(nodes)))
+        else:
+            return None
         if found is None:
             return None
         return (*found, reduces, add_eps, var)
@@ -161,6 +171,14 @@ class LayerNormFusion(Rule):
         n = through_cast(view, found[-1].output[0], nodes)
         return self._affine_tail(view, n, nodes)
 
+    def _scale_by(self, view, d, r, nodes):
+        """Mul(d, r) with r the reciprocal std, then the affine tail."""
+        mul = user(view, r, "Mul")
+        if mul is None or other_input(mul, r) != d:
+            return None
+        nodes.append(mul)
+        return self._affine_tail(view, through_cast(view, mul.output[0], nodes), nodes)
+
     def _factored(self, view, x, mean, std, nodes):
         """Keras: Y = X * g + (beta - mean * g), g = gamma / std, in its two exported spellings."""
         recip = user(view, std, "Reciprocal")
@@ -168,7 +186,11 @@ class LayerNormFusion(Rule):
             return None
         start = len(nodes)
         nodes.append(recip)
-        g, gamma = recip.output[0], None
+        return self._factored_from(view, x, mean, recip.output[0], nodes, start)
+
+    def _factored_from(self, view, x, mean, r, nodes, start):
+        """The factored form from the reciprocal std `r` on; on failure `nodes` is cut back to `start`."""
+        g, gamma = r, None
         scale = user(view, g, "Mul")
         if scale is not None and _const_other(view, scale, g) is not None:
             gamma = _const_other(view, scale, g)
