@@ -16,6 +16,9 @@ The spellings real exporters write (d = X - mean, "mean" is ReduceMean or Global
 
   tf_keras (non-fused path):   Y = Add(Mul(X, g), Sub(beta, Mul(mean, g)))
 
+  tf_keras (fused path, eps >= 1.001e-5): a BatchNormalization over X reshaped to [1, N*T, D, 1],
+  with moments computed in the graph (see _batchnorm_moments).
+
   jax/Flax (raw moments):      var = Max(Sub(mean(X * X), mean * mean), 0)  (Max optional)
                                Y = Div(d, Sqrt(Add(var, eps))) ─> [Mul(gamma)] ─> [Add(beta)]
 
@@ -39,7 +42,8 @@ import onnx
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._pattern import (float_cast, is_mean, is_op, keeps_dims, mean_axes, normalized_shape,
-                                      other_input, reuse_or_add, scalar, through_cast, trailing_count, user)
+                                      other_input, reduce_axes, reuse_or_add, scalar, through_cast, trailing_count,
+                                      user)
 
 MIN_OPSET = 17
 LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
@@ -80,6 +84,9 @@ class LayerNormFusion(Rule):
         nodes.append(sub)
         found = self._rest(view, x, mean, sub, nodes)
         if found is None:
+            moments = self._batchnorm_moments(view, node, sub)
+            if moments is not None:
+                return moments
             # X - mean(X) that goes on in a way we do not know: say so rather than stay silent.
             return Match("LayerNorm-like (unrecognized spelling)", nodes[:1] + [sub], sub.output[0],
                          {"unrecognized": True})
@@ -115,6 +122,69 @@ class LayerNormFusion(Rule):
         if found is None:
             return None
         return (*found, reduces, add_eps, var)
+
+    def _batchnorm_moments(self, view, mean, sub):
+        """tf_keras' fused LayerNorm, computed through a BatchNormalization on a reshaped X:
+
+            X ─> Reshape([1, N*T, D, 1]) ─> Xr
+            Xr ─> ReduceMean(0,2,3) ─┬─> Squeeze ─> m ──────────────────────────┐
+            Xr, mean ─> Sub ─> ReduceSumSquare(0,2,3) ─> Div(count) ─> v ──────┤
+            Xr ─> BatchNormalization(ones, zeros, m, v, eps) ─> Reshape(X's shape) ─> [Mul(gamma)] ─> [Add(beta)]
+        """
+        xr = mean.input[0]
+        reshape_in = view.producer.get(xr)
+        rss = user(view, sub.output[0], "ReduceSumSquare")
+        div = rss and user(view, rss.output[0], "Div")
+        squeeze = user(view, mean.output[0], "Squeeze")
+        if not is_op(reshape_in, "Reshape") or div is None or squeeze is None or div.input[0] != rss.output[0]:
+            return None
+        bn = next((u for u in view.users(xr) if is_op(u, "BatchNormalization") and list(u.input[3:5]) ==
+                   [squeeze.output[0], div.output[0]]), None)
+        reshape_out = bn and user(view, bn.output[0], "Reshape")
+        count = [view.producer.get(div.input[1])]  # Cast(ReduceProd(Gather(Shape(Xr), axes))), Cast optional
+        if is_op(count[-1], "Cast"):
+            count.append(view.producer.get(count[-1].input[0]))
+        if not is_op(count[-1], "ReduceProd"):
+            return None
+        count.append(view.producer.get(count[-1].input[0]))
+        if not is_op(count[-1], "Gather"):
+            return None
+        count.append(view.producer.get(count[-1].input[0]))
+        if reshape_out is None or not is_op(count[-1], "Shape") or count[-1].input[0] != xr:
+            return None
+        nodes = [reshape_in, *reversed(count), mean, sub, rss, squeeze, div, bn, reshape_out]
+        out, gamma, beta = self._affine_tail(view, reshape_out.output[0], nodes)
+        parts = {"x": reshape_in.input[0], "gamma": gamma, "beta": beta,
+                 "moments": {"xr": xr, "mean": mean, "rss": rss, "squeeze": squeeze, "gather": count[-2], "bn": bn,
+                             "reshape_out": reshape_out}}
+        return Match("LayerNorm (tf_keras fused, through BatchNormalization)", nodes, out, parts)
+
+    def _check_moments(self, view, p):
+        """The facts that make _batchnorm_moments a LayerNorm over X's last axis: (eps, k=1) or Left."""
+        m, x = p["moments"], p["x"]
+        bn = m["bn"]
+        dims, xr_dims, out_dims = view.dims(x), view.dims(m["xr"]), view.dims(m["reshape_out"].output[0])
+        if not dims or not xr_dims or None in dims or None in xr_dims:
+            return Left("unknown-shape", "the shapes around the tf_keras LayerNorm could not be inferred")
+        leading = int(np.prod(dims[:-1]))
+        if list(xr_dims) != [1, leading, dims[-1], 1] or list(out_dims or []) != list(dims):
+            return Left("unsupported-axis", f"the reshape to {xr_dims} does not normalize the last axis of {dims}")
+        axes = [0, 2, 3]
+        gathered = view.const(m["gather"].input[1])
+        squeezed = view.const(m["squeeze"].input[1]) if len(m["squeeze"].input) > 1 else attr(m["squeeze"], "axes")
+        for what, got in (("mean", reduce_axes(view, m["mean"])), ("sum of squares", reduce_axes(view, m["rss"])),
+                          ("count", gathered), ("squeeze", squeezed)):
+            if got is None or sorted(int(a) % 4 for a in np.asarray(got).reshape(-1)) != axes:
+                return Left("unsupported-axis", f"the {what} does not run over axes {axes} of the reshaped input")
+        scale, bias = view.const(bn.input[1]), view.const(bn.input[2])
+        if scale is None or bias is None or not np.all(scale == 1) or not np.all(bias == 0):
+            return Left("non-constant-parameters", f"{label(bn)}: scale and bias must be the constants 1 and 0")
+        if attr(bn, "training_mode", 0) or [o for o in bn.output[1:] if o]:
+            return Left("training-mode", f"{label(bn)} runs in training mode")
+        eps = float(attr(bn, "epsilon", 1e-5))
+        if not eps > 0:
+            return Left("invalid-statistics", f"epsilon {eps} is not positive")
+        return eps, 1
 
     def _central_variance(self, view, d, nodes):
         """mean((X - mean)^2)"""
@@ -254,35 +324,16 @@ class LayerNormFusion(Rule):
         escaped = view.escapes(match.nodes, keep=match.output)
         if escaped:
             return Left("intermediate-used-elsewhere", f"{escaped!r} inside the LayerNorm is also used outside it")
-        for square in p["squares"]:
-            if scalar(view, square.input[1]) != 2.0:
-                return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
-        eps = scalar(view, other_input(p["add_eps"], p["var"]))
-        if eps is None:
-            return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
-        if not eps > 0 or not np.isfinite(eps):
-            return Left("invalid-statistics", f"epsilon {eps} is not positive")
-        rank = view.rank(x)
-        all_axes = [mean_axes(view, r) for r in p["reduces"]]
-        if any(a is None for a in all_axes):
-            return Left("unknown-shape", "the reduction axes could not be determined")
-        normal = [sorted(a % rank for a in axes) if rank else sorted(axes) for axes in all_axes]
-        if any(n != normal[0] for n in normal):
-            return Left("unsupported-axis", "the mean and the variance reduce different axes")
-        if not all(keeps_dims(r) for r in p["reduces"]):
-            return Left("unsupported-attribute", "ReduceMean with keepdims=0")
-        axes = all_axes[0]
-        k = trailing_count(axes, rank)
-        perm = None
-        if k is None:
-            if not ctx.allow_transpose or rank is None:
-                return Left("unsupported-axis", f"reduction over axes {list(axes)} of a rank-{rank or '?'} tensor: "
-                                                "LayerNormalization normalizes trailing axes only "
-                                                "(--allow-transpose wraps it in a Transpose pair)")
-            # Move the normalized axes to the end, normalize there, and move them back.
-            reduced = sorted(a % rank for a in axes)
-            perm = [i for i in range(rank) if i not in reduced] + reduced
-            k = len(reduced)
+        if "moments" in p:
+            found = self._check_moments(view, p)
+            if isinstance(found, Left):
+                return found
+            (eps, k), perm, rank = found, None, view.rank(x)
+        else:
+            found = self._eps_and_axes(view, p, ctx)
+            if isinstance(found, Left):
+                return found
+            eps, k, perm, rank = found
         dims = view.dims(x)
         if perm is not None and dims is not None:
             dims = [dims[i] for i in perm]
@@ -318,6 +369,41 @@ class LayerNormFusion(Rule):
         if gamma is None:
             gamma = np.ones(norm_shape, np_dtype)
         return {"k": k, "eps": eps, "gamma": gamma, "beta": beta, "perm": perm}
+
+    def _eps_and_axes(self, view: GraphView, p: dict, ctx: FoldContext):
+        """Epsilon, the number k of normalized trailing axes, and the Transpose (or None) that
+        makes them trailing; or Left."""
+        x = p["x"]
+        for square in p["squares"]:
+            if scalar(view, square.input[1]) != 2.0:
+                return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
+        eps = scalar(view, other_input(p["add_eps"], p["var"]))
+        if eps is None:
+            return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
+        if not eps > 0 or not np.isfinite(eps):
+            return Left("invalid-statistics", f"epsilon {eps} is not positive")
+        rank = view.rank(x)
+        all_axes = [mean_axes(view, r) for r in p["reduces"]]
+        if any(a is None for a in all_axes):
+            return Left("unknown-shape", "the reduction axes could not be determined")
+        normal = [sorted(a % rank for a in axes) if rank else sorted(axes) for axes in all_axes]
+        if any(n != normal[0] for n in normal):
+            return Left("unsupported-axis", "the mean and the variance reduce different axes")
+        if not all(keeps_dims(r) for r in p["reduces"]):
+            return Left("unsupported-attribute", "ReduceMean with keepdims=0")
+        axes = all_axes[0]
+        k = trailing_count(axes, rank)
+        perm = None
+        if k is None:
+            if not ctx.allow_transpose or rank is None:
+                return Left("unsupported-axis", f"reduction over axes {list(axes)} of a rank-{rank or '?'} tensor: "
+                                                "LayerNormalization normalizes trailing axes only "
+                                                "(--allow-transpose wraps it in a Transpose pair)")
+            # Move the normalized axes to the end, normalize there, and move them back.
+            reduced = sorted(a % rank for a in axes)
+            perm = [i for i in range(rank) if i not in reduced] + reduced
+            k = len(reduced)
+        return eps, k, perm, rank
 
     # ---- rewrite -----------------------------------------------------------------------------
     def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
