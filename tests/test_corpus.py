@@ -14,15 +14,6 @@ from normfold.api import FoldOptions, VerifyOptions, fold_file
 MODELS = Path(__file__).parents[1] / "models"
 FUSED_OP = {"layernorm": "LayerNormalization", "rmsnorm": "RMSNormalization", "groupnorm": "GroupNormalization"}
 
-# Norm modules that stay decomposed even at opset 23, and the reason the report must give.
-KNOWN_LEFT = {
-    # Keras LayerNorm over H, W, C: gamma applied in NHWC to a Transpose of the NCHW input.
-    "tf/keras3_conv_ln_hwc_op13.onnx": {"layernorm": (1, "unrecognized-pattern")},
-    "tf/keras3_conv_ln_hwc_op17.onnx": {"layernorm": (1, "unrecognized-pattern")},
-    "tf/keras3_conv_ln_hwc_op18.onnx": {"layernorm": (1, "unrecognized-pattern")},
-}
-
-
 def corpus():
     for manifest in sorted(MODELS.glob("*/manifest.json")):
         for entry in json.loads(manifest.read_text())["models"]:
@@ -64,9 +55,5 @@ def test_every_norm_module_becomes_one_fused_op(path, entry, tmp_path):
     options = FoldOptions(target_opset=23, allow_transpose=True)
     report = fold_file(path, tmp_path / "out.onnx", options=options, verify=VerifyOptions(shapes=shapes_of(entry)))
     assert report.verification.status == "passed", report.to_text()
-    key = f"{path.parent.name}/{path.name}"
     for kind, op in FUSED_OP.items():
-        missing, reason = KNOWN_LEFT.get(key, {}).get(kind, (0, None))
-        assert report.ops_after.get(op, 0) == entry["ground_truth"][kind] - missing, (kind, report.to_text(True))
-        if missing:
-            assert [s.reason for s in report.sites if s.pass_name == kind and s.status == "left"] == [reason] * missing
+        assert report.ops_after.get(op, 0) == entry["ground_truth"][kind], (kind, report.to_text(True))

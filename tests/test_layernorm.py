@@ -298,3 +298,36 @@ def test_reciprocal_square_root_as_pow(form):
     }}""", opset=17, eps=np.float32(1e-5), half=np.float32(-0.5), gamma=GAMMA, beta=BETA)
     folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
     assert ops(folded) == ["LayerNormalization"]
+
+
+@pytest.mark.parametrize("perm, fused", [([0, 2, 3, 1], True), ([0, 1, 3, 2], True), ([1, 0, 2, 3], False)])
+def test_factored_form_applied_to_a_transposed_input(perm, fused):
+    """tf2onnx's Keras LayerNorm over (H, W, C): statistics over NCHW X, result built on Transpose(X)."""
+    rng = np.random.default_rng(21)
+    t_shape = [[1, 8, 4, 4][i] for i in perm]
+    model = build(f"""g (float[1,8,4,4] x) => (float[{','.join(map(str, t_shape))}] y) {{
+      mean = ReduceMean <axes=[2,3,1]> (x)
+      d = Sub (x, mean)
+      sq = Mul (d, d)
+      var = ReduceMean <axes=[2,3,1]> (sq)
+      ve = Add (var, eps)
+      std = Sqrt (ve)
+      r = Reciprocal (std)
+      r1 = Reshape (r, one)
+      g = Mul (r1, gamma)
+      neg = Neg (mean)
+      n1 = Reshape (neg, one)
+      b = Mul (n1, g)
+      c = Add (b, beta)
+      xt = Transpose <perm=[{','.join(map(str, perm))}]> (x)
+      a = Mul (xt, g)
+      y = Add (a, c)
+    }}""", opset=17, eps=np.float32(1e-3), one=np.array([1, 1, 1, 1], np.int64),
+                  gamma=rng.standard_normal([1] + t_shape[1:]).astype(np.float32),
+                  beta=rng.standard_normal([1] + t_shape[1:]).astype(np.float32))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    if fused:
+        assert ops(folded) == ["Transpose", "LayerNormalization"]
+    else:
+        assert "LayerNormalization" not in ops(folded)
+        assert sites(report, "left")

@@ -90,9 +90,11 @@ class LayerNormFusion(Rule):
             # X - mean(X) that goes on in a way we do not know: say so rather than stay silent.
             return Match("LayerNorm-like (unrecognized spelling)", nodes[:1] + [sub], sub.output[0],
                          {"unrecognized": True})
-        out, gamma, beta, reduces, add_eps, var = found
+        out, gamma, beta, transpose, reduces, add_eps, var = found
         parts = {"x": x, "reduces": reduces, "add_eps": add_eps, "var": var, "gamma": gamma, "beta": beta,
                  "squares": [n for n in nodes if is_op(n, "Pow") and scalar(view, n.input[1]) != -0.5]}
+        if transpose is not None:  # the statistics are taken on X, the result built on Transpose(X)
+            parts["x"], parts["perm_in"] = transpose.output[0], list(attr(transpose, "perm") or [])
         self._absorb_casts(view, nodes, parts, out)
         return Match("LayerNorm (decomposed)", nodes, parts.pop("out", out), parts)
 
@@ -153,7 +155,7 @@ class LayerNormFusion(Rule):
         if reshape_out is None or not is_op(count[-1], "Shape") or count[-1].input[0] != xr:
             return None
         nodes = [reshape_in, *reversed(count), mean, sub, rss, squeeze, div, bn, reshape_out]
-        out, gamma, beta = self._affine_tail(view, reshape_out.output[0], nodes)
+        out, gamma, beta, _ = self._affine_tail(view, reshape_out.output[0], nodes)
         parts = {"x": reshape_in.input[0], "gamma": gamma, "beta": beta,
                  "moments": {"xr": xr, "mean": mean, "rss": rss, "squeeze": squeeze, "gather": count[-2], "bn": bn,
                              "reshape_out": reshape_out}}
@@ -224,7 +226,7 @@ class LayerNormFusion(Rule):
             beta = _const_other(view, readers[0], n)
             nodes.append(readers[0])
             n = readers[0].output[0]
-        return n, gamma, beta
+        return n, gamma, beta, None
 
     def _divide(self, view, d, std, nodes):
         """Div(d, std) or Mul(d, Reciprocal(std)), then the affine tail."""
@@ -260,25 +262,36 @@ class LayerNormFusion(Rule):
 
     def _factored_from(self, view, x, mean, r, nodes, start):
         """The factored form from the reciprocal std `r` on; on failure `nodes` is cut back to `start`."""
-        g, gamma = r, None
+        g, gamma = _skip_identity_reshape(view, r, nodes), None
         scale = user(view, g, "Mul")
         if scale is not None and _const_other(view, scale, g) is not None:
             gamma = _const_other(view, scale, g)
             nodes.append(scale)
             g = scale.output[0]
         muls = [u for u in view.users(g) if is_op(u, "Mul")]
+        # X * g, where X may be seen through a Transpose (tf2onnx: gamma applied in NHWC to NCHW X)
+        transposed = next((t for t in view.users(x) if is_op(t, "Transpose")), None)
         x_mul = next((m for m in muls if other_input(m, g) == x), None)
+        if x_mul is None and transposed is not None:
+            x_mul = next((m for m in muls if other_input(m, g) == transposed.output[0]), None)
+        else:
+            transposed = None
         mean_mul = next((m for m in muls if m is not x_mul), None)
         if x_mul is None or mean_mul is None or len(muls) != 2:
             del nodes[start:]
             return None
         shifted = other_input(mean_mul, g)
+        wrapper = view.producer.get(shifted)
+        if is_op(wrapper, "Reshape") and _identity_reshape(view, wrapper.input[0]) is wrapper:
+            shifted = wrapper.input[0]
+        else:
+            wrapper = None
         neg = view.producer.get(shifted)
         negated = is_op(neg, "Neg") and neg.input[0] == mean
         if not negated and shifted != mean:
             del nodes[start:]
             return None
-        nodes += ([neg] if negated else []) + [mean_mul]
+        nodes += ([neg] if negated else []) + ([wrapper] if wrapper is not None else []) + [mean_mul]
         m, beta = mean_mul.output[0], None
         combine = user(view, m, "Add" if negated else "Sub")
         if combine is not None and (negated and _const_other(view, combine, m)
@@ -294,7 +307,7 @@ class LayerNormFusion(Rule):
             del nodes[start:]
             return None
         nodes += [x_mul, final]
-        return final.output[0], gamma, beta
+        return final.output[0], gamma, beta, transposed
 
     def _absorb_casts(self, view, nodes, parts, out):
         """Cast(f16 -> f32) ... Cast(f32 -> f16) around the whole norm: fuse on the fp16 tensor."""
@@ -392,6 +405,10 @@ class LayerNormFusion(Rule):
         if not all(keeps_dims(r) for r in p["reduces"]):
             return Left("unsupported-attribute", "ReduceMean with keepdims=0")
         axes = all_axes[0]
+        if p.get("perm_in") and rank and sorted(p["perm_in"]) == list(range(rank)):
+            axes = tuple(p["perm_in"].index(a % rank) for a in axes)  # where X's reduced axes are in Transpose(X)
+        elif "perm_in" in p:
+            return Left("unsupported-axis", "the Transpose applied to the input has no usable perm")
         k = trailing_count(axes, rank)
         perm = None
         if k is None:
@@ -436,6 +453,16 @@ class LayerNormFusion(Rule):
         wrapped = "" if perm is None else f", between Transposes {perm} and back"
         return Rewritten([n.name for n in created], f"{len(match.nodes)} nodes fused into LayerNormalization "
                                                     f"(axis={-plan['k']}, epsilon={plan['eps']:g}{wrapped})")
+
+
+def _skip_identity_reshape(view: GraphView, tensor: str, nodes: list) -> str:
+    """Step over a Reshape that is the only reader of `tensor` and keeps its shape."""
+    readers = view.users(tensor)
+    reshape = _identity_reshape(view, tensor)
+    if reshape is None or len(readers) != 1:
+        return tensor
+    nodes.append(reshape)
+    return reshape.output[0]
 
 
 def _identity_reshape(view: GraphView, tensor: str) -> onnx.NodeProto | None:
