@@ -307,6 +307,55 @@ def _one_line(exc: BaseException, limit: int = 240) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _copy_fields(source, dest, skip: str) -> None:
+    """Every set field of `source` but `skip` into the empty message `dest` (small fields only)."""
+    for field, value in source.ListFields():
+        if field.name == skip:
+            continue
+        if field.type == field.TYPE_MESSAGE:
+            target = getattr(dest, field.name)
+            target.extend(value) if _is_repeated(field) else target.CopyFrom(value)
+        elif _is_repeated(field):
+            getattr(dest, field.name).extend(value)
+        else:
+            setattr(dest, field.name, value)
+
+
+_GRAPH_TAG = _varint(onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number << 3 | 2)
+_INITIALIZER_TAG = _varint(onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number << 3 | 2)
+
+
+def write_model(model: onnx.ModelProto, f) -> None:
+    """Write `model` as protobuf, one initializer at a time. SerializeToString() would build the
+    whole file in memory once more (as large as the model); this writes the same message, with
+    the graph's initializers last within the graph (field order is free in protobuf), and holds
+    one weight's bytes at a time. The same model always gives the same bytes."""
+    graph = model.graph
+    head, body = onnx.ModelProto(), onnx.GraphProto()
+    _copy_fields(model, head, skip="graph")
+    _copy_fields(graph, body, skip="initializer")
+    body_bytes = body.SerializeToString()
+    sizes = [t.ByteSize() for t in graph.initializer]
+    graph_size = len(body_bytes) + sum(len(_INITIALIZER_TAG) + len(_varint(n)) + n for n in sizes)
+    f.write(head.SerializeToString())
+    if not model.HasField("graph"):
+        return
+    f.write(_GRAPH_TAG + _varint(graph_size))
+    f.write(body_bytes)
+    for tensor, size in zip(graph.initializer, sizes):
+        f.write(_INITIALIZER_TAG + _varint(size))
+        f.write(tensor.SerializeToString())
+
+
 def approximate_size(model: onnx.ModelProto) -> int:
     """The serialized size of a model, within a few percent: its tensors' data plus a margin for
     the graph. ByteSize() would be exact but costs about as much as serializing the whole model."""
@@ -355,7 +404,7 @@ class StagedModel:
                 # No fsync: the rename already guarantees that a crashed or killed run leaves no
                 # partial model; forcing 400 MB to disk would cost more than the fold itself.
                 with open(self.path, "wb") as f:
-                    f.write(model.SerializeToString())
+                    write_model(model, f)
         except OSError as exc:  # disk full, quota, a file system that refuses the name
             self.discard()
             raise NormfoldError(f"{self.dest}: cannot write ({exc.strerror or _one_line(exc)})") from None
