@@ -247,3 +247,20 @@ def test_models_near_two_gigabytes_are_written_with_external_data(tmp_path, monk
     monkeypatch.setattr(normfold.io, "TWO_GB", 2**26 + 5000)
     report = normfold.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
     assert report.written and (tmp_path / "out.onnx.data").exists()
+
+
+@pytest.mark.parametrize("name", ["torch/hf_bert_op14.onnx", "tf/keras3_mobilenetv2_op13.onnx", "torch/cnn_bn_op13.onnx"])
+def test_streamed_writer_gives_the_same_message(name, tmp_path):
+    """write_model puts the initializers last within the graph; the message must be the same."""
+    import io
+
+    from normfold.io import write_model
+
+    model = onnx.load(Path(__file__).parents[1] / "models" / name)
+    first, second = io.BytesIO(), io.BytesIO()
+    write_model(model, first)
+    write_model(model, second)
+    parsed = onnx.ModelProto()
+    parsed.ParseFromString(first.getvalue())
+    assert parsed == model and len(first.getvalue()) == model.ByteSize()
+    assert first.getvalue() == second.getvalue()
