@@ -416,6 +416,7 @@ class StagedModel:
         """Move the staged files into place, data first and model last."""
         try:
             for name in self.files:
+                os.chmod(self.folder / name, _default_mode())  # as a plain open() would have made it
                 os.replace(self.folder / name, self.dest.parent / name)
         except OSError as exc:
             raise NormfoldError(f"{self.dest}: cannot move the result into place ({exc.strerror or _one_line(exc)})") from None
@@ -424,6 +425,13 @@ class StagedModel:
 
     def discard(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _default_mode() -> int:
+    """0o666 less the process umask: the mode open() gives a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def check_destination(path: str | os.PathLike, what: str = "output") -> None:
@@ -447,6 +455,7 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        os.chmod(tmp, _default_mode())  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -264,3 +264,13 @@ def test_streamed_writer_gives_the_same_message(name, tmp_path):
     parsed.ParseFromString(first.getvalue())
     assert parsed == model and len(first.getvalue()) == model.ByteSize()
     assert first.getvalue() == second.getvalue()
+
+
+def test_written_files_get_ordinary_permissions(model_path, tmp_path):
+    out = tmp_path / "o.onnx"
+    assert normfold_cmd("fold", model_path, "-o", out, "--report", tmp_path / "r.json",
+                        "--external-data").returncode == 0
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (out, tmp_path / "r.json"):
+        assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
