@@ -322,3 +322,29 @@ def test_bfloat16_weights_are_stored_in_bfloat16():
     exact = w.astype(np.float64) * scale[:, None, None, None]
     assert np.max(np.abs(plan.weight.astype(np.float64) - exact)) == plan.rounding
     assert 0 < plan.rounding <= np.max(np.abs(exact)) * 2 ** -8  # within bfloat16's half ulp
+
+
+def test_bn_inside_a_scan_body_folds():
+    rng = np.random.default_rng(15)
+    p = bn_params(rng, 4)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32)
+    body = helper.make_graph(
+        [helper.make_node("Conv", ["xs", "w"], ["c"], pads=[1, 1, 1, 1], name="conv_in_scan"),
+         helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["ys"], name="bn_in_scan"),
+         helper.make_node("Identity", ["state_in"], ["state_out"])],
+        "body",
+        [helper.make_tensor_value_info("state_in", onnx.TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("xs", onnx.TensorProto.FLOAT, [1, 3, 6, 6])],
+        [helper.make_tensor_value_info("state_out", onnx.TensorProto.FLOAT, [1]),
+         helper.make_tensor_value_info("ys", onnx.TensorProto.FLOAT, [1, 4, 6, 6])])
+    scan = helper.make_node("Scan", ["state", "x"], ["state_final", "y"], body=body, num_scan_inputs=1, name="scan")
+    graph = helper.make_graph([scan], "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 1, 4, 6, 6])],
+                              [numpy_helper.from_array(np.zeros(1, np.float32), "state"), numpy_helper.from_array(w, "w")]
+                              + [numpy_helper.from_array(v, k) for k, v in p.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    folded, report, _ = fold_and_compare(model)
+    [site] = report.sites
+    assert site.status == "folded" and site.graph == "main/scan:body"
+    assert [n.op_type for n in folded.graph.node[0].attribute[0].g.node] == ["Conv", "Identity"]
