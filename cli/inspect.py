@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -22,8 +23,8 @@ WOULD = {"folded": "would fold", "fused": "would fuse", "left": "left"}
 
 def _plan(path: str, options) -> Report:
     """Run the passes on the model in memory (nothing is written) and return the report."""
-    model, _ = read_model(path)
-    _, report = fold(model, options, copy=False)
+    model, _ = read_model(path, lazy=True)
+    _, report = fold(model, options, copy=False, base_dir=os.path.dirname(os.path.abspath(path)))
     report.input = path
     return report
 

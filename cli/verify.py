@@ -35,7 +35,7 @@ def verify(original, candidate, site_names, benchmark, report_path, quiet, verbo
     """
     started = time.perf_counter()
     options = verify_options(groups)
-    models = [read_model(path)[0] for path in (original, candidate)]  # one-line errors for bad files
+    models = [read_model(path, lazy=True)[0] for path in (original, candidate)]  # one-line errors for bad files
     sites = None
     if site_names == "*":
         sites = _common_tensors(*models)

@@ -84,10 +84,11 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     return converted
 
 
-def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bool = True
-         ) -> tuple[onnx.ModelProto, Report]:
+def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bool = True,
+         base_dir: str | os.PathLike = "") -> tuple[onnx.ModelProto, Report]:
     """Fold and fuse every site the selected passes can rewrite. Returns the new model and a report
-    (verification is not part of this call: see `fold_file` and `normfold.verify`)."""
+    (verification is not part of this call: see `fold_file` and `normfold.verify`). `base_dir` is
+    where weights still in external data files are read from."""
     options = options or FoldOptions()
     unknown = sorted(set(options.passes) - set(PASS_NAMES))
     if unknown:
@@ -99,10 +100,11 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     report = Report(opset_before=model_opset(model))
     report.ops_before = count_ops(model.graph)
     report.nodes_before = sum(report.ops_before.values())
-    if needs_newer_opset(model, options):
+    if needs_newer_opset(model, options, base_dir):
         model = convert_opset(model, options.target_opset)
     ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
-                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose)
+                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose,
+                      base_dir=str(base_dir))
     rules = [rule for rule in RULES if rule.name in options.passes]
     report.sites = run_rules(model.graph, rules, ctx, infer_shapes(model))
     add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
@@ -112,14 +114,15 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     return model, report
 
 
-def needs_newer_opset(model: onnx.ModelProto, options: FoldOptions) -> bool:
+def needs_newer_opset(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.PathLike = "") -> bool:
     """Whether some site is left only because the model's opset is too old for the fused op (a dry
     run of the passes, nothing rewritten). When none is, --target-opset can be skipped: the version
     converter copies the whole model and would change nothing normfold does."""
     if options.target_opset is None or options.target_opset <= model_opset(model):
         return False
     ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
-                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose)
+                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose,
+                      base_dir=str(base_dir))
     # Only the rules whose op needs a newer opset can be held back by it (and a BN fold's check
     # would compute every folded weight just to be thrown away).
     rules = [rule for rule in RULES if rule.name in options.passes and rule.min_opset
@@ -153,7 +156,8 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     check_destination(dest)
 
     t = time.perf_counter()
-    model, external_files = read_model(src)
+    model, external_files = read_model(src, lazy=True)  # external weights stay in their files until needed
+    base_dir = str(src.resolve().parent)
     timings = {"load": time.perf_counter() - t}
     if not in_place:
         # Writing over the input's own weights file would corrupt the input model.
@@ -166,7 +170,7 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     options = options or FoldOptions()
     before = count_ops(model.graph), model_opset(model)
     conversion = None
-    if options.target_opset is not None and not needs_newer_opset(model, options):
+    if options.target_opset is not None and not needs_newer_opset(model, options, base_dir):
         options = dataclasses.replace(options, target_opset=None)  # converting would change nothing we do
     if options.target_opset is not None and options.target_opset > model_opset(model):
         # Convert first and check the conversion on its own, so that a converter bug is named as
@@ -174,12 +178,12 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
         t = time.perf_counter()
         model = convert_opset(model, options.target_opset)
         if verify.enabled:
-            conversion = _verify_staged(src, model, dest, verify, external_files)
+            conversion = _verify_staged(src, model, dest, verify, external_files, base_dir)
         timings["convert"] = time.perf_counter() - t
         options = dataclasses.replace(options, target_opset=None)
 
     t = time.perf_counter()
-    model, report = fold(model, options, copy=False)
+    model, report = fold(model, options, copy=False, base_dir=base_dir)
     timings["fold"] = time.perf_counter() - t
     report.input, report.output = str(src), str(dest)
     report.ops_before, report.opset_before = before
@@ -198,7 +202,7 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     if name and (os.path.basename(name) != name or name in (".", "..")):
         raise NormfoldError(f"--external-data {name!r}: give a file name, not a path (it is written beside the output)")
     staged = StagedModel(model, dest, external_data=True if external_files or name is not None else None,
-                         data_name=name or None, consume=True)
+                         data_name=name or None, consume=True, source_dir=base_dir)
     del model  # verification loads both models in onnxruntime; do not hold a third copy
     timings["save"] = time.perf_counter() - t
     try:
@@ -233,9 +237,9 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
 
 
 def _verify_staged(src: Path, model: onnx.ModelProto, dest: Path, verify: VerifyOptions,
-                   external_files: list[str]) -> Verification:
+                   external_files: list[str], base_dir: str) -> Verification:
     """Compare the original file with `model`, staged beside `dest` and discarded afterwards."""
-    staged = StagedModel(model, dest, external_data=True if external_files else None)
+    staged = StagedModel(model, dest, external_data=True if external_files else None, source_dir=base_dir)
     try:
         return verify.compare(src, staged.path)
     finally:

@@ -90,8 +90,11 @@ class GraphView:
     """Index of one graph. `outer` is the view of the enclosing graph for If/Loop/Scan bodies."""
 
     def __init__(self, graph: onnx.GraphProto, path: str = "main", outer: "GraphView | None" = None,
-                 shapes: dict[str, tuple[int, list]] | None = None, opset: int | None = None):
+                 shapes: dict[str, tuple[int, list]] | None = None, opset: int | None = None,
+                 base_dir: str | None = None):
         self.graph = graph
+        # where weights still in external data files are read from (see io.read_model(lazy=True))
+        self.base_dir = base_dir if base_dir is not None else (outer.base_dir if outer else "")
         self.opset = opset or (outer.opset if outer else onnx.defs.onnx_opset_version())
         self._const_cache: dict[str, np.ndarray | None] = {}
         self.path = path
@@ -191,7 +194,7 @@ class GraphView:
         if name in self.initializers:
             if name in self.input_names:
                 return None
-            return numpy_helper.to_array(self.initializers[name])
+            return numpy_helper.to_array(self.initializers[name], self.base_dir)
         node = self.producer.get(name)
         if node is not None:
             if node.domain not in ("", "ai.onnx"):

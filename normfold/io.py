@@ -195,8 +195,8 @@ def _check_tensor_data(path: Path, model: onnx.ModelProto) -> None:
     """Every constant must hold exactly the data its type and shape need (after external data is in).
     Weights in raw_data are checked by their byte count, not decoded: that would copy every weight."""
     for tensor in _model_tensors(model):
-        if _raw_size_ok(tensor):
-            continue
+        if _raw_size_ok(tensor) or tensor.data_location == onnx.TensorProto.EXTERNAL:
+            continue  # external tensors still in their files were checked by _check_external_extents
         try:
             numpy_helper.to_array(tensor)
         except Exception as exc:
@@ -250,8 +250,10 @@ def _check_external_location(path: Path, base: Path, location: str) -> None:
         raise NormfoldError(f"{path}: external data file {location!r}: {problem.split(';')[0]}; refused")
 
 
-def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[str]]:
-    """Like load_model, and also the external data files the model's weights came from."""
+def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelProto, list[str]]:
+    """Like load_model, and also the external data files the model's weights came from. With
+    `lazy`, external weights are checked (location, size) but left in their files: a caller then
+    reads them with numpy_helper.to_array(tensor, base_dir) and StagedModel copies them over."""
     path = Path(path)
     problem = _regular_file_problem(path)
     if problem:
@@ -290,13 +292,57 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, list[str]]:
             onnx.checker.check_model(light_model(model), full_check=True)
     except Exception as exc:  # ValidationError and several other C++-mapped types
         raise NormfoldError(f"{path}: invalid model: {_one_line(exc)}") from None
-    if locations:
+    if locations and lazy:
+        _check_external_extents(path, base, model)
+    elif locations:
         try:
             external_data_helper.load_external_data_for_model(model, str(base))
         except Exception as exc:  # OSError, ValueError (bad offset/length, short file), ...
             raise NormfoldError(f"{path}: cannot read external data: {_one_line(exc)}") from None
     _check_tensor_data(path, model)
     return model, locations
+
+
+def _external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def _check_external_extents(path: Path, base: Path, model: onnx.ModelProto) -> None:
+    """Without reading them: every external tensor's bytes must lie inside its file and be as many
+    as its type and shape need."""
+    sizes: dict[str, int] = {}
+    for tensor in _model_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = _external_info(tensor)
+        location = info.get("location", "")
+        if location not in sizes:
+            sizes[location] = (base / location).stat().st_size
+        try:
+            offset = int(info.get("offset", 0))
+            needed = _expected_bytes(tensor)
+            length = int(info["length"]) if "length" in info else (needed if needed is not None else
+                                                                   sizes[location] - offset)
+        except ValueError:
+            raise NormfoldError(f"{path}: cannot read external data: tensor {tensor.name!r} has an offset or "
+                                "length that is not a number") from None
+        if offset < 0 or length < 0 or offset + length > sizes[location] or (needed is not None and length != needed):
+            raise NormfoldError(f"{path}: cannot read external data: tensor {tensor.name!r} ({location!r}, offset "
+                                f"{offset}, length {length}) does not fit the file ({sizes[location]} bytes) or "
+                                f"the tensor's {needed} bytes")
+
+
+def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    if tensor.data_type in _SUB_BYTE or tensor.data_type == onnx.TensorProto.STRING:
+        return None
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except Exception:
+        return None
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    return count * itemsize
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -371,14 +417,62 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return _light(model)
 
 
+EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file, as onnx.save does
+
+
+def _write_external_data(model: onnx.ModelProto, data_path: Path, location: str,
+                         source_dir: str | os.PathLike | None) -> bool:
+    """Move every tensor of `model` of EXTERNAL_THRESHOLD bytes or more into `data_path` and point
+    it there. Tensors still in the source's external files are copied file to file, never loaded.
+    Returns whether anything was written."""
+    offset = 0
+    # Tensors already external (in the source's files) move, whatever holds them; inline ones
+    # move when they are initializers (Constant attributes stay inline, as with onnx.save).
+    moving = [t for t in _model_tensors(model) if t.data_location == onnx.TensorProto.EXTERNAL]
+    moving += [t for g in _all_graphs(model) for t in g.initializer
+               if t.data_location != onnx.TensorProto.EXTERNAL and t.HasField("raw_data")
+               and len(t.raw_data) >= EXTERNAL_THRESHOLD]
+    with open(data_path, "wb") as out:
+        for tensor in moving:
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                info = _external_info(tensor)
+                start, length = int(info.get("offset", 0)), int(info.get("length", -1))
+                with open(Path(source_dir or ".") / info["location"], "rb") as src:
+                    src.seek(start)
+                    if length < 0:
+                        length = os.fstat(src.fileno()).st_size - start
+                    remaining = length
+                    while remaining:
+                        chunk = src.read(min(remaining, 1 << 24))
+                        if not chunk:
+                            raise OSError(f"external data of {tensor.name!r} ends early")
+                        out.write(chunk)
+                        remaining -= len(chunk)
+            else:
+                length = len(tensor.raw_data)
+                out.write(tensor.raw_data)
+                tensor.ClearField("raw_data")
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+            del tensor.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+                entry = tensor.external_data.add()
+                entry.key, entry.value = key, value
+            offset += length
+    if offset == 0:
+        data_path.unlink()
+    return offset > 0
+
+
 class StagedModel:
     """A model written to a temporary folder beside `dest`, waiting to be moved into place."""
 
     def __init__(self, model: onnx.ModelProto, dest: str | os.PathLike, external_data: bool | None = None,
-                 data_name: str | None = None, consume: bool = False):
+                 data_name: str | None = None, consume: bool = False, source_dir: str | os.PathLike | None = None):
         """Write `model` for `dest`. With external data (forced, or needed past protobuf's 2 GB),
-        `consume=True` leaves the model's weights in the data file instead of reading them back:
-        for a caller that has no further use for the model, that saves reading it all again."""
+        weights go to `data_name` beside it; tensors still in the source's external files (read
+        lazily, relative to `source_dir`) are copied across without being loaded. `consume=True`
+        lets the model's tensors point at the new file afterwards (the caller is done with it);
+        otherwise a copy of the model is written."""
         self.dest = Path(dest)
         parent = self.dest.parent
         check_destination(self.dest)
@@ -393,13 +487,14 @@ class StagedModel:
                 external_data = approximate_size(model) >= TWO_GB - 2**26
             if external_data:
                 data_name = data_name or f"{self.dest.name}.data"
-                onnx.save_model(model, str(self.path), save_as_external_data=True, all_tensors_to_one_file=True,
-                                location=data_name, size_threshold=1024, convert_attribute=False)
                 if not consume:
-                    # save_model moved the weights out of the proto; read them back for the caller.
-                    external_data_helper.load_external_data_for_model(model, str(self.folder))
-                if (self.folder / data_name).exists():  # absent when every tensor is under the threshold
+                    copy = onnx.ModelProto()
+                    copy.CopyFrom(model)
+                    model = copy
+                if _write_external_data(model, self.folder / data_name, data_name, source_dir):
                     self.files.insert(0, data_name)
+                with open(self.path, "wb") as f:
+                    write_model(model, f)
             else:
                 # No fsync: the rename already guarantees that a crashed or killed run leaves no
                 # partial model; forcing 400 MB to disk would cost more than the fold itself.

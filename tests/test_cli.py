@@ -274,3 +274,18 @@ def test_written_files_get_ordinary_permissions(model_path, tmp_path):
     os.umask(mask)
     for path in (out, tmp_path / "r.json"):
         assert path.stat().st_mode & 0o777 == 0o666 & ~mask, path
+
+
+def test_external_data_model_with_opset_conversion(tmp_path):
+    """Weights stay in their file while the conversion is checked and the model folded."""
+    model = onnx.load(Path(__file__).parents[1] / "models" / "torch" / "hf_bert_op14.onnx")
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(model, src / "bert.onnx", save_as_external_data=True, location="bert.weights", size_threshold=256)
+    report = normfold.fold_file(src / "bert.onnx", tmp_path / "out.onnx",
+                                options=normfold.FoldOptions(target_opset=17),
+                                verify=normfold.VerifyOptions(shapes={"input_ids": [2, 8]}))
+    assert report.written and report.conversion.status == "passed" and report.verification.status == "passed"
+    assert report.ops_after["LayerNormalization"] == 5
+    assert (tmp_path / "out.onnx.data").stat().st_size > 50_000  # the weights, moved file to file
+    onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)

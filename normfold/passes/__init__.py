@@ -52,6 +52,7 @@ class FoldContext:
     exclude_nodes: frozenset[str] = frozenset()
     allow_contrib: bool = False  # use com.microsoft ops where the standard one needs a newer opset
     allow_transpose: bool = False  # wrap a LayerNorm over non-trailing axes in a Transpose pair
+    base_dir: str = ""  # folder that external data locations are relative to
 
 
 class Rule:
@@ -88,7 +89,7 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
     """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site.
     With `dry`, sites are matched and checked but nothing is rewritten (sites that only an earlier
     rewrite would create, such as the second BN of Conv -> BN -> BN, are then not seen)."""
-    view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset)
+    view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset, base_dir=ctx.base_dir)
     records: list[SiteRecord] = []
     for node in list(view.nodes):
         if view.is_removed(node):
