@@ -348,3 +348,24 @@ def test_bn_inside_a_scan_body_folds():
     [site] = report.sites
     assert site.status == "folded" and site.graph == "main/scan:body"
     assert [n.op_type for n in folded.graph.node[0].attribute[0].g.node] == ["Conv", "Identity"]
+
+
+def test_model_local_functions_pass_through_untouched():
+    rng = np.random.default_rng(16)
+    p = bn_params(rng, 4)
+    scale_fn = helper.make_function("local.fn", "DoubleIt", ["a"], ["b"],
+                                    [helper.make_node("Add", ["a", "a"], ["b"])],
+                                    opset_imports=[helper.make_opsetid("", 15)])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("BatchNormalization", ["c", "s", "bb", "m", "v"], ["n"], name="bn"),
+             helper.make_node("DoubleIt", ["n"], ["y"], domain="local.fn", name="call")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6])],
+                              [helper.make_tensor_value_info("y", 1, [1, 4, 6, 6])],
+                              [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")]
+                              + [numpy_helper.from_array(v, k) for k, v in p.items()])
+    model = helper.make_model(graph, functions=[scale_fn],
+                              opset_imports=[helper.make_opsetid("", 15), helper.make_opsetid("local.fn", 1)])
+    model.ir_version = 8
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "DoubleIt"]
+    assert folded.functions[0] == scale_fn
