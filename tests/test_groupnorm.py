@@ -341,3 +341,21 @@ def test_corpus_groupnorms_at_their_own_opset_are_left_as_too_old(folder, name):
     assert len(left) == len(gn_sites(report)) == entry["ground_truth"]["groupnorm"]
     assert all("--target-opset 21" in s.detail for s in left)
     assert "GroupNormalization" not in normfold.graph.count_ops(folded.graph)
+
+
+def test_tf_keras_group_norm_after_another_tool_constant_folded_it(tmp_path):
+    """onnxsim's constant folding turns tf_keras' div_no_nan guard Equal(n, 0) into a constant
+    condition (here done by hand, as onnxsim does); the GroupNorm must still be recognised."""
+    from onnx import numpy_helper
+
+    model = onnx.load(Path(__file__).parents[1] / "models" / "tf" / "tfkeras_groupnorm_op17.onnx")
+    equal = next(n for n in model.graph.node if n.op_type == "Equal")
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    folded_condition = np.equal(*(values[name] for name in equal.input))
+    model.graph.node.remove(equal)
+    model.graph.initializer.append(numpy_helper.from_array(folded_condition, equal.output[0]))
+    onnx.save(model, tmp_path / "simplified.onnx")
+    report = normfold.fold_file(tmp_path / "simplified.onnx", tmp_path / "out.onnx",
+                                options=normfold.FoldOptions(target_opset=21))
+    assert report.verification.status == "passed"
+    assert report.ops_after.get("GroupNormalization") == 1

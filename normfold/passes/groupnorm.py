@@ -309,6 +309,9 @@ def _mean_like(view: GraphView, tensor: str) -> tuple[list[onnx.NodeProto], str]
         if is_op(equal, "Equal"):
             nodes += [equal, where]  # the Equal is shared by the mean and the variance
             out = where.output[0]
+        elif view.is_const(where.input[0]):  # the Equal already constant-folded (onnxsim, onnxruntime)
+            nodes.append(where)
+            out = where.output[0]
     return nodes, out
 
 
@@ -388,7 +391,12 @@ def _check_count(view: GraphView, nodes: list[onnx.NodeProto], grouped: list, ax
             or any(padded[a] != 1 for a in axes)):
         return Left("non-constant-parameters", f"{label(div)}: the divisor is not the constant element count "
                                                f"{size if size else '?'} of a group")
-    if len(nodes) > 2:
+    if len(nodes) == 3:  # Where(constant condition, 0, ReduceSum / n): it must never pick the 0
+        where = nodes[2]
+        if np.any(view.const(where.input[0])):
+            return Left("non-constant-parameters", f"{label(where)}: the div_no_nan guard's constant condition "
+                                                   "is not all false")
+    elif len(nodes) > 2:
         equal, where = nodes[2], nodes[-1]
         zero = other_input(equal, div.input[1])
         zero_value = view.const(zero) if zero else None
