@@ -172,19 +172,8 @@ def _check_tensor_headers(path: Path, model: onnx.ModelProto) -> None:
 def _raw_size_ok(tensor: onnx.TensorProto) -> bool | None:
     """Whether raw_data has exactly the bytes its type and shape need; None when that cannot be
     told from the header alone (no raw_data, or a type without a fixed item size)."""
-    if not tensor.HasField("raw_data"):
-        return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:
-        return None
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    bits = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4}.get(tensor.data_type)
-    if bits is not None or tensor.data_type in _SUB_BYTE:
-        return None
-    return len(tensor.raw_data) == count * itemsize
+    needed = _expected_bytes(tensor) if tensor.HasField("raw_data") else None
+    return None if needed is None else len(tensor.raw_data) == needed
 
 
 _SUB_BYTE = frozenset(getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
@@ -333,6 +322,8 @@ def _check_external_extents(path: Path, base: Path, model: onnx.ModelProto) -> N
 
 
 def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
+    """The bytes a tensor's data take, from its type and shape; None for packed sub-byte types
+    and strings."""
     if tensor.data_type in _SUB_BYTE or tensor.data_type == onnx.TensorProto.STRING:
         return None
     try:
