@@ -18,6 +18,7 @@ from onnx import external_data_helper, numpy_helper
 
 from normfold.errors import NormfoldError
 from normfold.graph import subgraphs
+from normfold.shapes import light_model
 
 TWO_GB = 2**31
 
@@ -398,14 +399,6 @@ def approximate_size(model: onnx.ModelProto) -> int:
     the graph. ByteSize() would be exact but costs about as much as serializing the whole model."""
     data = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _model_tensors(model))
     return data + 64 * (len(model.graph.node) + 1) * 16
-
-
-def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of `model` for the checker and shape inference, with every large initializer of the
-    main graph turned into a graph input of the same type and shape."""
-    from normfold.shapes import light_model as _light
-
-    return _light(model)
 
 
 EXTERNAL_THRESHOLD = 1024  # bytes: smaller tensors stay in the model file, as onnx.save does
