@@ -144,6 +144,10 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     raised for bad input (nothing is written then either)."""
     started = time.perf_counter()
     verify = verify or VerifyOptions()
+    options = options or FoldOptions()
+    name = options.external_data
+    if name and (os.path.basename(name) != name or name in (".", "..")):
+        raise NormfoldError(f"--external-data {name!r}: give a file name, not a path (it is written beside the output)")
     src = Path(input_path)
     if in_place:
         if output_path is not None and Path(output_path).resolve() != src.resolve():
@@ -167,12 +171,9 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
             raise NormfoldError(f"{dest}: would overwrite the input's external data file "
                                 f"{sorted(str(p) for p in ours & theirs)[0]}; choose another output name")
 
-    options = options or FoldOptions()
     before = count_ops(model.graph), model_opset(model)
     conversion = None
-    if options.target_opset is not None and not needs_newer_opset(model, options, base_dir):
-        options = dataclasses.replace(options, target_opset=None)  # converting would change nothing we do
-    if options.target_opset is not None and options.target_opset > model_opset(model):
+    if needs_newer_opset(model, options, base_dir):  # else converting would change nothing we do
         # Convert first and check the conversion on its own, so that a converter bug is named as
         # such (and never blamed on, or hidden by, a fold).
         t = time.perf_counter()
@@ -180,7 +181,7 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
         if verify.enabled:
             conversion = _verify_staged(src, model, dest, verify, external_files, base_dir)
         timings["convert"] = time.perf_counter() - t
-        options = dataclasses.replace(options, target_opset=None)
+    options = dataclasses.replace(options, target_opset=None)
 
     t = time.perf_counter()
     model, report = fold(model, options, copy=False, base_dir=base_dir)
@@ -193,14 +194,9 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
         conversion.detail = "converting the opset alone changed the outputs: " + conversion.detail
         report.verification = conversion
         report.exit_code = exit_codes.OUTPUTS_DIFFER
-        timings["total"] = time.perf_counter() - started
-        report.timings = {k: round(v, 4) for k, v in timings.items()}
-        return report
+        return _finish(report, timings, started)
 
     t = time.perf_counter()
-    name = options.external_data
-    if name and (os.path.basename(name) != name or name in (".", "..")):
-        raise NormfoldError(f"--external-data {name!r}: give a file name, not a path (it is written beside the output)")
     staged = StagedModel(model, dest, external_data=True if external_files or name is not None else None,
                          data_name=name or None, consume=True, source_dir=base_dir)
     del model  # verification loads both models in onnxruntime; do not hold a third copy
@@ -231,6 +227,10 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
             report.exit_code = exit_codes.OK
     finally:
         staged.discard()
+    return _finish(report, timings, started)
+
+
+def _finish(report: Report, timings: dict[str, float], started: float) -> Report:
     timings["total"] = time.perf_counter() - started
     report.timings = {k: round(v, 4) for k, v in timings.items()}
     return report
