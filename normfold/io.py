@@ -18,7 +18,7 @@ from onnx import external_data_helper, numpy_helper
 
 from normfold.errors import NormfoldError
 from normfold.graph import subgraphs
-from normfold.shapes import light_model
+from normfold.shapes import data_bytes, light_model
 
 TWO_GB = 2**31
 
@@ -173,12 +173,8 @@ def _check_tensor_headers(path: Path, model: onnx.ModelProto) -> None:
 def _raw_size_ok(tensor: onnx.TensorProto) -> bool | None:
     """Whether raw_data has exactly the bytes its type and shape need; None when that cannot be
     told from the header alone (no raw_data, or a type without a fixed item size)."""
-    needed = _expected_bytes(tensor) if tensor.HasField("raw_data") else None
+    needed = data_bytes(tensor) if tensor.HasField("raw_data") else None
     return None if needed is None else len(tensor.raw_data) == needed
-
-
-_SUB_BYTE = frozenset(getattr(onnx.TensorProto, name) for name in ("INT4", "UINT4", "FLOAT4E2M1", "INT2", "UINT2")
-                      if hasattr(onnx.TensorProto, name))
 
 
 def _check_tensor_data(path: Path, model: onnx.ModelProto) -> None:
@@ -310,7 +306,7 @@ def _check_external_extents(path: Path, base: Path, model: onnx.ModelProto) -> N
             sizes[location] = (base / location).stat().st_size
         try:
             offset = int(info.get("offset", 0))
-            needed = _expected_bytes(tensor)
+            needed = data_bytes(tensor)
             length = int(info["length"]) if "length" in info else (needed if needed is not None else
                                                                    sizes[location] - offset)
         except ValueError:
@@ -320,21 +316,6 @@ def _check_external_extents(path: Path, base: Path, model: onnx.ModelProto) -> N
             raise NormfoldError(f"{path}: cannot read external data: tensor {tensor.name!r} ({location!r}, offset "
                                 f"{offset}, length {length}) does not fit the file ({sizes[location]} bytes) or "
                                 f"the tensor's {needed} bytes")
-
-
-def _expected_bytes(tensor: onnx.TensorProto) -> int | None:
-    """The bytes a tensor's data take, from its type and shape; None for packed sub-byte types
-    and strings."""
-    if tensor.data_type in _SUB_BYTE or tensor.data_type == onnx.TensorProto.STRING:
-        return None
-    try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except Exception:
-        return None
-    count = 1
-    for d in tensor.dims:
-        count *= d
-    return count * itemsize
 
 
 def _one_line(exc: BaseException, limit: int = 240) -> str:
@@ -397,7 +378,7 @@ def write_model(model: onnx.ModelProto, f) -> None:
 def approximate_size(model: onnx.ModelProto) -> int:
     """The serialized size of a model, within a few percent: its tensors' data plus a margin for
     the graph. ByteSize() would be exact but costs about as much as serializing the whole model."""
-    data = sum(len(t.raw_data) if t.HasField("raw_data") else t.ByteSize() for t in _model_tensors(model))
+    data = sum(data_bytes(t) or t.ByteSize() for t in _model_tensors(model))  # header arithmetic: no copy
     return data + 64 * (len(model.graph.node) + 1) * 16
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
@@ -250,12 +251,13 @@ def test_bn_inside_if_branches_folds():
     assert folded.graph.node[0].input[1] == "w"
 
 
-def test_fold_that_would_overflow_float16_is_refused():
-    model = build("""g (float16[1,3,8,8] x) => (float16[1,4,8,8] y) {
+@pytest.mark.parametrize("dtype, name, weight", [(np.float16, "float16", 100), (np.float32, "float", 1e36)])
+def test_fold_that_would_overflow_the_weight_type_is_refused(dtype, name, weight):
+    model = build(f"""g ({name}[1,3,8,8] x) => ({name}[1,4,8,8] y) {{
       c = Conv <pads=[1,1,1,1]> (x, w)
       y = BatchNormalization <epsilon=1e-12> (c, s, bb, m, v)
-    }""", w=np.full((4, 3, 3, 3), 100, np.float16), s=np.full(4, 100, np.float16),
-                  bb=np.zeros(4, np.float16), m=np.zeros(4, np.float16), v=np.zeros(4, np.float16) + np.float16(1e-7))
+    }}""", w=np.full((4, 3, 3, 3), weight, dtype), s=np.full(4, 100, dtype),
+                  bb=np.zeros(4, dtype), m=np.zeros(4, dtype), v=np.zeros(4, dtype) + dtype(1e-7))
     folded, report = normfold.fold(model)
     assert ops(folded) == ["Conv", "BatchNormalization"]
     [site] = report.sites
