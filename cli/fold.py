@@ -10,8 +10,7 @@ import click
 from normfold import exit_codes
 from normfold.api import VerifyOptions
 from normfold.batch import fold_many, find_models
-from normfold.cli.main import EXIT_CODES_HELP
-from normfold.cli.options import fold_options, fold_options_from, pass_errors, verification_options, verify_options
+from normfold.cli.options import EXIT_CODES_HELP, fold_options, fold_options_from, pass_errors, verification_options, verify_options
 from normfold.cli.render import colour, summary_table
 from normfold.errors import NormfoldError
 from normfold.io import write_text_atomic

@@ -9,8 +9,7 @@ import click
 
 from normfold import exit_codes
 from normfold.api import fold
-from normfold.cli.main import EXIT_CODES_HELP
-from normfold.cli.options import fold_options, fold_options_from, pass_errors
+from normfold.cli.options import EXIT_CODES_HELP, fold_options, fold_options_from, pass_errors
 from normfold.cli.render import colour
 from normfold.errors import NormfoldError
 from normfold.io import read_model, write_text_atomic

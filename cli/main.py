@@ -15,15 +15,7 @@ import sys
 import click
 
 from normfold import __version__, exit_codes
-
-EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
-    f"  {code:<3} {text}" for code, text in exit_codes.DESCRIPTIONS.items())
-
-
-def fail(message: str, code: int = exit_codes.BAD_INPUT) -> None:
-    click.echo(f"normfold: error: {message}", err=True)
-    sys.exit(code)
-
+from normfold.cli.options import EXIT_CODES_HELP
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
 @click.version_option(__version__, prog_name="normfold")

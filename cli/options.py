@@ -4,9 +4,11 @@ tolerances of a verification, and the fold options."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import click
 
+from normfold import exit_codes
 from normfold.api import FoldOptions, VerifyOptions
 from normfold.errors import NormfoldError
 from normfold.passes import PASS_NAMES
@@ -104,12 +106,19 @@ def fold_options_from(kwargs: dict) -> FoldOptions:
                        allow_transpose=f["allow_transpose"], external_data=f["external_data"])
 
 
+EXIT_CODES_HELP = "\b\nExit codes:\n" + "\n".join(
+    f"  {code:<3} {text}" for code, text in exit_codes.DESCRIPTIONS.items())
+
+
+def fail(message: str, code: int = exit_codes.BAD_INPUT) -> None:
+    click.echo(f"normfold: error: {message}", err=True)
+    sys.exit(code)
+
+
 def pass_errors(func):
     """Run a command body; a NormfoldError becomes the one-line error and exit 2."""
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
-        from normfold.cli.main import fail
-
         try:
             return func(*args, **kwargs)
         except NormfoldError as exc:

@@ -9,8 +9,7 @@ import click
 
 from normfold import exit_codes
 from normfold.api import benchmark_files
-from normfold.cli.main import EXIT_CODES_HELP
-from normfold.cli.options import pass_errors, verification_options, verify_options
+from normfold.cli.options import EXIT_CODES_HELP, pass_errors, verification_options, verify_options
 from normfold.cli.render import colour
 from normfold.io import read_model, write_text_atomic
 from normfold.report import Report

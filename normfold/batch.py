@@ -4,7 +4,6 @@ fails. A model's failure is its own report (with its exit code and reason), neve
 from __future__ import annotations
 
 import os
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -80,6 +79,10 @@ def fold_many(jobs: list[Job], *, in_place: bool = False, options: FoldOptions |
             if done:
                 done(reports[-1])
         return reports
+    # Imported here: the process pool's modules (multiprocessing & co.) add a few ms to every
+    # start, and most runs fold one model.
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
     results: dict[int, Report] = {}
     with ProcessPoolExecutor(max_workers=workers) as pool:
         pending = {pool.submit(_run_one, job, in_place, options, verify): i for i, job in enumerate(jobs)}
