@@ -203,7 +203,7 @@ def _check_strings(path: Path, model: onnx.ModelProto) -> None:
     stack: list = [model]
     while stack:
         message = stack.pop()
-        for field, value in message.ListFields():
+        for field, value in _set_fields(message):
             if field.type == field.TYPE_MESSAGE:
                 if _is_repeated(field):
                     stack.extend(value)
@@ -214,6 +214,15 @@ def _check_strings(path: Path, model: onnx.ModelProto) -> None:
                     if isinstance(text, bytes):
                         raise NormfoldError(f"{path}: invalid model: {message.DESCRIPTOR.name}.{field.name} holds a "
                                             f"string that is not valid UTF-8 ({text[:40]!r})")
+
+
+def _set_fields(message):
+    """message.ListFields(), but for a tensor without raw_data, which ListFields would copy out
+    of protobuf (the weights are bytes, never text)."""
+    if not isinstance(message, onnx.TensorProto):
+        return message.ListFields()
+    return [(field, getattr(message, field.name)) for field in _TENSOR_FIELDS
+            if (len(getattr(message, field.name)) if _is_repeated(field) else message.HasField(field.name))]
 
 
 def _check_external_location(path: Path, base: Path, location: str) -> None:
@@ -353,6 +362,32 @@ _GRAPH_TAG = _varint(onnx.ModelProto.DESCRIPTOR.fields_by_name["graph"].number <
 _INITIALIZER_TAG = _varint(onnx.GraphProto.DESCRIPTOR.fields_by_name["initializer"].number << 3 | 2)
 
 
+_RAW_DATA = onnx.TensorProto.DESCRIPTOR.fields_by_name["raw_data"]
+_RAW_DATA_TAG_BYTES = len(_varint(_RAW_DATA.number << 3 | 2))
+_TENSOR_FIELDS = [f for f in onnx.TensorProto.DESCRIPTOR.fields if f is not _RAW_DATA]
+
+
+def tensor_size(tensor: onnx.TensorProto) -> int:
+    """tensor.ByteSize(), at a fraction of the cost for weights in raw_data: upb computes
+    ByteSize by serializing the whole message (1.7 ms per 10 MB, slower than serializing it),
+    while the header is a few small fields and raw_data's share is its length plus a prefix."""
+    if not tensor.HasField("raw_data"):
+        return tensor.ByteSize()
+    header = onnx.TensorProto()
+    for field in _TENSOR_FIELDS:
+        value = getattr(tensor, field.name)
+        if _is_repeated(field):
+            if len(value):
+                getattr(header, field.name).extend(value)
+        elif tensor.HasField(field.name):
+            if field.type == field.TYPE_MESSAGE:
+                getattr(header, field.name).CopyFrom(value)
+            else:
+                setattr(header, field.name, value)
+    length = len(tensor.raw_data)  # a copy too, but a plain memcpy (0.4 ms per 10 MB)
+    return header.ByteSize() + _RAW_DATA_TAG_BYTES + len(_varint(length)) + length
+
+
 def write_model(model: onnx.ModelProto, f) -> None:
     """Write `model` as protobuf, one initializer at a time. SerializeToString() would build the
     whole file in memory once more (as large as the model); this writes the same message, with
@@ -363,7 +398,7 @@ def write_model(model: onnx.ModelProto, f) -> None:
     _copy_fields(model, head, skip="graph")
     _copy_fields(graph, body, skip="initializer")
     body_bytes = body.SerializeToString()
-    sizes = [t.ByteSize() for t in graph.initializer]
+    sizes = [tensor_size(t) for t in graph.initializer]
     graph_size = len(body_bytes) + sum(len(_INITIALIZER_TAG) + len(_varint(n)) + n for n in sizes)
     f.write(head.SerializeToString())
     if not model.HasField("graph"):

@@ -12,6 +12,8 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import normfold
 import normfold.api
@@ -264,6 +266,29 @@ def test_streamed_writer_gives_the_same_message(name, tmp_path):
     parsed.ParseFromString(first.getvalue())
     assert parsed == model and len(first.getvalue()) == model.ByteSize()
     assert first.getvalue() == second.getvalue()
+
+
+@settings(max_examples=200, deadline=None)
+@given(dims=st.lists(st.integers(0, 40), max_size=4), dtype=st.sampled_from([1, 10, 11, 7, 9, 16]),
+       name=st.text(max_size=300), doc=st.none() | st.text(max_size=200), raw=st.booleans(),
+       segment=st.booleans(), external=st.booleans(), metadata=st.booleans())
+def test_tensor_size_is_bytesize(dims, dtype, name, doc, raw, segment, external, metadata):
+    """The writer's length prefixes come from tensor_size: one byte off and the file is corrupt."""
+    from normfold.io import tensor_size
+
+    count = int(np.prod(dims)) if dims else 1
+    np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
+    values = (np.arange(count) % 3).astype(np_dtype).reshape(dims)
+    tensor = onnx.helper.make_tensor(name, dtype, dims, values.tobytes() if raw else values.flatten().tolist(), raw=raw)
+    if doc is not None:
+        tensor.doc_string = doc
+    if segment:
+        tensor.segment.begin, tensor.segment.end = 1, 2
+    if external:
+        tensor.external_data.add(key="location", value="w.bin")
+    if metadata and hasattr(tensor, "metadata_props"):
+        tensor.metadata_props.add(key="k", value="v" * 200)
+    assert tensor_size(tensor) == tensor.ByteSize()
 
 
 def test_written_files_get_ordinary_permissions(model_path, tmp_path):

@@ -167,6 +167,14 @@ def case_name_not_utf8(d):
     return ["fold", d / "m.onnx", "-o", d / "out.onnx"], "NodeProto.name holds a string that is not valid UTF-8"
 
 
+def case_tensor_doc_not_utf8(d):
+    model = conv_bn_model()
+    model.graph.initializer[0].doc_string = "DOC@"
+    data = model.SerializeToString().replace(b"DOC@", b"DO\xff\xfe")
+    (d / "m.onnx").write_bytes(data)
+    return ["fold", d / "m.onnx", "-o", d / "out.onnx"], "TensorProto.doc_string holds a string that is not valid UTF-8"
+
+
 def case_unknown_tensor_dtype(d):
     model = conv_bn_model()
     model.graph.initializer[0].data_type = 77
@@ -318,6 +326,7 @@ CASES = [
     pytest.param(case_ml_opset_too_new, id="ml-opset-too-new"),
     pytest.param(case_shapes_contradict_ops, id="full-check-shape-contradiction"),
     pytest.param(case_name_not_utf8, id="name-not-utf8"),
+    pytest.param(case_tensor_doc_not_utf8, id="tensor-doc-not-utf8"),
     pytest.param(case_unknown_tensor_dtype, id="tensor-dtype-invalid"),
     pytest.param(case_unknown_input_elem_type, id="input-elem-type-invalid"),
     pytest.param(case_tensor_data_too_short, id="raw-data-too-short"),
