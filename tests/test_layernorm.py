@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 import normfold
 
 MODELS = Path(__file__).parents[1] / "models"
-from builders import build, fold_and_compare, ops, sites
+from builders import build, fold_and_compare, ops, random_feeds, run, sites
 
 D = 16
 RNG = np.random.default_rng(4)
@@ -191,9 +192,7 @@ def test_raw_moments_spelling_fuses(clamp):
     assert ops(folded) == ["LayerNormalization"]
 
 
-def test_mixed_precision_casts_are_absorbed():
-    """Keras mixed_float16: Cast(f32) -> LayerNorm in f32 -> Cast(f16); the fused op runs on fp16."""
-    model = build("""g (float16[2,5,16] x16) => (float16[2,5,16] y16) {
+MIXED_PRECISION_LN = """g (float16[2,5,16] x16) => (float16[2,5,16] y16) {{
       x = Cast <to=1> (x16)
       mean = ReduceMean <axes=[-1]> (x)
       d = Sub (x, mean)
@@ -202,15 +201,63 @@ def test_mixed_precision_casts_are_absorbed():
       ve = Add (var, eps)
       std = Sqrt (ve)
       n = Div (d, std)
-      g = Mul (n, gamma)
-      y = Add (g, beta)
-      y16 = Cast <to=10> (y)
-    }""", opset=17, two=np.float32(2), eps=np.float32(1e-5), gamma=GAMMA, beta=BETA)
+      {affine}
+      y16 = Cast <to=10> ({last})
+    }}"""
+
+
+def test_mixed_precision_norm_with_float32_affine_stays_float32():
+    """Keras mixed_float16: Cast(f32) -> LayerNorm with float32 gamma/beta -> Cast(f16). An fp16
+    LayerNormalization would round gamma/beta to fp16 and apply them in fp16; the fused op stays in
+    float32 between the Casts, with the model's own float32 parameters."""
+    model = build(MIXED_PRECISION_LN.format(affine="g = Mul (n, gamma)\n      y = Add (g, beta)", last="y"),
+                  opset=17, two=np.float32(2), eps=np.float32(1e-5), gamma=GAMMA, beta=BETA)
+    folded, _, [comparison] = fold_and_compare(model)
+    assert ops(folded) == ["Cast", "LayerNormalization", "Cast"]
+    fused = folded.graph.node[1]
+    scale, bias = (numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == name))
+                   for name in fused.input[1:3])
+    assert scale.dtype == np.float32 and np.array_equal(scale, GAMMA) and np.array_equal(bias, BETA)
+    # Both compute in float32 and round once to fp16: at most one fp16 step apart, rarely at all.
+    assert comparison.max_abs_error <= float(np.spacing(np.float16(np.max(np.abs(run(model, random_feeds(model))[0])))))
+
+
+def test_mixed_precision_norm_without_affine_is_fused_on_fp16():
+    """Without gamma and beta the wrapped norm's only fp16 rounding is the last Cast, which the
+    fp16 LayerNormalization (computing in float32, stash_type=1) does too: the Casts are absorbed."""
+    model = build(MIXED_PRECISION_LN.format(affine="", last="n"), opset=17, two=np.float32(2),
+                  eps=np.float32(1e-5))
     folded, _, _ = fold_and_compare(model)
     assert ops(folded) == ["LayerNormalization"]
     fused = folded.graph.node[0]
     assert fused.input[0] == "x16" and fused.output[0] == "y16"
     assert onnx_attr(fused, "stash_type") == 1
+
+
+def test_norm_computed_in_float32_and_scaled_in_fp16_reads_the_fp16_input():
+    """`x.float()` -> LayerNorm core -> `.half()` -> fp16 gamma/beta: the fp16 LayerNormalization
+    rounds where the model does (spec: normalize in float32, cast, then scale and shift in fp16)."""
+    model = build(MIXED_PRECISION_LN.format(
+        affine="n16 = Cast <to=10> (n)\n      g = Mul (n16, gamma)\n      y = Add (g, beta)", last="y")
+        .replace("y16 = Cast <to=10> (y)", "y16 = Identity (y)"),
+        opset=17, two=np.float32(2), eps=np.float32(1e-5), gamma=GAMMA.astype(np.float16), beta=BETA.astype(np.float16))
+    folded, _, _ = fold_and_compare(model)
+    assert ops(folded) == ["LayerNormalization", "Identity"]
+    assert folded.graph.node[0].input[0] == "x16"
+
+
+def test_norm_that_changes_type_with_a_shared_input_cast_is_left():
+    """As above, but the float32 X is also a graph output: its Cast must stay, and a LayerNormalization
+    cannot read float32 and write fp16."""
+    model = build(MIXED_PRECISION_LN.format(
+        affine="n16 = Cast <to=10> (n)\n      g = Mul (n16, gamma)\n      y = Add (g, beta)", last="y")
+        .replace("y16 = Cast <to=10> (y)", "y16 = Identity (y)")
+        .replace("=> (float16[2,5,16] y16)", "=> (float16[2,5,16] y16, float[2,5,16] x)"),
+        opset=17, two=np.float32(2), eps=np.float32(1e-5), gamma=GAMMA.astype(np.float16), beta=BETA.astype(np.float16))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ops(model)
+    [site] = sites(report, "left")
+    assert site.reason == "unsupported-dtype"
 
 
 def test_fp16_export_with_double_variance_fuses():

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -122,6 +123,18 @@ def test_exporter_spellings_fuse_into_one_rmsnormalization(spelling):
     assert node.domain == "" and node.input[0] == ("v" if casts in ("llama", "lead") else "x")
     assert [i.type.tensor_type.elem_type for i in folded.graph.input] == \
         [i.type.tensor_type.elem_type for i in model.graph.input]
+
+
+def test_fp16_norm_with_gamma_applied_in_float32_keeps_its_casts():
+    """Cast(f32) -> x * (r * gamma32) -> Cast(f16): gamma is applied in float32, so the fused op is
+    float32 between the model's Casts, with the float32 gamma as it was (an fp16 op would round it
+    and scale in fp16)."""
+    model = rms_model(casts="fp16", affine="folded", reduce="input", opset=23)
+    folded, report, _ = fold_and_compare(model, atol=1e-2, rtol=1e-2)
+    assert ops(folded) == ["Cast", "RMSNormalization", "Cast", "Add"]
+    [node] = [n for n in folded.graph.node if n.op_type == "RMSNormalization"]
+    scale = next(numpy_helper.to_array(t) for t in folded.graph.initializer if t.name == node.input[1])
+    assert scale.dtype == np.float32 and np.array_equal(scale, GAMMA)
 
 
 @pytest.mark.parametrize("square", ["Pow", "Mul"])

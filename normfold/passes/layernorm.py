@@ -27,8 +27,11 @@ The spellings real exporters write (d = X - mean, "mean" is ReduceMean or Global
 All become
     X ─> LayerNormalization(scale=gamma, B=beta, axis=-k, epsilon=eps, stash_type=1) ─> Y
 with gamma/beta broadcast to the normalized shape (ones when there is no gamma). When the chain is
-wrapped in Casts from and back to fp16/bf16, the Casts are absorbed: the fused op reads the fp16
-tensor and computes in float32 (stash_type=1), so the model's dtypes stay as they were.
+wrapped in Casts from and back to fp16/bf16, the fused op is float32 between the same Casts: an
+fp16 LayerNormalization would apply gamma and beta in fp16 (the spec casts the normalized value to
+the input type before scaling), rounding float32 parameters and adding roundings the model does
+not have. Only a wrapped chain without gamma and beta is fused on the fp16 tensor, Casts absorbed:
+its one rounding, at the end, is the same either way.
 
 Left with a reason: axes that are not trailing (channels-first LayerNorm over axis 1 of NCHW);
 non-constant gamma, beta or epsilon; an intermediate read outside the pattern; opset < 17.
@@ -310,22 +313,30 @@ class LayerNormFusion(Rule):
         return final.output[0], gamma, beta, transposed
 
     def _absorb_casts(self, view, nodes, parts, out):
-        """Cast(f16 -> f32) ... Cast(f32 -> f16) around the whole norm: fuse on the fp16 tensor."""
+        """The Cast(f16 -> f32) that feeds X joins the site, with X read in fp16, when that is exact:
+        the chain already returns to fp16 by a Cast of its own before gamma/beta (PyTorch's
+        `.float()` ... `.type_as(x)`: the fp16 op rounds where the model does), or the chain has no
+        gamma/beta and a Cast back to fp16 follows it (one rounding at the end either way). A chain
+        with float32 gamma/beta keeps its Casts and is fused in float32 (module docstring)."""
         cast_in = view.producer.get(parts["x"])
-        readers = view.users(out)
-        if not (float_cast(cast_in) and len(readers) == 1 and float_cast(readers[0])
-                and not view.is_graph_output(out)):
+        if not float_cast(cast_in) or view.is_graph_output(parts["x"]):
             return
         low = view.elem_type(cast_in.input[0])
-        if low not in LOW_PRECISION or attr(readers[0], "to") != low:
-            return
         inside = {id(n) for n in nodes}
-        if any(id(u) not in inside for u in view.users(parts["x"])) or view.is_graph_output(parts["x"]):
+        if low not in LOW_PRECISION or any(id(u) not in inside for u in view.users(parts["x"])):
             return
-        nodes.insert(0, cast_in)
-        nodes.append(readers[0])
-        parts["x"] = cast_in.input[0]
-        parts["out"] = readers[0].output[0]
+        inner = next((n for n in reversed(nodes) if is_op(n, "Cast")), None)
+        if inner is not None and attr(inner, "to") == low:
+            nodes.insert(0, cast_in)
+            parts["x"] = cast_in.input[0]
+            return
+        readers = view.users(out)
+        if (parts["gamma"] is None and parts["beta"] is None and len(readers) == 1 and float_cast(readers[0])
+                and attr(readers[0], "to") == low and not view.is_graph_output(out)):
+            nodes.insert(0, cast_in)
+            nodes.append(readers[0])
+            parts["x"] = cast_in.input[0]
+            parts["out"] = readers[0].output[0]
 
     # ---- check -------------------------------------------------------------------------------
     def check(self, view: GraphView, match: Match, ctx: FoldContext):
@@ -376,6 +387,11 @@ class LayerNormFusion(Rule):
         dtype = view.elem_type(x)
         if dtype is None:
             return Left("unknown-shape", f"the type of {x!r} could not be inferred")
+        out_type = view.elem_type(match.output)
+        if out_type is not None and out_type != dtype:  # e.g. float32 in, Cast to fp16 inside, X's Cast shared
+            return Left("unsupported-dtype", f"the norm reads {onnx.TensorProto.DataType.Name(dtype)} and writes "
+                                             f"{onnx.TensorProto.DataType.Name(out_type)}; LayerNormalization's "
+                                             "input and output have one type")
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(dtype)
         gamma, beta = (None if v is None else np.broadcast_to(
             v.reshape(v.shape[max(0, v.ndim - k):]).astype(np.float64), norm_shape).astype(np_dtype) for v in affine)

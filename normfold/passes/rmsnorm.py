@@ -23,8 +23,11 @@ Gamma may sit on either side of its Mul, be multiplied into r before Mul(x, r) (
 missing (scale becomes ones); the scale is materialised to the normalized shape in X's dtype.
 Casts: the leading Cast(to=FLOAT) and the trailing Cast (TorchScript's `x.to(float32)` ...
 `.to(dtype)`) join the site when the leading Cast has no reader outside it and the trailing Cast
-returns to the leading Cast's input type: then the fused op reads the original (e.g. fp16) X and
-computes in float32 (stash_type=1), so fp16 Llama keeps its fp16 I/O without the Casts. A Cast whose
+returns to the leading Cast's input type, before gamma: then the fused op reads the original (e.g.
+fp16) X and computes in float32 (stash_type=1), and rounds where the model does (the spec casts the
+normalized value to X's type, then scales), so fp16 Llama keeps its fp16 I/O without the Casts.
+With gamma applied in float32 (multiplied into r, or before the trailing Cast as in Gemma) the
+Casts stay and the fused op is float32: an fp16 op would round gamma and scale in fp16. A Cast whose
 output is also read elsewhere (the residual Add in fp32 Llama) stays, and the fused op reads its
 output. A trailing Cast that is a no-op on the site's type joins the site.
 
@@ -132,7 +135,8 @@ class RMSNormFusion(Rule):
         trail = view.sole_user(out)
         if is_op(trail, "Cast"):
             to = attr(trail, "to")
-            if lead is not None and source is not None and to == source:
+            # Not with gamma folded into r: the model applies it in float32, an fp16 op would in fp16.
+            if lead is not None and source is not None and to == source and folded_gamma is None:
                 nodes = [lead] + nodes + [trail]
                 x_in = lead.input[0]
             elif compute is not None and to == compute:
