@@ -8,12 +8,15 @@ the wall time and peak RSS are that tool's own process), writing into a temporar
 (parent) process then inspects every output: BatchNormalization nodes left, norm sites left
 (counted by normfold itself at target opset 23), nodes outside the standard domain, the onnx
 checker, the max abs output difference against the original (normfold.compare_models on the
-manifest's input shapes), and onnxruntime latency (default optimization level, 1 thread).
+manifest's input shapes), and onnxruntime latency (default optimization level, 1 thread). On models
+with float16/bfloat16 tensors it also measures the original and every output against a float32
+reference, the original upcast (bench/reference.py): `ref_err`.
 See bench/README.md.
 """
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import math
 import os
@@ -31,6 +34,8 @@ import onnx
 
 import normfold
 from normfold.verify import make_inputs
+# bench/reference.py: importable because the script's own folder is on sys.path
+from reference import Reference, has_16bit_float, make_reference
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -232,7 +237,7 @@ def latency_ms(paths: list[str], shapes: dict, runs: int, warmup: int = 2) -> li
     return [statistics.median(t) for t in times]
 
 
-def inspect(original: dict, out: str, runs: int) -> dict:
+def inspect(original: dict, out: str, runs: int, reference: Reference | None = None) -> dict:
     info: dict = {}
     model = onnx.load(out)
     nodes = list(all_nodes(model.graph))
@@ -274,6 +279,14 @@ def inspect(original: dict, out: str, runs: int) -> dict:
         info["max_abs_diff"] = None
         info["compare_status"] = "error"
         info["compare_detail"] = one_line(exc)
+    if reference is not None:
+        # max_abs_diff above measures agreement with the original's own 16-bit rounding; this
+        # measures closeness to the float32 model, which is what a fusion should not make worse.
+        try:
+            info["ref_err"] = reference.error(out)
+        except Exception as exc:  # noqa: BLE001
+            info["ref_err"] = None
+            info["ref_err_error"] = one_line(exc)
     try:
         if out == original["path"]:
             info["latency_ms"] = info["latency_orig_ms"] = latency_ms([out], original["shapes"], runs)[0]
@@ -323,6 +336,10 @@ def summarize(results: list[dict], models: list[str], tool: str) -> dict:
     rows = [r for r in results if r["tool"] == tool and r["model"] in models]
     ok = [r for r in rows if r["ok"]]
     diffs = [r["max_abs_diff"] for r in ok if r.get("max_abs_diff") is not None]
+    orig_ref = {r["model"]: r["ref_err"] for r in results
+                if r["tool"] == "original" and r["model"] in models and r.get("ref_err") is not None}
+    ref_rows = [r for r in ok if r.get("ref_err") is not None and r["model"] in orig_ref]
+    ref = [r["ref_err"] for r in ref_rows]
     return {
         "runs": len(rows), "ok": len(ok), "failed": sum(r["status"] == "failed" for r in rows),
         "timeout": sum(r["status"] == "timeout" for r in rows),
@@ -334,6 +351,12 @@ def summarize(results: list[dict], models: list[str], tool: str) -> dict:
         "checker_failures": sum(not r.get("checker_ok", True) for r in ok),
         "compare_failures": sum(r.get("compare_status") not in (None, "passed") for r in ok),
         "max_abs_diff": max(diffs) if diffs else None,
+        # 16-bit models only: worst error against the float32 reference, beside the original's worst
+        # on the same models, and on how many of them the tool is worse by REF_RULE
+        "ref_err_max": max(ref) if ref else None,
+        "ref_err_orig_max": max(orig_ref[r["model"]] for r in ref_rows) if ref_rows else None,
+        "ref_models": len(ref_rows),
+        "ref_worse": sum((r.get("ref_excess_ulps") or 0.0) > 1.0 for r in ref_rows),
         "time_ratio_geomean": geomean(r.get("time_ratio") for r in ok),
         "mem_ratio_geomean": geomean(r.get("mem_ratio") for r in ok),
         "latency_ratio_geomean": geomean(r.get("latency_ratio") for r in ok),
@@ -345,6 +368,7 @@ SUMMARY_COLS = [("ok", "ok"), ("failed", "fail"), ("timeout", "t/o"), ("bn_nodes
                 ("norm_like_left_unfusable", "norm-like unmatched"),
                 ("nonstandard_nodes", "non-std nodes"), ("checker_failures", "checker fails"),
                 ("compare_failures", "diff fails"), ("max_abs_diff", "max abs diff"),
+                ("ref_err", "fp16 err vs fp32 ref (worst, tool / orig)"), ("ref_worse", "fp16 worse than orig"),
                 ("time_ratio_geomean", "time/floor"), ("mem_ratio_geomean", "RSS/floor"),
                 ("latency_ratio_geomean", "latency out/orig")]
 
@@ -356,14 +380,37 @@ def summary_table(summaries: dict[str, dict], title: str) -> str:
         vals = []
         for key, _ in SUMMARY_COLS:
             v = s.get(key)
+            if key == "ref_err":
+                v = (f"{fmt(s.get('ref_err_max'), '.2e')} / {fmt(s.get('ref_err_orig_max'), '.2e')}"
+                     if s.get("ref_models") else None)
+            elif key == "ref_worse":
+                v = f"{s['ref_worse']}/{s['ref_models']}" if s.get("ref_models") else None
             vals.append(fmt(v, ".2f") if key.endswith("geomean") and v is not None else fmt(v))
         lines.append("| " + " | ".join([tool, *vals]) + " |")
     return "\n".join(lines)
 
 
+REF_RULE = ("a tool is counted worse on a model when its ref_err exceeds the original's by more than one "
+            "16-bit ulp (fp16, or bf16 for bf16 outputs) at the largest |reference output| of that model")
+
+
+def ref_excess_ulps(r: dict, orig: dict) -> float | None:
+    """How far the tool's error against the float32 reference exceeds the original's, in 16-bit
+    ulps of the model's output magnitude (REF_RULE: worse when > 1). One ulp of slack because
+    fusing legitimately moves single roundings: a correctly rounded result can land on the other
+    neighbour of the reference than the original's did."""
+    if r.get("ref_err") is None or orig.get("ref_err") is None or not orig.get("ref_ulp"):
+        return None
+    return (r["ref_err"] - orig["ref_err"]) / orig["ref_ulp"]
+
+
 def large_table(results: list[dict], model: str) -> str:
     head = ["tool", "status", "BN nodes", "BN-like sites", "norms left", "non-std", "checker", "max abs diff",
             "wall s", "peak RSS MB", "time/floor", "RSS/floor", "latency ms (orig)", "latency ms (out)"]
+    # the fp32 reference column only for a 16-bit model (the generated large models are fp32)
+    with_ref = any("ref_err" in r for r in results if r["model"] == model)
+    if with_ref:
+        head.insert(head.index("max abs diff") + 1, "err vs fp32 ref")
     lines = [f"**{model}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in (r for r in results if r["model"] == model):
         if not r["ok"] and r["tool"] != "original":
@@ -373,10 +420,34 @@ def large_table(results: list[dict], model: str) -> str:
             r["tool"], "ok" if r["tool"] != "original" else "(input)", fmt(r.get("bn_nodes_left")),
             fmt(r.get("bn_sites_left")), fmt(r.get("norm_sites_left")), fmt(r.get("nonstandard_nodes")),
             "ok" if r.get("checker_ok", True) else "FAIL", fmt(r.get("max_abs_diff")),
+            *([fmt(r.get("ref_err"))] if with_ref else []),
             fmt(r.get("wall_s"), ".1f"), fmt(r["maxrss_kb"] / 1024, ".0f") if r.get("maxrss_kb") else "-",
             fmt(r.get("time_ratio"), ".2f"), fmt(r.get("mem_ratio"), ".2f"),
             fmt(r.get("latency_orig_ms"), ".1f"), fmt(r.get("latency_ms"), ".1f")]) + " |")
     return "\n".join(lines)
+
+
+def ref_table(results: list[dict], models: list[str], tools: list[str]) -> str:
+    """Per 16-bit model: max abs error against the float32 reference of the original and of each
+    tool's output; * marks a tool worse than the original by REF_RULE."""
+    by = {(r["model"], r["tool"]): r for r in results}
+    head = ["model", "1 ulp at max abs output", "original", *tools]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in models:
+        orig = by.get((m, "original"), {})
+        if "ref_ulp" not in orig:
+            continue
+        cells = []
+        for t in tools:
+            r = by.get((m, t))
+            if r is None or not r["ok"]:
+                cells.append("" if r is None else "FAIL")
+                continue
+            excess = r.get("ref_excess_ulps")
+            cells.append(fmt(r.get("ref_err"), ".2e") + (" *" if excess is not None and excess > 1.0 else ""))
+        row = [m, fmt(orig["ref_ulp"], ".2e"), fmt(orig.get("ref_err"), ".2e"), *cells]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def matrix_table(results: list[dict], models: list[str], tools: list[str]) -> str:
@@ -433,6 +504,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", default="", help="also write the tables as Markdown to this file")
     args = ap.parse_args(argv)
 
+    # Time normfold as `pip install` leaves it: byte-compiled. An editable checkout run with
+    # PYTHONDONTWRITEBYTECODE=1 (as on our VMs) would compile every module in every timed process,
+    # ~60 ms that no installed copy pays; the peers' own wheels came byte-compiled.
+    package = Path(normfold.__file__).parent
+    for folder in (package, package.parent / "cli"):
+        if folder.is_dir():
+            compileall.compile_dir(str(folder), quiet=1)
+
     tools = [t for t in args.tools.split(",") if t]
     if "floor" not in tools:
         tools.insert(0, "floor")
@@ -450,7 +529,14 @@ def main(argv: list[str] | None = None) -> int:
         for i, model in enumerate(models):
             orig = {"model": model["name"], "tool": "original", "group": model["group"], "ok": True,
                     "status": "ok", "reason": "", "wall_s": None, "maxrss_kb": None}
-            orig.update(inspect(model, model["path"], args.runs))
+            reference = None
+            if has_16bit_float(onnx.load(model["path"], load_external_data=False)):
+                try:  # once per model: the upcast original's outputs serve every tool's output
+                    reference = make_reference(model["path"], model["shapes"])
+                    orig.update(ref_ulp=reference.ulp, ref_scale=reference.scale, ref_half_dtype=reference.half_dtype)
+                except Exception as exc:  # noqa: BLE001
+                    orig["ref_error"] = one_line(exc)
+            orig.update(inspect(model, model["path"], args.runs, reference))
             results.append(orig)
             floor = None
             for tool in tools:
@@ -459,9 +545,11 @@ def main(argv: list[str] | None = None) -> int:
                 r.update(run_tool_repeated(tool, model, out, args.timeout, args.repeat))
                 if r["ok"]:
                     try:
-                        r.update(inspect(model, str(out), args.runs))
+                        r.update(inspect(model, str(out), args.runs, reference))
                     except Exception as exc:  # noqa: BLE001
                         r.update(ok=False, status="failed", reason=f"output unreadable: {one_line(exc)}")
+                    if reference is not None:
+                        r["ref_excess_ulps"] = ref_excess_ulps(r, orig)
                 if tool == "floor":
                     floor = r
                 if floor and floor.get("wall_s") and r.get("wall_s") is not None:
@@ -497,6 +585,11 @@ def main(argv: list[str] | None = None) -> int:
         parts.append(summary_table(summaries["corpus"], f"Corpus ({len(corpus)} models): totals over successful runs"))
     for m in large:
         parts.append(large_table(results, m))
+    fp16_table = ref_table(results, [m["name"] for m in models], [t for t in show if t not in ("original", "floor")])
+    if fp16_table:
+        parts.append("**16-bit float models: max abs error against the float32 reference** (the original upcast "
+                     "to float32, same inputs, ORT_DISABLE_ALL; max over outputs; * = worse than the original: "
+                     f"{REF_RULE})\n\n" + fp16_table)
     parts.append("**Per model** (cell = BN nodes / BN-like foldable sites / norm sites left; "
                  "x = non-standard nodes (other domain, or no ONNX schema at the model's opset), ! = checker rejects, D = outputs differ beyond tolerance, "
                  "E = could not compare)\n\n" + matrix_table(results, [m["name"] for m in models], show))
