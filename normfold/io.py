@@ -345,8 +345,9 @@ def _varint(n: int) -> bytes:
 
 
 def _copy_fields(source, dest, skip: str) -> None:
-    """Every set field of `source` but `skip` into the empty message `dest` (small fields only)."""
-    for field, value in source.ListFields():
+    """Every set field of `source` but `skip` into the empty message `dest` (small fields only;
+    a tensor's raw_data is never read, see _set_fields)."""
+    for field, value in _set_fields(source):
         if field.name == skip:
             continue
         if field.type == field.TYPE_MESSAGE:
@@ -374,16 +375,7 @@ def tensor_size(tensor: onnx.TensorProto) -> int:
     if not tensor.HasField("raw_data"):
         return tensor.ByteSize()
     header = onnx.TensorProto()
-    for field in _TENSOR_FIELDS:
-        value = getattr(tensor, field.name)
-        if _is_repeated(field):
-            if len(value):
-                getattr(header, field.name).extend(value)
-        elif tensor.HasField(field.name):
-            if field.type == field.TYPE_MESSAGE:
-                getattr(header, field.name).CopyFrom(value)
-            else:
-                setattr(header, field.name, value)
+    _copy_fields(tensor, header, skip="raw_data")
     length = len(tensor.raw_data)  # a copy too, but a plain memcpy (0.4 ms per 10 MB)
     return header.ByteSize() + _RAW_DATA_TAG_BYTES + len(_varint(length)) + length
 
