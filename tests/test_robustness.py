@@ -159,20 +159,23 @@ def case_shapes_contradict_ops(d):
     return ["fold", save(model, d / "m.onnx"), "-o", d / "out.onnx"], "Inferred shape and existing shape differ"
 
 
+def _fold_with_bad_utf8(d, model, mark: str):
+    """Save `model` with the string `mark` (set somewhere in it) replaced by bytes that are not UTF-8."""
+    data = model.SerializeToString().replace(mark.encode(), mark[:-2].encode() + b"\xff\xfe")
+    (d / "m.onnx").write_bytes(data)
+    return ["fold", d / "m.onnx", "-o", d / "out.onnx"]
+
+
 def case_name_not_utf8(d):
     model = conv_bn_model()
     model.graph.node[0].name = "NAME@"
-    data = model.SerializeToString().replace(b"NAME@", b"NAM\xff\xfe")
-    (d / "m.onnx").write_bytes(data)
-    return ["fold", d / "m.onnx", "-o", d / "out.onnx"], "NodeProto.name holds a string that is not valid UTF-8"
+    return _fold_with_bad_utf8(d, model, "NAME@"), "NodeProto.name holds a string that is not valid UTF-8"
 
 
 def case_tensor_doc_not_utf8(d):
     model = conv_bn_model()
     model.graph.initializer[0].doc_string = "DOC@"
-    data = model.SerializeToString().replace(b"DOC@", b"DO\xff\xfe")
-    (d / "m.onnx").write_bytes(data)
-    return ["fold", d / "m.onnx", "-o", d / "out.onnx"], "TensorProto.doc_string holds a string that is not valid UTF-8"
+    return _fold_with_bad_utf8(d, model, "DOC@"), "TensorProto.doc_string holds a string that is not valid UTF-8"
 
 
 def case_unknown_tensor_dtype(d):
