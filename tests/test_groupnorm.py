@@ -223,6 +223,176 @@ def test_keras_without_a_transpose_from_nchw_is_left():
     assert site.reason == "unsupported-axis" and "Transpose" in site.detail
 
 
+# ---- Transposes between the grouped layouts (onnxruntime's transpose optimizer) ------------------
+
+KERAS3_STEPS = [("mean", "ReduceMean ({0}, ax{L})", ["z"]), ("d", "Sub ({0}, {1})", ["z", "mean"]),
+                ("sq", "Mul ({0}, {1})", ["d", "d"]), ("var", "ReduceMean ({0}, ax{L})", ["sq"]),
+                ("ve", "Add ({0}, eps)", ["var"]), ("sd", "Sqrt ({0})", ["ve"]), ("r", "Reciprocal ({0})", ["sd"]),
+                ("gg", "Mul ({0}, gamma{L})", ["r"]), ("a", "Mul ({0}, {1})", ["z", "gg"]),
+                ("ng", "Neg ({0})", ["mean"]), ("bm", "Mul ({0}, {1})", ["ng", "gg"]),
+                ("s", "Add ({0}, beta{L})", ["bm"]), ("o", "Add ({0}, {1})", ["a", "s"])]
+TFKERAS_STEPS = [("sum", "ReduceSum ({0}, ax{L})", ["z"]), ("q", "Div ({0}, count{L})", ["sum"]),
+                 ("mean", "Where (nz{L}, zero, {0})", ["q"]), ("d", "Sub ({0}, {1})", ["z", "mean"]),
+                 ("sq", "Mul ({0}, {1})", ["d", "d"]), ("sum2", "ReduceSum ({0}, ax{L})", ["sq"]),
+                 ("q2", "Div ({0}, count{L})", ["sum2"]), ("var", "Where (nz{L}, zero, {0})", ["q2"]),
+                 ("ve", "Add ({0}, eps)", ["var"]), ("sd", "Sqrt ({0})", ["ve"]), ("r", "Reciprocal ({0})", ["sd"]),
+                 ("gg", "Mul ({0}, gamma{L})", ["r"]), ("a", "Mul ({0}, {1})", ["z", "gg"]),
+                 ("bm", "Mul ({0}, {1})", ["mean", "gg"]), ("s", "Sub (beta{L}, {0})", ["bm"]),
+                 ("o", "Add ({0}, {1})", ["a", "s"])]
+
+
+def moved_groupnorm(shape=(1, 8, 4, 4), groups=4, layouts=None, flavour="keras3", eps=1e-3, seed=0):
+    """A Keras GroupNorm with its steps spread over the two grouped layouts, as onnxruntime's
+    transpose optimizer leaves tf2onnx's: layout 0 is [N, G, C/G, *S], 1 is [N, *S, G, C/G].
+    `layouts` maps a step's output (and "z", the grouping Reshape; "y", the final Reshape's input)
+    to its layout; missing ones are 1 (tf2onnx's own spelling). z in layout 1 comes from a
+    Transpose of X to channels-last; in layout 0 X is reshaped directly. A step reads each input
+    in its own layout, through one shared Transpose per tensor and layout where they differ."""
+    layouts = layouts or {}
+    rank, channels = len(shape), shape[1]
+    per_group, spatial, grouped_rank = channels // groups, list(shape[2:]), len(shape) + 1
+    group_axis = {0: 1, 1: rank - 1}
+    to_last = [0, *range(3, grouped_rank), 1, 2]
+    swap = {0: to_last, 1: [to_last.index(i) for i in range(grouped_rank)]}
+    g, b = _affine(channels, seed)
+    consts = {"eps": np.float32(eps), "zero": np.float32(0)}
+    for lay in (0, 1):
+        affine_shape = [1] * grouped_rank
+        affine_shape[group_axis[lay]:group_axis[lay] + 2] = [groups, per_group]
+        consts[f"gamma{lay}"], consts[f"beta{lay}"] = g.reshape(affine_shape), b.reshape(affine_shape)
+        consts[f"ax{lay}"] = np.array(list(range(2, grouped_rank)) if lay == 0 else [*range(1, rank - 1), rank])
+        count_shape = [1] * grouped_rank
+        count_shape[group_axis[lay]] = groups
+        consts[f"count{lay}"] = np.full(count_shape, per_group * int(np.prod(spatial)), np.float32)
+    layout_of, swapped, lines = {}, {}, []
+
+    def read(tensor, lay):
+        if layout_of[tensor] == lay:
+            return tensor
+        if (tensor, lay) not in swapped:
+            name = swapped[tensor, lay] = f"{tensor}_t{lay}"
+            lines.append(f"{name} = Transpose <perm={swap[layout_of[tensor]]}> ({tensor})")
+        return swapped[tensor, lay]
+
+    z_layout = layouts.get("z", 1)
+    if z_layout == 1:
+        consts["k1"] = np.array([-1, *spatial, groups, per_group])
+        lines += [f"t = Transpose <perm={[0, *range(2, rank), 1]}> (x)", "z = Reshape (t, k1)"]
+    else:
+        consts["k1"] = np.array([-1, groups, per_group, *spatial])
+        lines.append("z = Reshape (x, k1)")
+    layout_of["z"] = z_layout
+    for out, op, inputs in KERAS3_STEPS if flavour == "keras3" else TFKERAS_STEPS:
+        lay = layouts.get(out, 1)
+        if "nz{L}" in op and f"nz{lay}" not in layout_of:
+            lines.append(f"nz{lay} = Equal (count{lay}, zero)")
+            layout_of[f"nz{lay}"] = lay
+        lines.append(f"{out} = " + op.format(*(read(i, lay) for i in inputs), L=lay))
+        layout_of[out] = lay
+    y_layout = layouts.get("y", 1)
+    out_shape = [shape[0], *spatial, channels] if y_layout == 1 else list(shape)
+    consts["k2"] = np.array([-1, *out_shape[1:]])
+    lines.append(f"y = Reshape ({read('o', y_layout)}, k2)")
+    body = "\n      ".join(lines)
+    text = f"""g (float[{",".join(map(str, shape))}] x) => (float[{",".join(map(str, out_shape))}] y) {{
+      {body}
+    }}"""
+    used = set(text.replace("(", " ").replace(")", " ").replace(",", " ").split())
+    return build(text, opset=21, **{k: v for k, v in consts.items() if k in used})
+
+
+# What onnxruntime's transpose optimizer wrote for tf2onnx's Keras 3 and tf_keras GroupNorms (1.32).
+ORT_KERAS3 = {"z": 0, "mean": 0, "d": 0, "sq": 0, "var": 0}
+ORT_TFKERAS = {"z": 0, "sum": 0}
+
+
+@pytest.mark.parametrize("flavour, layouts", [("keras3", ORT_KERAS3), ("tfkeras", ORT_TFKERAS)])
+def test_transposes_moved_into_the_moments_fuse(flavour, layouts):
+    model = moved_groupnorm(flavour=flavour, layouts=layouts)
+    assert ops(model).count("Transpose") == 3 if flavour == "keras3" else 2
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["GroupNormalization", "Transpose"], report.to_text(verbose=True)
+    assert folded.graph.node[0].input[0] == "x"
+    assert list(folded.graph.node[1].attribute[0].ints) == [0, 2, 3, 1]
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), n=st.integers(1, 2), groups=st.integers(1, 3), per_group=st.integers(1, 3),
+       spatial=st.lists(st.integers(1, 3), min_size=1, max_size=3), flavour=st.sampled_from(["keras3", "tfkeras"]),
+       seed=st.integers(0, 1000))
+def test_groupnorm_fuses_with_any_mix_of_grouped_layouts(data, n, groups, per_group, spatial, flavour, seed):
+    """Every step of the site in either grouped layout: one GroupNormalization, followed by a
+    Transpose exactly when the site's output is channels-last, and the same numbers."""
+    assume(per_group * int(np.prod(spatial)) > 1)  # see test_groupnorm_fuses_for_any_shape
+    steps = [out for out, _, _ in (KERAS3_STEPS if flavour == "keras3" else TFKERAS_STEPS)]
+    layouts = {name: data.draw(st.integers(0, 1), label=name) for name in ["z", *steps, "y"]}
+    model = moved_groupnorm(shape=(n, groups * per_group, *spatial), groups=groups, layouts=layouts,
+                            flavour=flavour, seed=seed)
+    folded, report, _ = fold_and_compare(model, atol=1e-4, rtol=1e-4)
+    expected = ["GroupNormalization"] + (["Transpose"] if layouts["y"] == 1 else [])
+    assert ops(folded) == expected, report.to_text(verbose=True)
+
+
+def test_a_transpose_inside_read_elsewhere_is_left():
+    model = moved_groupnorm(layouts=ORT_KERAS3)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z_t1", onnx.TensorProto.FLOAT, None))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = gn_sites(report)
+    assert site.reason == "intermediate-used-elsewhere" and "z_t1" in site.detail
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 5), (1, 4, 2, 3, 2)])
+def test_a_transpose_the_wrong_way_round_is_left(shape):
+    """On ranks where the two swaps differ, a Transpose that is the inverse of the one the layout
+    needs (shapes made to line up with equal dims) must not be taken as a layout swap."""
+    model = moved_groupnorm(shape=shape, groups=2, layouts={"z": 0, "mean": 0, "d": 0})
+    swap = next(n for n in model.graph.node if n.op_type == "Transpose" and n.input[0] == "d")
+    perm = list(swap.attribute[0].ints)
+    inverse = [perm.index(i) for i in range(len(perm))]
+    assert inverse != perm
+    swap.attribute[0].ints[:] = inverse
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert site.status == "left", report.to_text(verbose=True)
+
+
+def test_inputs_read_in_different_layouts_are_not_a_group_norm():
+    """Sub(z in [N, *S, G, C/G], mean in [N, G, 1, 1, 1]) broadcasts when S[0] == G, but subtracts
+    the wrong means: a step must read all its inputs in one layout."""
+    model = moved_groupnorm(shape=(1, 4, 2, 3), groups=2, layouts={"mean": 0})
+    sub = next(n for n in model.graph.node if n.op_type == "Sub")
+    assert list(sub.input) == ["z", "mean_t1"]
+    sub.input[1] = "mean"  # the Transpose stays: Neg still reads it
+    onnx.checker.check_model(model, full_check=True)  # still a valid model, just not a GroupNorm
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert not gn_sites(report, "fused")
+
+
+@pytest.mark.parametrize("name", ["keras3_groupnorm_op17.onnx", "tfkeras_groupnorm_op17.onnx"])
+@pytest.mark.parametrize("level", ["basic", "extended"])
+def test_corpus_groupnorm_after_onnxruntime_offline_optimization_fuses(name, level, tmp_path):
+    """The real exports, saved by onnxruntime's offline optimizer (which moves the channels-last
+    Transpose into the moments), then folded: every GroupNorm of the ground truth is fused."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                                        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED}[level]
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(str(MODELS / "tf" / name), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(tmp_path / "ort.onnx")
+    assert any(n.op_type == "Transpose" and n.input[0].endswith(("moments/mean", "weighted_input_sum"))
+               for n in optimized.graph.node), "onnxruntime no longer moves the Transpose into the moments"
+    entry = manifest_entry("tf", name)
+    report = normfold.fold_file(tmp_path / "ort.onnx", tmp_path / "out.onnx", options=FoldOptions(target_opset=21),
+                                verify=VerifyOptions(shapes=shape_sets(entry)[0]))
+    assert report.exit_code == 0 and report.verification.status == "passed", report.to_text()
+    assert len(gn_sites(report, "fused")) == entry["ground_truth"]["groupnorm"] == 1
+    assert not gn_sites(report, "left")
+
+
 # ---- sites left with a reason --------------------------------------------------------------------
 
 @pytest.mark.parametrize("opset", [13, 18, 20])

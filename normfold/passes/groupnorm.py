@@ -40,6 +40,16 @@ which is exact because the Transpose only moves data. It is done only when the e
 Transpose from NCHW feeds the grouping Reshape; a GroupNorm over a tensor that was channels-last
 from the start is left with `unsupported-axis` (a Transpose pair would be needed around it).
 
+Spelling 3, spelling 2 after onnxruntime's offline optimizer (its transpose optimizer, basic level
+and up): the Transpose before the grouping is pushed into the site. X(NCHW) is reshaped straight
+to the channels-first grouped shape [N, G, C/G, *S], some steps (the means, the Sub, ...) run there,
+and Transposes perm [0, 3, .., 1, 2] carry the mean, the variance and the grouped X over to
+[N, *S, G, C/G] for the rest. Any step may sit in either grouped layout as long as each step reads
+all its inputs in one layout and every Transpose inside swaps the two layouts the right way
+(`_GroupedWalk` tracks that); the reduced axes, the affine constants and the final Reshape are
+checked in the layout of the step that uses them. A site whose output is channels-first needs no
+Transpose after the fused op.
+
 Always checked: no intermediate read outside the site; epsilon, gamma and beta constant; the
 number of groups constant and dividing C; X of rank >= 3 with C known; opset >= 21.
 """
@@ -59,6 +69,7 @@ DTYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16"
           onnx.TensorProto.DOUBLE: "float64"}
 TORCH_KIND = "GroupNorm (Reshape + InstanceNormalization)"
 KERAS_KIND = "GroupNorm (decomposed, channels-last)"
+MOVED_KIND = "GroupNorm (decomposed, Transposes between grouped layouts)"
 
 
 class GroupNormFusion(Rule):
@@ -70,7 +81,7 @@ class GroupNormFusion(Rule):
     def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
         if not is_op(node, "Reshape") or len(node.input) < 2:
             return None
-        return _match_instance_norm(view, node) or _match_channels_last(view, node)
+        return _match_instance_norm(view, node) or _match_grouped(view, node)
 
     # ---- check -------------------------------------------------------------------------------
     def check(self, view: GraphView, match: Match, ctx: FoldContext):
@@ -80,7 +91,7 @@ class GroupNormFusion(Rule):
         torch_form = match.kind == TORCH_KIND
         # What no opset can change comes first; then the opset (shape inference often improves after
         # --target-opset converts the model, so an unknown shape below 21 is not the reason to give).
-        left = (_check_instance_norm_params if torch_form else _check_transpose)(view, match)
+        left = (_check_instance_norm_params if torch_form else _check_swaps)(view, match)
         if left is not None:
             return left
         if ctx.opset < MIN_OPSET:
@@ -100,7 +111,7 @@ class GroupNormFusion(Rule):
             name = onnx.TensorProto.DataType.Name(dtype) if dtype else "unknown"
             return Left("unsupported-dtype", f"{x!r} is {name}; the fused op is written only for float32, "
                                              "float16 and float64 (what onnxruntime's CPU kernel verifies)")
-        plan = (_check_instance_norm if torch_form else _check_channels_last)(view, match, dims)
+        plan = (_check_instance_norm if torch_form else _check_grouped)(view, match, dims)
         if isinstance(plan, Left):
             return plan
         eps = plan["eps"]
@@ -120,7 +131,7 @@ class GroupNormFusion(Rule):
         prefix = anchor.name.rsplit("/", 1)[0] if "/" in anchor.name else (anchor.name or "GroupNorm")
         scale = view.add_initializer(f"{prefix}.scale", np.ascontiguousarray(plan["scale"]))
         bias = view.add_initializer(f"{prefix}.bias", np.ascontiguousarray(plan["bias"]))
-        channels_last = match.kind == KERAS_KIND
+        channels_last = plan.get("channels_last_out", False)
         out = view.unique_name(f"{prefix}/GroupNormalization_output_0") if channels_last else match.output
         fused = onnx.helper.make_node("GroupNormalization", [p["x"], scale, bias], [out],
                                       name=view.unique_name(f"{prefix}/GroupNormalization"),
@@ -221,90 +232,203 @@ def _check_instance_norm(view: GraphView, match: Match, dims: list):
     return {"groups": groups, "eps": eps, "gamma": gamma, "beta": beta}
 
 
-# ---- spelling 2: Transpose -> Reshape -> Keras moments and affine -> Reshape (channels-last) ------
+# ---- spellings 2 and 3: Reshape -> moments and affine in the grouped shape(s) -> Reshape ----------
 
-def _match_channels_last(view: GraphView, reshape: onnx.NodeProto) -> Match | None:
+CHANNELS_FIRST, CHANNELS_LAST = 0, 1  # the grouped layouts [N, G, C/G, *S] and [N, *S, G, C/G]
+
+
+def _swap_perm(grouped_rank: int, layout_in: int) -> list[int]:
+    """The Transpose perm that takes a grouped tensor from `layout_in` to the other layout."""
+    to_last = [0, *range(3, grouped_rank), 1, 2]
+    return to_last if layout_in == CHANNELS_FIRST else [to_last.index(i) for i in range(grouped_rank)]
+
+
+def _is_swap(node: onnx.NodeProto | None) -> bool:
+    """A Transpose whose perm swaps the grouped layouts one way or the other (which way is checked
+    once the layout of the site is known)."""
+    if not is_op(node, "Transpose"):
+        return False
+    perm = list(attr(node, "perm", []))
+    return len(perm) >= 4 and perm in (_swap_perm(len(perm), CHANNELS_FIRST), _swap_perm(len(perm), CHANNELS_LAST))
+
+
+class _GroupedWalk:
+    """Follows the tensors of one grouped site, also through Transposes that swap the two grouped
+    layouts: onnxruntime's transpose optimizer moves tf2onnx's channels-last Transpose into the
+    moments that way (spelling 3), so that a Sub may read the grouped tensor through a Transpose
+    and a mean straight from the Reshape. `flip[t]` counts those swaps (mod 2) between the grouping
+    Reshape's output and site tensor t; `check` turns it into a layout once the Reshape is known.
+    Every node taken reads all its site inputs in the same layout, so elementwise ops line up."""
+
+    def __init__(self, view: GraphView, start: str):
+        self.view = view
+        self.flip: dict[str, int] = {start: 0}
+        self.swaps: dict[int, onnx.NodeProto] = {}
+
+    def reads(self, tensor: str) -> list[tuple[onnx.NodeProto, list[onnx.NodeProto]]]:
+        """(node, swaps on the way) for every node reading `tensor`, directly or through swaps."""
+        found = []
+        for node in self.view.users(tensor):
+            if _is_swap(node):
+                found += [(reader, [node, *chain]) for reader, chain in self.reads(node.output[0])]
+            else:
+                found.append((node, []))
+        return found
+
+    def route(self, name: str, tensor: str) -> list[onnx.NodeProto] | None:
+        """The swaps from site tensor `tensor` to `name`, when `name` is it or a swap of it."""
+        chain = []
+        while name != tensor:
+            node = self.view.producer.get(name)
+            if not _is_swap(node):
+                return None
+            chain.insert(0, node)
+            name = node.input[0]
+        return chain
+
+    def take(self, node: onnx.NodeProto, *reads: tuple[str, list[onnx.NodeProto]]) -> bool:
+        """Accept `node`, which reads each site tensor through its swaps, if all reads agree on the layout."""
+        layouts = {self.flip[tensor] ^ (len(chain) & 1) for tensor, chain in reads}
+        if len(layouts) != 1:
+            return False
+        for tensor, chain in reads:
+            for i, swap in enumerate(chain, 1):
+                self.swaps[id(swap)] = swap
+                self.flip[swap.output[0]] = self.flip[tensor] ^ (i & 1)
+        layout = layouts.pop()
+        for name in node.output:
+            self.flip[name] = layout
+        return True
+
+    def single(self, tensor: str, *op_types: str) -> onnx.NodeProto | None:
+        """The one node of `op_types` reading `tensor` (directly or through swaps), taken."""
+        found = [(node, chain) for node, chain in self.reads(tensor) if is_op(node, *op_types)]
+        if len(found) != 1 or not self.take(found[0][0], (tensor, found[0][1])):
+            return None
+        return found[0][0]
+
+    def binary(self, tensor: str, op_type: str, partner: str, at: int | None = None) -> onnx.NodeProto | None:
+        """The node op_type(tensor, partner), in either order unless `at` fixes tensor's position,
+        each read directly or through swaps, both in the same layout; taken."""
+        for node, chain in self.reads(tensor):
+            if not is_op(node, op_type) or len(node.input) != 2:
+                continue
+            read = chain[-1].output[0] if chain else tensor
+            for pos in (0, 1) if at is None else (at,):
+                other = self.route(node.input[1 - pos], partner) if node.input[pos] == read else None
+                if other is not None and self.take(node, (tensor, chain), (partner, other)):
+                    return node
+        return None
+
+    def with_const(self, tensor: str, op_type: str, sole: bool = False) -> tuple[onnx.NodeProto, str] | None:
+        """op_type(tensor, constant) or op_type(constant, tensor), and the constant; taken. With
+        `sole`, only when that node is the one reader of `tensor`."""
+        found = self.reads(tensor)
+        if sole and (len(found) != 1 or self.view.is_graph_output(tensor)):
+            return None
+        for node, chain in found:
+            read = chain[-1].output[0] if chain else tensor
+            const = other_input(node, read) if is_op(node, op_type) else None
+            if const and self.view.is_const(const) and self.take(node, (tensor, chain)):
+                return node, const
+        return None
+
+
+def _match_grouped(view: GraphView, reshape: onnx.NodeProto) -> Match | None:
     z = reshape.output[0]
-    mean = _mean_like(view, z)
+    walk = _GroupedWalk(view, z)
+    mean = _mean_like(walk, z)
     if mean is None:
         return None
     mean_nodes, m = mean
-    sub = next((u for u in view.users(m) if is_op(u, "Sub") and list(u.input) == [z, m]), None)
+    sub = walk.binary(m, "Sub", z, at=1)
     if sub is None:
         return None
     d = sub.output[0]
-    square = next((u for u in view.users(d) if (is_op(u, "Mul") and list(u.input) == [d, d])
-                   or (is_op(u, "Pow") and u.input[0] == d)), None)
-    var = square and _mean_like(view, square.output[0])
+    square = walk.binary(d, "Mul", d)
+    if square is None:
+        power = walk.with_const(d, "Pow")
+        square = power[0] if power and power[0].input[1] == power[1] else None
+    var = square and _mean_like(walk, square.output[0])
     if var is None:
         return None
     var_nodes, v = var
-    add_eps = user(view, v, "Add")
-    sqrt = add_eps and user(view, add_eps.output[0], "Sqrt")
-    recip = sqrt and user(view, sqrt.output[0], "Reciprocal")
+    add_eps, eps = walk.with_const(v, "Add") or (None, None)
+    sqrt = add_eps and walk.single(add_eps.output[0], "Sqrt")
+    recip = sqrt and walk.single(sqrt.output[0], "Reciprocal")
     if recip is None:
         return None
     nodes = [reshape, *mean_nodes, sub, square, *var_nodes, add_eps, sqrt, recip]
-    g, gamma = recip.output[0], None
-    scale = view.sole_user(g)
-    if is_op(scale, "Mul") and view.is_const(other_input(scale, g) or ""):
-        gamma = other_input(scale, g)
+    g, gamma, scale = recip.output[0], None, None
+    found = walk.with_const(g, "Mul", sole=True)
+    if found:
+        scale, gamma = found
         nodes.append(scale)
         g = scale.output[0]
-    a = next((u for u in view.users(g) if is_op(u, "Mul") and other_input(u, g) == z), None)
+    a = walk.binary(g, "Mul", z)
     if a is None:
         return None
-    neg = user(view, m, "Neg")
-    b = next((u for u in view.users(g) if is_op(u, "Mul") and u is not a
-              and other_input(u, g) in (m, neg and neg.output[0])), None)
+    neg = walk.single(m, "Neg")
+    b = walk.binary(g, "Mul", neg.output[0]) if neg is not None else walk.binary(g, "Mul", m)
     if b is None:
         return None
-    negated = other_input(b, g) != m
-    nodes += [a] + ([neg] if negated else []) + [b]
+    nodes += [a] + ([neg] if neg is not None else []) + [b]
     shift, beta = b, None
-    after = view.sole_user(b.output[0])
-    if negated and is_op(after, "Add") and view.is_const(other_input(after, b.output[0]) or ""):
-        shift, beta = after, other_input(after, b.output[0])
-    elif not negated and is_op(after, "Sub") and after.input[1] == b.output[0] and view.is_const(after.input[0]):
-        shift, beta = after, after.input[0]
+    add_beta = walk.with_const(b.output[0], "Add", sole=True) if neg is not None else None
+    sub_from_beta = walk.with_const(b.output[0], "Sub", sole=True) if neg is None else None
+    if add_beta:
+        shift, beta = add_beta
+    elif sub_from_beta and sub_from_beta[0].input[0] == sub_from_beta[1]:  # beta - mean * g
+        shift, beta = sub_from_beta
+    elif sub_from_beta:
+        return None
     if shift is not b:
         nodes.append(shift)
     s = shift.output[0]
-    if negated or beta is not None:  # y = a + s
-        total = next((u for u in view.users(s) if is_op(u, "Add") and other_input(u, s) == a.output[0]), None)
+    if neg is not None or beta is not None:  # y = a + s
+        total = walk.binary(s, "Add", a.output[0])
     else:  # y = a - mean * g
-        total = next((u for u in view.users(s) if is_op(u, "Sub") and list(u.input) == [a.output[0], s]), None)
-    back = total and user(view, total.output[0], "Reshape")
-    if back is None or back.input[0] != total.output[0]:
+        total = walk.binary(s, "Sub", a.output[0], at=1)
+    back = total and walk.single(total.output[0], "Reshape")
+    if back is None or walk.route(back.input[0], total.output[0]) is None:
         return None
-    nodes += [total, back]
-    transpose = view.producer.get(reshape.input[0])
-    x = reshape.input[0]
-    if is_op(transpose, "Transpose"):
+    nodes += [total, back, *walk.swaps.values()]
+    x, transpose = reshape.input[0], view.producer.get(reshape.input[0])
+    perm = list(attr(transpose, "perm", [])) if is_op(transpose, "Transpose") else []
+    if len(perm) >= 3 and perm == [0, *range(2, len(perm)), 1]:  # tf2onnx's NC* -> N*C before the grouping
         x = transpose.input[0]
         if view.sole_user(transpose.output[0]) is reshape:
             nodes.append(transpose)
     else:
         transpose = None
     parts = {"x": x, "transpose": transpose, "reshape": reshape, "back": back, "z": z,
-             "mean": mean_nodes[0], "var": var_nodes[0], "means": (mean_nodes, var_nodes),
-             "add_eps": add_eps, "v": v, "square": square, "gamma": gamma, "beta": beta}
-    return Match(KERAS_KIND, _in_graph_order(view, nodes), back.output[0], parts)
+             "means": (mean_nodes, var_nodes), "add_eps": add_eps, "eps": eps, "square": square,
+             "gamma": gamma, "scale": scale, "beta": beta, "shift": shift, "flip": walk.flip,
+             "swaps": list(walk.swaps.values())}
+    kind = MOVED_KIND if walk.swaps else KERAS_KIND
+    return Match(kind, _in_graph_order(view, nodes), back.output[0], parts)
 
 
-def _mean_like(view: GraphView, tensor: str) -> tuple[list[onnx.NodeProto], str] | None:
+def _mean_like(walk: _GroupedWalk, tensor: str) -> tuple[list[onnx.NodeProto], str] | None:
     """The nodes and output of a mean of `tensor`: ReduceMean, or tf_keras's div_no_nan spelling
     `Where(Equal(n, 0), 0, Div(ReduceSum(tensor), n))` (the Where/Equal may be missing)."""
-    mean = next((u for u in view.users(tensor) if is_op(u, "ReduceMean") and u.input[0] == tensor), None)
-    if mean is not None:
-        return [mean], mean.output[0]
-    total = next((u for u in view.users(tensor) if is_op(u, "ReduceSum") and u.input[0] == tensor), None)
-    div = total and user(view, total.output[0], "Div")
-    if div is None or div.input[0] != total.output[0]:
+    view = walk.view
+    for op in ("ReduceMean", "ReduceSum"):
+        found = [(node, chain) for node, chain in walk.reads(tensor)
+                 if is_op(node, op) and node.input[0] == (chain[-1].output[0] if chain else tensor)]
+        if found:
+            break
+    if not found or not walk.take(found[0][0], (tensor, found[0][1])):
         return None
-    nodes, out = [total, div], div.output[0]
-    where = user(view, out, "Where")
-    if where is not None and where.input[2] == out:
+    reduce = found[0][0]
+    if reduce.op_type == "ReduceMean":
+        return [reduce], reduce.output[0]
+    div = walk.with_const(reduce.output[0], "Div")
+    if div is None or walk.route(div[0].input[0], reduce.output[0]) is None:
+        return None
+    nodes, out = [reduce, div[0]], div[0].output[0]
+    where = walk.single(out, "Where")
+    if where is not None and walk.route(where.input[2], out) is not None:
         equal = view.producer.get(where.input[0])
         if is_op(equal, "Equal"):
             nodes += [equal, where]  # the Equal is shared by the mean and the variance
@@ -315,95 +439,131 @@ def _mean_like(view: GraphView, tensor: str) -> tuple[list[onnx.NodeProto], str]
     return nodes, out
 
 
-def _check_transpose(view: GraphView, match: Match) -> Left | None:
-    """The grouped tensor must come from the exporter's Transpose NC* -> N*C, so that the fused op
-    can read the channels-first tensor before it and the Transpose can move after it."""
-    transpose = match.parts["transpose"]
-    perm = list(attr(transpose, "perm", [])) if transpose is not None else []
-    if len(perm) < 3 or perm != [0] + list(range(2, len(perm))) + [1]:
-        why = (f"{label(transpose)} has perm {perm}, not channels-first to channels-last" if transpose is not None
-               else "no Transpose from channels-first precedes it")
-        return Left("unsupported-axis", f"the grouped tensor is channels-last and {why}; GroupNormalization "
-                                        "normalizes channels at axis 1, so fusing would need a Transpose pair "
-                                        "around it")
+def _grouped_layout(match: Match, tensor: str) -> int:
+    """The grouped layout `tensor` of the site has: the Reshape's own (channels-last after tf2onnx's
+    NC* -> N*C Transpose, else channels-first), flipped by every swap on the way."""
+    p = match.parts
+    return (CHANNELS_LAST if p["transpose"] is not None else CHANNELS_FIRST) ^ p["flip"][tensor]
+
+
+def _check_swaps(view: GraphView, match: Match) -> Left | None:
+    """Every Transpose inside the site must turn the grouped layout it reads into the other one."""
+    for swap in match.parts["swaps"]:
+        perm = list(attr(swap, "perm", []))
+        want = _swap_perm(len(perm), _grouped_layout(match, swap.input[0]))
+        if perm != want:
+            return Left("unsupported-axis", f"{label(swap)}: perm {perm} does not swap the grouped layouts "
+                                            f"the way the site needs ({want})")
     return None
 
 
-def _check_channels_last(view: GraphView, match: Match, dims: list):
+def _check_grouped(view: GraphView, match: Match, dims: list):
     p = match.parts
     channels, rank = dims[1], len(dims)
+    first = p["transpose"] is None  # the Reshape groups X (N, C, *S) itself, not its channels-last view
     target = _const_ints(view, p["reshape"].input[1])
-    if target is None or len(target) != rank + 1 or target[-2] <= 0 or target[-1] <= 0:
+    layout_hint = "[N, G, C/G, *spatial]" if first else "[N, *spatial, G, C/G]"
+    if target is None or len(target) != rank + 1:
         return Left("unsupported-axis", f"{label(p['reshape'])}: the grouping shape {target} is not a constant "
-                                        "[N, *spatial, G, C/G]")
-    groups = target[-2]
-    if channels % groups or target[-1] != channels // groups:
-        return Left("unsupported-axis", f"{label(p['reshape'])}: shape {target} does not split {channels} channels "
-                                        f"into groups of consecutive channels")
-    last = [dims[0], *dims[2:], channels]  # the channels-last layout of X
-    grouped = [dims[0], *dims[2:], groups, channels // groups]
-    copy_ok = set(range(rank - 1))
-    if not _reshape_gives(view, p["reshape"], target, grouped, copy_ok):
-        return Left("unsupported-axis", f"{label(p['reshape'])}: shape {target} does not reshape {last} to {grouped}")
+                                        f"{layout_hint}")
+    groups, per_group = (target[1], target[2]) if first else (target[-2], target[-1])
+    if groups <= 0 or per_group <= 0 or channels % groups or per_group != channels // groups:
+        return _not_grouped(match, target, dims, f"does not split {channels} channels of {p['x']!r} {dims} into "
+                                                 f"groups of consecutive channels {layout_hint}")
+    shapes = {CHANNELS_FIRST: [dims[0], groups, per_group, *dims[2:]],
+              CHANNELS_LAST: [dims[0], *dims[2:], groups, per_group]}
+    reduced = {CHANNELS_FIRST: set(range(2, rank + 1)), CHANNELS_LAST: set(range(1, rank - 1)) | {rank}}
+    group_axis = {CHANNELS_FIRST: 1, CHANNELS_LAST: rank - 1}
+    # A 0 in a Reshape's shape copies the input's dim: right where the dims of the two shapes agree.
+    copy_ok = {CHANNELS_FIRST: {0, 1} if groups == channels else {0}, CHANNELS_LAST: set(range(rank - 1))}
+    base = CHANNELS_FIRST if first else CHANNELS_LAST
+    if not _reshape_gives(view, p["reshape"], target, shapes[base], copy_ok[base]):
+        return _not_grouped(match, target, dims, f"does not group {p['x']!r} {dims} as {shapes[base]}")
+    out_layout = _grouped_layout(match, p["back"].output[0])
+    restored = list(dims) if out_layout == CHANNELS_FIRST else [dims[0], *dims[2:], channels]
     restore = _const_ints(view, p["back"].input[1])
-    if restore is None or not _reshape_gives(view, p["back"], restore, last, copy_ok):
-        return Left("unsupported-axis", f"{label(p['back'])}: the shape {restore} does not restore {last}")
-    want = set(range(1, rank - 1)) | {rank}  # every axis of the grouped tensor but N and G
+    if restore is None or not _reshape_gives(view, p["back"], restore, restored, copy_ok[out_layout]):
+        return Left("unsupported-axis", f"{label(p['back'])}: the shape {restore} does not restore {restored}")
     mean_nodes, var_nodes = p["means"]
     for nodes in (mean_nodes, var_nodes):
         reduce = nodes[0]
+        layout = _grouped_layout(match, reduce.output[0])
+        want = reduced[layout]
         axes = reduce_axes(view, reduce)
         if axes is None or {a % (rank + 1) for a in axes if -rank - 1 <= a <= rank} != want or len(axes) != len(want):
             return Left("unsupported-axis", f"{label(reduce)}: reduction over axes {list(axes) if axes else '?'} of "
-                                            f"the grouped tensor; a group norm reduces {sorted(want)}")
+                                            f"the grouped tensor {shapes[layout]}; a group norm reduces {sorted(want)}")
         if attr(reduce, "keepdims", 1) != 1:
             return Left("unsupported-attribute", f"{label(reduce)}: keepdims=0")
         if len(nodes) > 1:
-            left = _check_count(view, nodes, grouped, want)
+            def grouping(node, match=match):
+                layout = _grouped_layout(match, node.output[0])
+                return shapes[layout], reduced[layout]
+            left = _check_count(view, nodes, grouping)
             if left is not None:
                 return left
     square = p["square"]
     if square.op_type == "Pow" and scalar(view, square.input[1]) != 2.0:
         return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
-    eps = scalar(view, other_input(p["add_eps"], p["v"]))
+    eps = scalar(view, p["eps"])
     if eps is None:
         return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
     affine = []
-    for name in ("gamma", "beta"):
+    for name, node in (("gamma", p["scale"]), ("beta", p["shift"])):
         if p[name] is None:
             affine.append(None)
             continue
-        value = _grouped_per_channel(view.const(p[name]), rank + 1, groups, channels // groups)
+        layout = _grouped_layout(match, node.output[0])
+        value = _grouped_per_channel(view.const(p[name]), rank + 1, group_axis[layout], groups, per_group)
         if value is None:
             return Left("not-per-channel", f"{name} of shape {list(view.const(p[name]).shape)} does not vary "
-                                           f"along the group axes [{groups}, {channels // groups}] only")
+                                           f"along the group axes of {shapes[layout]} only")
         affine.append(value)
-    return {"groups": groups, "eps": eps, "gamma": affine[0], "beta": affine[1]}
+    return {"groups": groups, "eps": eps, "gamma": affine[0], "beta": affine[1],
+            "channels_last_out": out_layout == CHANNELS_LAST}
 
 
-def _check_count(view: GraphView, nodes: list[onnx.NodeProto], grouped: list, axes: set[int]) -> Left | None:
-    """tf_keras's ReduceSum / n (div_no_nan): n must be the constant element count of a group."""
+def _not_grouped(match: Match, target: list[int], dims: list, why: str) -> Left:
+    p = match.parts
+    if p["transpose"] is None and not p["swaps"] and target[-2] > 0 and target[-2] * target[-1] == dims[-1]:
+        why = (f"groups the last axis of {p['x']!r} {dims}: the tensor is channels-last and no Transpose from "
+               "channels-first precedes it; GroupNormalization normalizes channels at axis 1, so fusing would "
+               "need a Transpose pair around it")
+    return Left("unsupported-axis", f"{label(p['reshape'])}: shape {target} {why}")
+
+
+def _check_count(view: GraphView, nodes: list[onnx.NodeProto], grouping) -> Left | None:
+    """tf_keras's ReduceSum / n (div_no_nan): n must be the constant element count of a group, and
+    the guard Where(Equal(n, 0), 0, .) must never pick the 0. `grouping(node)` gives the grouped
+    shape and reduced axes in the layout `node` computes in; neither constant may widen a reduced axis."""
     div = nodes[1]
     count = view.const(div.input[1])
+    grouped, axes = grouping(div)
     size = _product([grouped[a] for a in sorted(axes)])
-    padded = None if count is None else [1] * (len(grouped) - count.ndim) + list(count.shape)
-    if (count is None or size is None or count.ndim > len(grouped) or not np.all(count == size)
-            or any(padded[a] != 1 for a in axes)):
+    if count is None or size is None or not np.all(count == size) or not _kept_narrow(count, grouped, axes):
         return Left("non-constant-parameters", f"{label(div)}: the divisor is not the constant element count "
                                                f"{size if size else '?'} of a group")
-    if len(nodes) == 3:  # Where(constant condition, 0, ReduceSum / n): it must never pick the 0
-        where = nodes[2]
-        if np.any(view.const(where.input[0])):
-            return Left("non-constant-parameters", f"{label(where)}: the div_no_nan guard's constant condition "
-                                                   "is not all false")
-    elif len(nodes) > 2:
-        equal, where = nodes[2], nodes[-1]
-        zero = other_input(equal, div.input[1])
-        zero_value = view.const(zero) if zero else None
-        if zero_value is None or np.any(count == zero_value):
+    if len(nodes) > 2:
+        where = nodes[-1]
+        equal = nodes[2] if len(nodes) == 4 else None
+        if equal is not None:  # Equal(n, 0) of two constants; compared here, not evaluated as a graph
+            sides = [view.const(name) for name in equal.input]
+            condition = None if any(v is None for v in sides) else np.equal(*sides)
+        else:  # already constant-folded (onnxsim, onnxruntime)
+            condition = view.const(where.input[0])
+        grouped, axes = grouping(where)
+        if condition is None or np.any(condition) or not _kept_narrow(condition, grouped, axes):
             return Left("non-constant-parameters", f"{label(where)}: the div_no_nan guard is not a constant "
-                                                   "comparison of the count with 0")
+                                                   "condition that is false everywhere")
     return None
+
+
+def _kept_narrow(value: np.ndarray, grouped: list, axes: set[int]) -> bool:
+    """Whether constant `value` broadcast against a tensor of shape `grouped` keeps the reduced axes size 1."""
+    if value.ndim > len(grouped):
+        return False
+    padded = [1] * (len(grouped) - value.ndim) + list(value.shape)
+    return all(padded[a] == 1 for a in axes)
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -456,15 +616,19 @@ def _per_channel(value: np.ndarray | None, dims: list) -> np.ndarray | None:
     return np.broadcast_to(value.reshape(padded[1]), (channels,)).copy()
 
 
-def _grouped_per_channel(value: np.ndarray | None, rank: int, groups: int, per_group: int) -> np.ndarray | None:
-    """A [C] vector from a constant over the grouped tensor (N, *S, G, C/G) that varies along its
-    last two axes only; channel c = g * C/G + j, the order Reshape(C -> G, C/G) gives."""
+def _grouped_per_channel(value: np.ndarray | None, rank: int, group_axis: int, groups: int,
+                         per_group: int) -> np.ndarray | None:
+    """A [C] vector from a constant over a grouped tensor of rank `rank` that varies along its group
+    axes only (`group_axis` and the next: [N, G, C/G, *S] or [N, *S, G, C/G]); channel c = g * C/G + j,
+    the order Reshape(C -> G, C/G) gives."""
     if value is None or value.ndim > rank:
         return None
     padded = [1] * (rank - value.ndim) + list(value.shape)
-    if any(d != 1 for d in padded[:-2]) or padded[-2] not in (1, groups) or padded[-1] not in (1, per_group):
+    pair = padded[group_axis:group_axis + 2]
+    others = padded[:group_axis] + padded[group_axis + 2:]
+    if any(d != 1 for d in others) or pair[0] not in (1, groups) or pair[1] not in (1, per_group):
         return None
-    return np.broadcast_to(value.reshape(padded[-2:]), (groups, per_group)).reshape(-1).copy()
+    return np.broadcast_to(value.reshape(pair), (groups, per_group)).reshape(-1).copy()
 
 
 def _in_graph_order(view: GraphView, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
