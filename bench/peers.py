@@ -287,6 +287,11 @@ def inspect(original: dict, out: str, runs: int, reference: Reference | None = N
         except Exception as exc:  # noqa: BLE001
             info["ref_err"] = None
             info["ref_err_error"] = one_line(exc)
+        try:
+            info["ref_err_spec"] = reference.spec_error(out)
+        except Exception as exc:  # noqa: BLE001  (onnx.reference lacks or mis-runs some op)
+            info["ref_err_spec"] = None
+            info["ref_err_spec_error"] = one_line(exc)
     try:
         if out == original["path"]:
             info["latency_ms"] = info["latency_orig_ms"] = latency_ms([out], original["shapes"], runs)[0]
@@ -340,6 +345,9 @@ def summarize(results: list[dict], models: list[str], tool: str) -> dict:
                 if r["tool"] == "original" and r["model"] in models and r.get("ref_err") is not None}
     ref_rows = [r for r in ok if r.get("ref_err") is not None and r["model"] in orig_ref]
     ref = [r["ref_err"] for r in ref_rows]
+    orig_spec = {r["model"]: r["ref_err_spec"] for r in results
+                 if r["tool"] == "original" and r["model"] in models and r.get("ref_err_spec") is not None}
+    spec_rows = [r for r in ok if r.get("ref_err_spec") is not None and r["model"] in orig_spec]
     return {
         "runs": len(rows), "ok": len(ok), "failed": sum(r["status"] == "failed" for r in rows),
         "timeout": sum(r["status"] == "timeout" for r in rows),
@@ -357,6 +365,10 @@ def summarize(results: list[dict], models: list[str], tool: str) -> dict:
         "ref_err_orig_max": max(orig_ref[r["model"]] for r in ref_rows) if ref_rows else None,
         "ref_models": len(ref_rows),
         "ref_worse": sum((r.get("ref_excess_ulps") or 0.0) > 1.0 for r in ref_rows),
+        # the same with every op rounding to its declared type (onnx.reference), where it runs
+        "ref_spec_max": max((r["ref_err_spec"] for r in spec_rows), default=None),
+        "ref_spec_orig_max": max((orig_spec[r["model"]] for r in spec_rows), default=None),
+        "ref_spec_models": len(spec_rows),
         "time_ratio_geomean": geomean(r.get("time_ratio") for r in ok),
         "mem_ratio_geomean": geomean(r.get("mem_ratio") for r in ok),
         "latency_ratio_geomean": geomean(r.get("latency_ratio") for r in ok),
@@ -369,6 +381,7 @@ SUMMARY_COLS = [("ok", "ok"), ("failed", "fail"), ("timeout", "t/o"), ("bn_nodes
                 ("nonstandard_nodes", "non-std nodes"), ("checker_failures", "checker fails"),
                 ("compare_failures", "diff fails"), ("max_abs_diff", "max abs diff"),
                 ("ref_err", "fp16 err vs fp32 ref (worst, tool / orig)"), ("ref_worse", "fp16 worse than orig"),
+                ("ref_spec", "fp16 err, ops rounding as typed (worst, tool / orig)"),
                 ("time_ratio_geomean", "time/floor"), ("mem_ratio_geomean", "RSS/floor"),
                 ("latency_ratio_geomean", "latency out/orig")]
 
@@ -383,6 +396,9 @@ def summary_table(summaries: dict[str, dict], title: str) -> str:
             if key == "ref_err":
                 v = (f"{fmt(s.get('ref_err_max'), '.2e')} / {fmt(s.get('ref_err_orig_max'), '.2e')}"
                      if s.get("ref_models") else None)
+            elif key == "ref_spec":
+                v = (f"{fmt(s.get('ref_spec_max'), '.2e')} / {fmt(s.get('ref_spec_orig_max'), '.2e')} "
+                     f"({s['ref_spec_models']} models)" if s.get("ref_spec_models") else None)
             elif key == "ref_worse":
                 v = f"{s['ref_worse']}/{s['ref_models']}" if s.get("ref_models") else None
             vals.append(fmt(v, ".2f") if key.endswith("geomean") and v is not None else fmt(v))
@@ -394,14 +410,14 @@ REF_RULE = ("a tool is counted worse on a model when its ref_err exceeds the ori
             "16-bit ulp (fp16, or bf16 for bf16 outputs) at the largest |reference output| of that model")
 
 
-def ref_excess_ulps(r: dict, orig: dict) -> float | None:
+def ref_excess_ulps(r: dict, orig: dict, key: str = "ref_err") -> float | None:
     """How far the tool's error against the float32 reference exceeds the original's, in 16-bit
     ulps of the model's output magnitude (REF_RULE: worse when > 1). One ulp of slack because
     fusing legitimately moves single roundings: a correctly rounded result can land on the other
     neighbour of the reference than the original's did."""
-    if r.get("ref_err") is None or orig.get("ref_err") is None or not orig.get("ref_ulp"):
+    if r.get(key) is None or orig.get(key) is None or not orig.get("ref_ulp"):
         return None
-    return (r["ref_err"] - orig["ref_err"]) / orig["ref_ulp"]
+    return (r[key] - orig[key]) / orig["ref_ulp"]
 
 
 def large_table(results: list[dict], model: str) -> str:
@@ -427,9 +443,10 @@ def large_table(results: list[dict], model: str) -> str:
     return "\n".join(lines)
 
 
-def ref_table(results: list[dict], models: list[str], tools: list[str]) -> str:
+def ref_table(results: list[dict], models: list[str], tools: list[str], key: str = "ref_err") -> str:
     """Per 16-bit model: max abs error against the float32 reference of the original and of each
-    tool's output; * marks a tool worse than the original by REF_RULE."""
+    tool's output (`key`: run by onnxruntime, or "ref_err_spec": by onnx.reference); * marks a tool
+    worse than the original by REF_RULE."""
     by = {(r["model"], r["tool"]): r for r in results}
     head = ["model", "1 ulp at max abs output", "original", *tools]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -443,9 +460,9 @@ def ref_table(results: list[dict], models: list[str], tools: list[str]) -> str:
             if r is None or not r["ok"]:
                 cells.append("" if r is None else "FAIL")
                 continue
-            excess = r.get("ref_excess_ulps")
-            cells.append(fmt(r.get("ref_err"), ".2e") + (" *" if excess is not None and excess > 1.0 else ""))
-        row = [m, fmt(orig["ref_ulp"], ".2e"), fmt(orig.get("ref_err"), ".2e"), *cells]
+            excess = ref_excess_ulps(r, orig, key)
+            cells.append(fmt(r.get(key), ".2e") + (" *" if excess is not None and excess > 1.0 else ""))
+        row = [m, fmt(orig["ref_ulp"], ".2e"), fmt(orig.get(key), ".2e"), *cells]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) if len(lines) > 2 else ""
 
@@ -590,6 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         parts.append("**16-bit float models: max abs error against the float32 reference** (the original upcast "
                      "to float32, same inputs, ORT_DISABLE_ALL; max over outputs; * = worse than the original: "
                      f"{REF_RULE})\n\n" + fp16_table)
+        spec_table = ref_table(results, [m["name"] for m in models],
+                               [t for t in show if t not in ("original", "floor")], key="ref_err_spec")
+        parts.append("**The same, every op rounding to the type the model declares** (onnx.reference instead of "
+                     "onnxruntime, whose CPU provider runs 16-bit ops without a 16-bit kernel in float32; empty "
+                     "where onnx.reference cannot run the model)\n\n" + spec_table)
     parts.append("**Per model** (cell = BN nodes / BN-like foldable sites / norm sites left; "
                  "x = non-standard nodes (other domain, or no ONNX schema at the model's opset), ! = checker rejects, D = outputs differ beyond tolerance, "
                  "E = could not compare)\n\n" + matrix_table(results, [m["name"] for m in models], show))

@@ -182,6 +182,26 @@ class Reference:
         return worst
 
 
+    def spec_error(self, model: str) -> float:
+        """As `error`, but run by onnx's reference evaluator, where every op rounds to the type the
+        model declares for its output (as a runtime with native 16-bit kernels does). onnxruntime's
+        CPU provider instead runs 16-bit ops that lack a kernel of that type (ReduceMean, Sub, Pow,
+        ...) in float32 and drops the casts between them, so there a decomposed fp16 norm is
+        effectively computed in float32. Raises when the evaluator cannot run the model."""
+        from onnx.reference import ReferenceEvaluator
+
+        proto = onnx.load(model)
+        names = [o.name for o in proto.graph.output]
+        got = dict(zip(names, ReferenceEvaluator(proto).run(None, self.feeds)))
+        worst = 0.0
+        for name, ref in self.outputs.items():
+            if name not in got:
+                return math.inf
+            cmp = compare_arrays(name, ref.astype(np.float64), np.asarray(got[name]).astype(np.float64))
+            worst = max(worst, cmp.max_abs_error)
+        return worst
+
+
 def make_reference(original: str, shapes: dict[str, list[int]] | None = None, seed: int = 0) -> Reference:
     """Inputs from normfold's own generator for the ORIGINAL (as compare_models makes them, so the
     figures sit beside peers.py's max_abs_diff), and the upcast original's outputs on them."""
