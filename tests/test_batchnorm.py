@@ -100,6 +100,162 @@ def test_gemm_and_matmul_bn_folds_exactly(kind, bias, trans_b, alpha, beta, seed
         assert ops(folded) == ["MatMul", "Add"]  # the bias Add is created when there was none
 
 
+def relu_bn_then_layer(kind, *, dims=2, cin=4, cout=6, group=1, kernel=3, stride=1, dilation=1, bias=True,
+                       elem=onnx.TensorProto.FLOAT, seed=0, trans_b=0, alpha=1.0, beta=1.0, c_shape="row",
+                       pads=0, auto_pad=None, eps=1e-5):
+    """X -> Relu -> BatchNormalization -> kind -> Y: no layer before the BN, one after it."""
+    rng = np.random.default_rng(seed)
+    dtype = NP[elem]
+    consts = {k: v for k, v in bn_params(rng, cin, dtype).items()}
+    attrs = {}
+    if kind == "Conv":
+        x_shape = [2, cin] + [5 + kernel * dilation] * dims
+        consts["w"] = rng.standard_normal([cout, cin // group] + [kernel] * dims).astype(dtype)
+        attrs = dict(group=group, strides=[stride] * dims, dilations=[dilation] * dims)
+        if auto_pad:
+            attrs["auto_pad"] = auto_pad
+        else:
+            attrs["pads"] = [pads] * (2 * dims)
+        bias_shape = (cout,)
+    else:
+        x_shape = [3, cin]
+        w = rng.standard_normal([cin, cout]).astype(dtype)
+        consts["w"] = w.T.copy() if trans_b and kind == "Gemm" else w
+        if kind == "Gemm":
+            attrs = dict(transB=trans_b, alpha=alpha, beta=beta)
+        bias_shape = {"row": (cout,), "full": (3, cout), "scalar": ()}[c_shape] if kind == "Gemm" else (cout,)
+    inputs = ["r", "w"]
+    if bias:
+        consts["b"] = rng.standard_normal(bias_shape).astype(dtype)
+        if kind != "MatMul":
+            inputs.append("b")
+    nodes = [helper.make_node("Relu", ["x"], ["x_relu"], name="relu"),
+             helper.make_node("BatchNormalization", ["x_relu", "s", "bb", "m", "v"], ["r"], name="bn", epsilon=eps),
+             helper.make_node(kind, inputs, ["h"], name="layer", **attrs)]
+    if kind == "MatMul" and bias:
+        nodes.append(helper.make_node("Add", ["h", "b"], ["hb"], name="bias_add"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, x_shape)],
+                              [helper.make_tensor_value_info(nodes[-1].output[0], elem, [None] * len(x_shape))],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(dims=st.integers(1, 3), group=st.sampled_from([1, 2, 4]), kernel=st.integers(1, 3), stride=st.integers(1, 2),
+       dilation=st.integers(1, 2), bias=st.booleans(), seed=st.integers(0, 2**16),
+       elem=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16]), eps=st.sampled_from([1e-5, 1e-3]))
+def test_bn_folds_forward_into_an_unpadded_conv(dims, group, kernel, stride, dilation, bias, seed, elem, eps):
+    model = relu_bn_then_layer("Conv", dims=dims, cin=4, cout=8, group=group, kernel=kernel, stride=stride,
+                               dilation=dilation, bias=bias, elem=elem, seed=seed, eps=eps)
+    atol, rtol = TOL[elem]
+    folded, report, _ = fold_and_compare(model, atol=atol, rtol=rtol, scaled_atol=elem == onnx.TensorProto.FLOAT16)
+    assert ops(folded) == ["Relu", "Conv"]
+    [site] = report.sites
+    assert site.status == "folded" and site.kind == "BatchNormalization before Conv"
+    assert folded.graph.node[1].input[0] == "x_relu"
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["Gemm", "MatMul"]), bias=st.booleans(), trans_b=st.integers(0, 1),
+       alpha=st.sampled_from([1.0, 0.5, 2.0]), beta=st.sampled_from([1.0, 0.0, 3.0]),
+       c_shape=st.sampled_from(["row", "full", "scalar"]), seed=st.integers(0, 2**16),
+       elem=st.sampled_from([onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16]))
+def test_bn_folds_forward_into_gemm_and_matmul(kind, bias, trans_b, alpha, beta, c_shape, seed, elem):
+    model = relu_bn_then_layer(kind, bias=bias, trans_b=trans_b, alpha=alpha, beta=beta, c_shape=c_shape,
+                               seed=seed, elem=elem)
+    atol, rtol = TOL[elem]
+    folded, report, _ = fold_and_compare(model, atol=atol, rtol=rtol, scaled_atol=elem == onnx.TensorProto.FLOAT16)
+    assert "BatchNormalization" not in ops(folded)
+    assert ops(folded) == (["Relu", "Gemm"] if kind == "Gemm" else ["Relu", "MatMul", "Add"])
+    assert report.sites[0].kind == f"BatchNormalization before {kind}"
+    assert [o.name for o in folded.graph.output] == [o.name for o in model.graph.output]
+
+
+@pytest.mark.parametrize("pads, auto_pad, kernel", [(1, None, 3), (0, "SAME_UPPER", 3), (1, None, 1)])
+def test_bn_before_a_padded_conv_is_left(pads, auto_pad, kernel):
+    """A padded border reads zeros of the BN output, to which the BN's shift was never added."""
+    model = relu_bn_then_layer("Conv", pads=pads, auto_pad=auto_pad, kernel=kernel)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert site.reason == "no-linear-producer" and "pads its input" in site.detail
+
+
+def test_bn_before_a_1x1_conv_with_same_padding_folds():
+    """SAME padding of a 1x1 kernel is zero for every stride."""
+    model = relu_bn_then_layer("Conv", auto_pad="SAME_UPPER", kernel=1, stride=2)
+    folded, _, _ = fold_and_compare(model)
+    assert ops(folded) == ["Relu", "Conv"]
+
+
+def test_bn_before_a_matmul_on_rank_3_is_left():
+    """On [N, C, L] the BN scales axis 1, but the MatMul contracts the last axis."""
+    rng = np.random.default_rng(3)
+    model = build("""g (float[2,4,5] x) => (float[2,4,3] y) {
+      r = Relu (x)
+      n = BatchNormalization (r, s, bb, m, v)
+      y = MatMul (n, w)
+    }""", w=rng.standard_normal((5, 3)).astype(np.float32), **bn_params(rng, 4))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert site.reason == "no-linear-producer" and "rank 3" in site.detail
+
+
+def test_bn_read_by_two_layers_is_left():
+    rng = np.random.default_rng(4)
+    model = build("""g (float[3,4] x) => (float[3,6] y, float[3,6] z) {
+      r = Relu (x)
+      n = BatchNormalization (r, s, bb, m, v)
+      y = MatMul (n, w)
+      z = MatMul (n, w)
+    }""", w=rng.standard_normal((4, 6)).astype(np.float32), **bn_params(rng, 4))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert sites(report, "left", "no-linear-producer")
+
+
+def test_bn_on_the_graph_input_folds_into_the_first_layer():
+    rng = np.random.default_rng(5)
+    model = build("""g (float[3,4] x) => (float[3,6] y) {
+      n = BatchNormalization (x, s, bb, m, v)
+      y = Gemm (n, w, c)
+    }""", w=rng.standard_normal((4, 6)).astype(np.float32), c=rng.standard_normal(6).astype(np.float32),
+                  **bn_params(rng, 4))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Gemm"] and folded.graph.node[0].input[0] == "x"
+    assert "follows" not in report.sites[0].detail
+
+
+def test_forward_fold_keeps_a_shared_weight_for_its_other_reader():
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    model = build("""g (float[3,4] x) => (float[3,6] y, float[3,6] z) {
+      r = Relu (x)
+      n = BatchNormalization (r, s, bb, m, v)
+      y = MatMul (n, w)
+      z = MatMul (x, w)
+    }""", w=w, **bn_params(rng, 4))
+    folded, report, _ = fold_and_compare(model)
+    assert "BatchNormalization" not in ops(folded)
+    assert np.array_equal(numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == "w")), w)
+    assert any("shared" in note for note in report.sites[0].notes)
+
+
+def test_forward_fold_that_would_overflow_float16_is_left():
+    model = relu_bn_then_layer("Gemm", elem=onnx.TensorProto.FLOAT16)
+    v = next(t for t in model.graph.initializer if t.name == "v")
+    v.CopyFrom(numpy_helper.from_array(np.full(4, 1e-7, np.float16), "v"))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(np.full((4, 6), 60000, np.float16), "w"))
+    folded, report = normfold.fold(model)
+    assert "BatchNormalization" in ops(folded)
+    assert sites(report, "left", "invalid-statistics")
+
+
 def test_depthwise_conv_bn_folds():
     model = layer_then_bn("Conv", cin=6, cout=6, group=6)
     folded, _, _ = fold_and_compare(model)
@@ -270,10 +426,13 @@ def test_every_bn_of_a_real_export_is_accounted_for():
     model = onnx.load(path)
     bn_names = {n.name for n in model.graph.node if n.op_type == "BatchNormalization"}
     folded, report = normfold.fold(model)
-    reported = {s.nodes[-1]: s for s in report.sites if s.pass_name == "bn"}
+    reported = {n: s for s in report.sites if s.pass_name == "bn" for n in s.nodes if n in bn_names}
     assert set(reported) == bn_names
     left = {name: s.reason for name, s in reported.items() if s.status == "left"}
-    assert sorted(left.values()) == ["intermediate-used-elsewhere", "no-linear-producer", "no-linear-producer"]
+    # bn5's Conv output also feeds a residual Add; bn6 follows a Relu and feeds a padded ConvTranspose
+    assert left == {"/bn5/BatchNormalization": "intermediate-used-elsewhere",
+                    "/bn6/BatchNormalization": "no-linear-producer"}
+    assert reported["/bn9/BatchNormalization"].kind == "BatchNormalization before Gemm"  # BatchNorm1d -> Linear
     assert sum(1 for n in folded.graph.node if n.op_type == "BatchNormalization") == len(left)
 
 

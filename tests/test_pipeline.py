@@ -38,21 +38,21 @@ def test_inspect_lists_every_site_and_writes_nothing(tmp_path):
     shutil.copy(CNN, model)
     result = invoke("inspect", model)
     assert result.exit_code == 0
-    assert result.output.count("would fold:") == 6 and result.output.count("left (") == 3
+    assert result.output.count("would fold:") == 7 and result.output.count("left (") == 2
     assert "BatchNormalization x9" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx"]
     document = json.loads(invoke("inspect", model, "--json").output)
     (tmp_path / "inspect.json").write_text(json.dumps(document))
     load_report(tmp_path / "inspect.json")
     assert document["command"] == "inspect"
-    assert [s["status"] for s in document["models"][0]["sites"]].count("folded") == 6
+    assert [s["status"] for s in document["models"][0]["sites"]].count("folded") == 7
 
 
 def test_check_fails_on_foldable_sites_and_passes_on_folded_models(tmp_path):
     result = invoke("check", CNN, "--report", tmp_path / "c.json")
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()
-    assert len(lines) == 6
+    assert len(lines) == 7
     assert lines[0] == (f"{CNN}: node /bn1/BatchNormalization: BatchNormalization after Conv /conv1/Conv "
                         "can be folded")
     assert load_report(tmp_path / "c.json")["exit_code"] == 1
@@ -92,7 +92,7 @@ def test_batch_summary_table_with_verbose(tmp_path):
         shutil.copy(CNN, tmp_path / f"{name}.onnx")
     result = normfold_cmd("fold", tmp_path / "a.onnx", tmp_path / "b.onnx", "-v")
     assert result.returncode == 0
-    assert "2 of 2 models done; 12 folded" in result.stdout
+    assert "2 of 2 models done; 14 folded" in result.stdout
     assert (tmp_path / "a.folded.onnx").exists() and (tmp_path / "b.folded.onnx").exists()
 
 

@@ -371,7 +371,7 @@ FAILED: dict[str, str] = {}
 
 def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float32", dynamic=None,
                      preserve_bn=False, notes="", seed=0, alt_shapes=None, ref_model=None, tol=1e-3,
-                     bn_after_linear=None, bn_note="", optimize=True):
+                     bn_after_linear=None, bn_before_linear=0, bn_note="", optimize=True):
     """Export `model` (already eval()) to models/torch/<file>, check it and record a manifest entry.
 
     ref_model: if given, compare ORT output against this (fp32) model instead of `model`.
@@ -436,7 +436,8 @@ def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float
     gt = {k: kinds.get(k, 0) for k in ("batchnorm", "layernorm", "rmsnorm", "groupnorm")}
     if bn_after_linear is None:
         bn_after_linear = 0 if gt["batchnorm"] == 0 else bn_after_linear_by_hooks(model, ins)
-    gt = {"batchnorm": gt["batchnorm"], "batchnorm_after_linear": bn_after_linear, "layernorm": gt["layernorm"],
+    gt = {"batchnorm": gt["batchnorm"], "batchnorm_after_linear": bn_after_linear,
+          "batchnorm_before_linear": bn_before_linear, "layernorm": gt["layernorm"],
           "rmsnorm": gt["rmsnorm"], "groupnorm": gt["groupnorm"]}
     entry = {
         "file": file,
@@ -526,10 +527,13 @@ def build_cnn_bn():
     export_and_check(file="cnn_bn_op13.onnx", model=m, source="hand-written nn.Module CnnBn in export_torch.py",
                      exporter=TS, opset=13, spec=img_spec(2, 3, 32, 32, "x"), preserve_bn=True, seed=1,
                      dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}], bn_after_linear=6,
+                     bn_before_linear=1,
                      notes="BN after: Conv(no bias), Conv(bias), depthwise Conv(group=16), grouped Conv(group=2, "
                            "bias), ConvTranspose(group=2, bias), Gemm (Linear+BatchNorm1d on [N,24]) = 6 foldable. "
-                           "Not foldable: BN whose Conv output also feeds a residual Add (bn5), BN2d after Relu "
-                           "(bn6), BatchNorm1d after Relu (bn9). Exported with TrainingMode.PRESERVE on an eval() "
+                           "Not foldable into a producer: BN whose Conv output also feeds a residual Add (bn5), "
+                           "BN2d after Relu (bn6), BatchNorm1d after Relu (bn9); bn9 is read only by the Linear "
+                           "head, so it folds forward into that Gemm (bn6 feeds a padded ConvTranspose and "
+                           "stays). Exported with TrainingMode.PRESERVE on an eval() "
                            "module so BatchNormalization nodes stay.")
 
 
@@ -548,6 +552,7 @@ def build_cnn_bn_dynamo():
     m = ready(CnnBn(), 1)
     export_and_check(file="cnn_bn_dynamo_op18.onnx", model=m, source="hand-written nn.Module CnnBn in export_torch.py",
                      exporter=DY, opset=18, spec=img_spec(2, 3, 32, 32, "x"), seed=1, bn_after_linear=6,
+                     bn_before_linear=1,
                      dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}],
                      notes="Same module/weights as cnn_bn_op13.onnx, exported with dynamo=True (optimize=True, the "
                            "default) from an eval() module. The exporter's optimizer FOLDED the 6 foldable BNs itself "
@@ -561,7 +566,8 @@ def build_cnn_bn_dynamo_noopt():
     m = ready(CnnBn(), 1)
     export_and_check(file="cnn_bn_dynamo_noopt_op18.onnx", model=m,
                      source="hand-written nn.Module CnnBn in export_torch.py", exporter=DY, opset=18,
-                     spec=img_spec(2, 3, 32, 32, "x"), seed=1, bn_after_linear=6, optimize=False,
+                     spec=img_spec(2, 3, 32, 32, "x"), seed=1, bn_after_linear=6, bn_before_linear=1,
+                     optimize=False,
                      dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}],
                      notes="Same module/weights as cnn_bn_op13.onnx, dynamo=True with optimize=False: all 9 "
                            "BatchNormalization nodes stay (from aten._native_batch_norm_legit_no_training), graph "
@@ -858,7 +864,7 @@ def build_cnn_bn_fp16():
     export_and_check(file="cnn_bn_fp16_op13.onnx", model=m16, source="hand-written nn.Module CnnBn in "
                      "export_torch.py, .half()", exporter=TS, opset=13, spec=spec, dtype="float16",
                      preserve_bn=True, seed=1, dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 3, 32, 32]}],
-                     bn_after_linear=6, tol=5e-2,
+                     bn_after_linear=6, bn_before_linear=1, tol=5e-2,
                      notes="Same module/weights as cnn_bn_op13.onnx in float16 (input, weights, BN params and "
                            "running stats all float16), TrainingMode.PRESERVE; ORT compared with the torch fp16 "
                            "module. Folding must compute the new weights in float32 and store them as float16.")
@@ -1027,7 +1033,9 @@ def main(argv):
         "ground_truth_convention": "module counts from model.modules(): batchnorm = nn.BatchNorm*d, layernorm = "
                                    "nn.LayerNorm and *LayerNorm classes (not RMS), rmsnorm = *RMSNorm classes and "
                                    "T5LayerNorm, groupnorm = nn.GroupNorm. batchnorm_after_linear = BN modules that "
-                                   "directly consume a Conv/ConvTranspose/Linear output used by nothing else.",
+                                   "directly consume a Conv/ConvTranspose/Linear output used by nothing else; "
+                                   "batchnorm_before_linear = the other BN modules whose output only a Linear (on "
+                                   "[N, C]) or a Conv without padding reads (counted by hand per model).",
         "spellings": SPELLINGS,
         "models": sorted(models.values(), key=lambda e: order.get(e["file"], 999)),
         "failed": dict(sorted(FAILED.items())),

@@ -27,7 +27,7 @@ from normfold.report import SiteRecord
 @dataclass
 class Match:
     kind: str  # human-readable site kind, e.g. "BatchNormalization after Conv"
-    nodes: list[onnx.NodeProto]  # every node of the site, in graph order
+    nodes: list[onnx.NodeProto]  # every node of the site, in graph order (a fold: the layer's, then the folded one)
     output: str  # the tensor the site writes; the rewrite keeps this name
     parts: dict[str, Any] = field(default_factory=dict)  # rule-specific pieces found by match
 
