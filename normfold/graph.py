@@ -232,12 +232,17 @@ class GraphView:
         return None if value is None else value.shape
 
     def rank(self, name: str) -> int | None:
-        info = self.shapes.get(name)
-        return None if info is None or info[1] is None else len(info[1])
+        dims = self.dims(name)
+        return None if dims is None else len(dims)
 
     def dims(self, name: str) -> list | None:
         info = self.shapes.get(name)
-        return None if info is None else info[1]
+        if info is not None:
+            return info[1]
+        # An initializer a rewrite added after shape inference ran (a folded weight): its header is exact.
+        if name in self.initializers and name not in self.input_names:
+            return list(self.initializers[name].dims)
+        return None
 
     def elem_type(self, name: str) -> int | None:
         info = self.shapes.get(name)

@@ -9,6 +9,7 @@ from pathlib import Path
 import onnx
 import pytest
 
+import normfold
 from normfold.api import FoldOptions, VerifyOptions, fold_file
 
 MODELS = Path(__file__).parents[1] / "models"
@@ -57,3 +58,14 @@ def test_every_norm_module_becomes_one_fused_op(path, entry, tmp_path):
     assert report.verification.status == "passed", report.to_text()
     for kind, op in FUSED_OP.items():
         assert report.ops_after.get(op, 0) == entry["ground_truth"][kind], (kind, report.to_text(True))
+
+
+@pytest.mark.parametrize("path, entry", list(corpus()))
+def test_folding_a_folded_model_changes_nothing(path, entry):
+    """One run finds every site: a rewrite must leave what it wrote (new weights, renamed outputs)
+    as visible to the sites after it as a fresh load would, so a second run has nothing to do."""
+    options = FoldOptions(target_opset=23, allow_transpose=True)
+    once, _ = normfold.fold(onnx.load(path), options)
+    twice, report = normfold.fold(once, options)
+    assert not [s for s in report.sites if s.status != "left"], report.to_text(verbose=True)
+    assert len(twice.graph.node) == len(once.graph.node)
