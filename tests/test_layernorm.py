@@ -39,8 +39,8 @@ def torch_layernorm(square="Pow", normalize="Div", affine="both", axes_as_input=
       d = Sub (x, mean)
       {sq}
       {red2}
-      ve = Add (var, eps)
-      std = Sqrt (ve)
+      {"ve = Add (var, eps)" if eps is not None else ""}
+      std = Sqrt ({"ve" if eps is not None else "var"})
       {norm}
       {tail}
       {extra}
@@ -50,7 +50,8 @@ def torch_layernorm(square="Pow", normalize="Div", affine="both", axes_as_input=
     consts = {k: v for k, v in consts.items() if k in text.replace("(", " ").replace(")", " ").replace(",", " ").split()}
     if "two" in text:
         consts["two"] = np.float32(2.0)
-    consts["eps"] = np.float32(eps)
+    if eps is not None:  # None: no epsilon Add, Sqrt reads the variance
+        consts["eps"] = np.float32(eps)
     return build(text, opset=opset, **consts)
 
 
@@ -83,6 +84,43 @@ def test_trailing_axes_fuse(k, eps, seed, positive_axes, scale):
                             gamma=gamma * np.float32(scale), beta=beta)
     folded, report, _ = fold_and_compare(model, atol=1e-4 * scale, rtol=1e-4)
     assert ops(folded) == ["LayerNormalization"]
+
+
+@pytest.mark.parametrize("eps", [None, 0.0])
+def test_no_epsilon_fuses_with_epsilon_zero(eps):
+    """(x - mean) / sqrt(var) with no Add, or Add(0): LayerNormalization(epsilon=0) is exactly that."""
+    folded, report, _ = fold_and_compare(torch_layernorm(eps=eps), atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"], report.to_text(verbose=True)
+    assert onnx_attr(folded.graph.node[0], "epsilon") == 0.0
+
+
+def test_negative_epsilon_is_left():
+    model = torch_layernorm(eps=-1e-3)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert [s.reason for s in report.sites] == ["invalid-statistics"]
+
+
+def test_bert_after_onnxscript_dropped_its_epsilon_fuses(tmp_path):
+    """onnxscript's optimizer removes BERT's Add(var, 1e-12), leaving (x - mean) / sqrt(var); done
+    here by hand on the real export. Every LayerNorm still fuses, with epsilon 0, and verifies."""
+    model = onnx.load(MODELS / "torch" / "hf_bert_op14.onnx")
+    producers = {o: n for n in model.graph.node for o in n.output}
+    dropped = 0
+    for sqrt in [n for n in model.graph.node if n.op_type == "Sqrt"]:
+        add = producers.get(sqrt.input[0])
+        if add is not None and add.op_type == "Add" and producers.get(add.input[0], add).op_type == "ReduceMean":
+            sqrt.input[0] = add.input[0]
+            model.graph.node.remove(add)
+            dropped += 1
+    assert dropped == 5
+    onnx.save(model, tmp_path / "no_eps.onnx")
+    report = normfold.fold_file(tmp_path / "no_eps.onnx", tmp_path / "out.onnx",
+                                options=normfold.FoldOptions(target_opset=17),
+                                verify=normfold.VerifyOptions(shapes={"input_ids": [2, 8], "attention_mask": [2, 8]}))
+    assert report.exit_code == 0 and report.verification.status == "passed", report.to_text()
+    assert report.ops_after.get("LayerNormalization") == 5
+    assert not [s for s in report.sites if s.status == "left"]
 
 
 def test_opset_16_is_left_with_the_opset_that_would_allow_it():

@@ -41,7 +41,7 @@ def rms_model(square="Pow", reduce="input", normalize="DivOne", affine="first", 
     lines.append(("ms", {"attr": f"ReduceMean <axes=[{axes}], keepdims=1> (sq)",
                          "input": "ReduceMean <keepdims=1> (sq, ax)",
                          "gap": "GlobalAveragePool (sq)"}[reduce]))
-    lines.append(("mse", "Add (ms, eps)"))
+    lines.append(("mse", "Add (ms, eps)") if eps is not None else ("mse", None))  # None: no epsilon Add
     if normalize == "Rsqrt":
         lines.append(("r", "Pow (mse, mhalf)"))
     else:
@@ -62,6 +62,8 @@ def rms_model(square="Pow", reduce="input", normalize="DivOne", affine="first", 
     elif affine == "second":
         lines.append(("g", f"Mul ({last}, gamma)"))
     lines[-1] = ("y", lines[-1][1])
+    if eps is None:  # the inverse RMS reads the mean square itself
+        lines = [(out, rhs.replace("(mse", "(ms")) for out, rhs in lines if rhs is not None]
     residual = casts != "none"
     if residual:
         lines.append(("z", f"Add ({'x' if casts == 'fp16' else 'v'}, y)"))
@@ -73,7 +75,7 @@ def rms_model(square="Pow", reduce="input", normalize="DivOne", affine="first", 
     }}"""
     ctype = TYPES[compute]
     norm_shape = [int(d) for d in shape.split(",")][-len(axes.split(",")):]
-    defaults = {"two": np.array(exponent, ctype), "eps": np.array(eps, ctype), "one": np.array(1.0, ctype),
+    defaults = {"two": np.array(exponent, ctype), "eps": np.array(eps or 0, ctype), "one": np.array(1.0, ctype),
                 "mhalf": np.array(-0.5, ctype), "ax": np.array([int(a) for a in axes.split(",")], np.int64),
                 "gamma": np.resize(GAMMA, norm_shape).astype(TYPES[dtype] if affine != "folded" else ctype)}
     words = set(text.replace("(", " ").replace(")", " ").replace(",", " ").split())
@@ -295,7 +297,7 @@ def test_global_average_pool_over_rank_4_is_left():
 
 @pytest.mark.parametrize("change, reason", [
     (dict(exponent=3.0), "non-constant-parameters"),
-    (dict(eps=0.0), "invalid-statistics"),
+    (dict(eps=-1e-6), "invalid-statistics"),
     (dict(normalize="DivOne", one=np.array(2.0, np.float32)), "non-constant-parameters"),
     (dict(normalize="Rsqrt", mhalf=np.array(-1.0, np.float32)), "non-constant-parameters"),
     (dict(gamma=np.ones((2, 1, 16), np.float32)), "not-per-channel"),
@@ -305,6 +307,19 @@ def test_wrong_constants_are_left_with_their_reason(change, reason):
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     assert [s.reason for s in report.sites] == [reason]
+
+
+@pytest.mark.parametrize("eps", [None, 0.0])
+@pytest.mark.parametrize("normalize", ["DivOne", "Rsqrt", "Div"])
+def test_no_epsilon_fuses_with_epsilon_zero(eps, normalize):
+    """x / sqrt(mean(x^2)) with no Add, or Add(0): RMSNormalization(epsilon=0) computes exactly that
+    (onnxscript's optimizer drops a tiny epsilon Add)."""
+    model = rms_model(eps=eps, normalize=normalize)
+    assert ("Add" in ops(model)) == (eps is not None)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["RMSNormalization"], report.to_text(verbose=True)
+    assert onnx.helper.get_attribute_value(next(a for a in folded.graph.node[0].attribute
+                                                 if a.name == "epsilon")) == 0.0
 
 
 def test_non_constant_gamma_stays_after_the_fused_op():

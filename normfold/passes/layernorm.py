@@ -16,6 +16,9 @@ The spellings real exporters write (d = X - mean, "mean" is ReduceMean or Global
 
   tf_keras (non-fused path):   Y = Add(Mul(X, g), Sub(beta, Mul(mean, g)))
 
+  In every spelling the Add(eps) may be missing (onnxscript's optimizer drops BERT's 1e-12): that is
+  epsilon 0, which LayerNormalization computes exactly (0 / 0 = NaN where the variance is 0, as before).
+
   tf_keras (fused path, eps >= 1.001e-5): a BatchNormalization over X reshaped to [1, N*T, D, 1],
   with moments computed in the graph (see _batchnorm_moments).
 
@@ -108,17 +111,18 @@ class LayerNormFusion(Rule):
         if variance is None:
             return None
         reduces, var = variance
+        # Without an Add the epsilon is 0 (onnxscript's optimizer drops BERT's 1e-12): still exact.
         add_eps = user(view, var, "Add")
-        if add_eps is None:
-            return None
-        nodes.append(add_eps)
-        sqrt = user(view, add_eps.output[0], "Sqrt")
-        rsqrt = user(view, add_eps.output[0], "Pow")
+        if add_eps is not None:
+            nodes.append(add_eps)
+        var_eps = add_eps.output[0] if add_eps is not None else var
+        sqrt = user(view, var_eps, "Sqrt")
+        rsqrt = user(view, var_eps, "Pow")
         if sqrt is not None:
             nodes.append(sqrt)
             std = sqrt.output[0]
             found = self._divide(view, d, std, nodes) or self._factored(view, x, mean, std, nodes)
-        elif rsqrt is not None and rsqrt.input[0] == add_eps.output[0] and scalar(view, rsqrt.input[1]) == -0.5:
+        elif rsqrt is not None and rsqrt.input[0] == var_eps and scalar(view, rsqrt.input[1]) == -0.5:
             nodes.append(rsqrt)  # (var + eps) ** -0.5: the reciprocal std in one node
             found = (self._scale_by(view, d, rsqrt.output[0], nodes)
                      or self._factored_from(view, x, mean, rsqrt.output[0], nodes, len(nodes)))
@@ -406,11 +410,11 @@ class LayerNormFusion(Rule):
         for square in p["squares"]:
             if scalar(view, square.input[1]) != 2.0:
                 return Left("non-constant-parameters", f"{label(square)}: exponent is not the constant 2")
-        eps = scalar(view, other_input(p["add_eps"], p["var"]))
+        eps = 0.0 if p["add_eps"] is None else scalar(view, other_input(p["add_eps"], p["var"]))
         if eps is None:
             return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
-        if not eps > 0 or not np.isfinite(eps):
-            return Left("invalid-statistics", f"epsilon {eps} is not positive")
+        if not eps >= 0 or not np.isfinite(eps):
+            return Left("invalid-statistics", f"epsilon {eps} is negative or not finite")
         rank = view.rank(x)
         all_axes = [mean_axes(view, r) for r in p["reduces"]]
         if any(a is None for a in all_axes):

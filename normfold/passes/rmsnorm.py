@@ -7,7 +7,7 @@ No mean is subtracted (that would be LayerNorm). The spellings exporters write:
     [Cast(to=FLOAT)] ─> x                                 (TorchScript: Llama, Qwen2, T5, Gemma)
     x ─> Pow(x, 2) | Mul(x, x) ─> ReduceMean(last k axes, keepdims=1)
                                   | GlobalAveragePool (rank-3 x: the last axis; tf2onnx)
-      ─> Add(eps) ─> ms
+      ─> Add(eps) ─> ms                  (no Add: epsilon 0, computed exactly by the fused op)
     ms ─┬─> Sqrt ─> std ─┬─> Div(x, std) ───────────────────────────────┐
         │                ├─> Reciprocal(std) ─> r                       │
         │                └─> Div(1, std) ─> r                           │
@@ -79,11 +79,11 @@ class RMSNormFusion(Rule):
         mean = user(view, square.output[0], "ReduceMean", "GlobalAveragePool")
         if mean is None or mean.input[0] != square.output[0]:
             return None
-        add_eps = user(view, mean.output[0], "Add")
-        if add_eps is None or not view.is_const(other_input(add_eps, mean.output[0]) or ""):
+        add_eps = user(view, mean.output[0], "Add")  # none: epsilon 0 (exact; optimizers drop a tiny one)
+        if add_eps is not None and not view.is_const(other_input(add_eps, mean.output[0]) or ""):
             return None
-        ms = add_eps.output[0]
-        core = [square, mean, add_eps]
+        ms = add_eps.output[0] if add_eps is not None else mean.output[0]
+        core = [square, mean] + ([add_eps] if add_eps is not None else [])
         inv = folded_gamma = None
         sqrt = user(view, ms, "Sqrt")
         if sqrt is not None:
@@ -175,11 +175,11 @@ class RMSNormFusion(Rule):
             return Left("non-constant-parameters", f"{label(inv)}: numerator is not the constant 1")
         if inv is not None and inv.op_type == "Pow" and scalar(view, inv.input[1]) != -0.5:
             return Left("non-constant-parameters", f"{label(inv)}: exponent is not the constant -0.5")
-        eps = scalar(view, other_input(p["add_eps"], mean.output[0]))
+        eps = 0.0 if p["add_eps"] is None else scalar(view, other_input(p["add_eps"], mean.output[0]))
         if eps is None:
             return Left("non-constant-parameters", f"{label(p['add_eps'])}: epsilon is not a constant scalar")
-        if not (np.isfinite(eps) and eps > 0):
-            return Left("invalid-statistics", f"epsilon {eps} is not positive")
+        if not (np.isfinite(eps) and eps >= 0):
+            return Left("invalid-statistics", f"epsilon {eps} is negative or not finite")
         rank = view.rank(square.input[0])
         if mean.op_type == "GlobalAveragePool":
             if rank is None:
