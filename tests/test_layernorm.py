@@ -416,3 +416,32 @@ def test_factored_form_applied_to_a_transposed_input(perm, fused):
     else:
         assert "LayerNormalization" not in ops(folded)
         assert sites(report, "left")
+
+
+def _tf_keras_fused_with_constant_count(count: float) -> onnx.ModelProto:
+    """tf_keras' fused LayerNorm (the real export) with its count Cast(ReduceProd(Gather(Shape)))
+    constant-folded into one number, as onnxscript's and onnxsim's constant folding leave it."""
+    model = onnx.load(MODELS / "tf" / "tfkeras_ln_fused_op17.onnx")
+    div = next(n for n in model.graph.node if n.op_type == "Div")
+    chain = {"Shape", "Gather", "ReduceProd", "Cast"}
+    for node in [n for n in model.graph.node if n.op_type in chain]:
+        model.graph.node.remove(node)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(count, np.float32), div.input[1]))
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def test_tf_keras_fused_layernorm_with_a_constant_count_fuses(tmp_path):
+    onnx.save(_tf_keras_fused_with_constant_count(32.0), tmp_path / "folded_count.onnx")
+    report = normfold.fold_file(tmp_path / "folded_count.onnx", tmp_path / "out.onnx",
+                                verify=normfold.VerifyOptions(shapes={"input_1": [2, 16, 32]}))
+    assert report.exit_code == 0 and report.verification.status == "passed", report.to_text()
+    assert report.ops_after.get("LayerNormalization") == 1 and "BatchNormalization" not in report.ops_after
+
+
+def test_tf_keras_fused_layernorm_with_a_wrong_constant_count_is_left():
+    model = _tf_keras_fused_with_constant_count(31.0)
+    folded, report = normfold.fold(model)
+    assert "LayerNormalization" not in ops(folded) and "BatchNormalization" in ops(folded)
+    [site] = [s for s in report.sites if s.pass_name == "layernorm"]
+    assert site.reason == "non-constant-parameters" and "count 32" in site.detail

@@ -150,22 +150,27 @@ class LayerNormFusion(Rule):
         bn = next((u for u in view.users(xr) if is_op(u, "BatchNormalization") and list(u.input[3:5]) ==
                    [squeeze.output[0], div.output[0]]), None)
         reshape_out = bn and user(view, bn.output[0], "Reshape")
-        count = [view.producer.get(div.input[1])]  # Cast(ReduceProd(Gather(Shape(Xr), axes))), Cast optional
-        if is_op(count[-1], "Cast"):
+        if reshape_out is None:
+            return None
+        # The count: Cast(ReduceProd(Gather(Shape(Xr), axes))) (Cast optional), or that chain already
+        # constant-folded (onnxscript, onnxsim) into one number, checked against the shapes later.
+        count = [] if view.is_const(div.input[1]) else [view.producer.get(div.input[1])]
+        if count and is_op(count[-1], "Cast"):
             count.append(view.producer.get(count[-1].input[0]))
-        if not is_op(count[-1], "ReduceProd"):
+        if count and not is_op(count[-1], "ReduceProd"):
             return None
-        count.append(view.producer.get(count[-1].input[0]))
-        if not is_op(count[-1], "Gather"):
-            return None
-        count.append(view.producer.get(count[-1].input[0]))
-        if reshape_out is None or not is_op(count[-1], "Shape") or count[-1].input[0] != xr:
-            return None
+        if count:
+            count.append(view.producer.get(count[-1].input[0]))
+            if not is_op(count[-1], "Gather"):
+                return None
+            count.append(view.producer.get(count[-1].input[0]))
+            if not is_op(count[-1], "Shape") or count[-1].input[0] != xr:
+                return None
         nodes = [reshape_in, *reversed(count), mean, sub, rss, squeeze, div, bn, reshape_out]
         out, gamma, beta, _ = self._affine_tail(view, reshape_out.output[0], nodes)
         parts = {"x": reshape_in.input[0], "gamma": gamma, "beta": beta,
-                 "moments": {"xr": xr, "mean": mean, "rss": rss, "squeeze": squeeze, "gather": count[-2], "bn": bn,
-                             "reshape_out": reshape_out}}
+                 "moments": {"xr": xr, "mean": mean, "rss": rss, "squeeze": squeeze, "div": div,
+                             "gather": count[-2] if count else None, "bn": bn, "reshape_out": reshape_out}}
         return Match("LayerNorm (tf_keras fused, through BatchNormalization)", nodes, out, parts)
 
     def _check_moments(self, view, p):
@@ -179,7 +184,12 @@ class LayerNormFusion(Rule):
         if list(xr_dims) != [1, leading, dims[-1], 1] or list(out_dims or []) != list(dims):
             return Left("unsupported-axis", f"the reshape to {xr_dims} does not normalize the last axis of {dims}")
         axes = [0, 2, 3]
-        gathered = view.const(m["gather"].input[1])
+        gathered = view.const(m["gather"].input[1]) if m["gather"] is not None else axes
+        if m["gather"] is None:  # a constant count: the number of values each mean runs over
+            count = view.const(m["div"].input[1])
+            if count.size != 1 or float(count.reshape(-1)[0]) != dims[-1]:
+                return Left("non-constant-parameters", f"{label(m['div'])}: the divisor {count.reshape(-1)[:4]} is "
+                                                       f"not the count {dims[-1]} of the normalized axis")
         squeezed = view.const(m["squeeze"].input[1]) if len(m["squeeze"].input) > 1 else attr(m["squeeze"], "axes")
         for what, got in (("mean", reduce_axes(view, m["mean"])), ("sum of squares", reduce_axes(view, m["rss"])),
                           ("count", gathered), ("squeeze", squeezed)):
