@@ -445,3 +445,64 @@ def test_tf_keras_fused_layernorm_with_a_wrong_constant_count_is_left():
     assert "LayerNormalization" not in ops(folded) and "BatchNormalization" in ops(folded)
     [site] = [s for s in report.sites if s.pass_name == "layernorm"]
     assert site.reason == "non-constant-parameters" and "count 32" in site.detail
+
+
+def moved_transpose_layernorm(shape=(2, 6, 4, 3), perm=(0, 2, 3, 1), mean_axis=1, var_axis=-1):
+    """What onnxruntime's transpose optimizer leaves of Transpose(X) -> LayerNorm(last axis): the mean
+    on X (over the axis the Transpose moves last), the rest on Transpose(X - mean)."""
+    rank = len(shape)
+    t_shape = [shape[i] for i in perm]
+    rng = np.random.default_rng(7)
+    text = f"""g (float[{",".join(map(str, shape))}] x) => (float[{",".join(map(str, t_shape))}] y) {{
+      mean = ReduceMean <axes=[{mean_axis}]> (x)
+      d = Sub (x, mean)
+      dt = Transpose <perm=[{",".join(map(str, perm))}]> (d)
+      sq = Pow (dt, two)
+      var = ReduceMean <axes=[{var_axis}]> (sq)
+      ve = Add (var, eps)
+      std = Sqrt (ve)
+      n = Div (dt, std)
+      g = Mul (n, gamma)
+      y = Add (g, beta)
+    }}"""
+    return build(text, opset=17, two=np.float32(2), eps=np.float32(1e-5),
+                 gamma=rng.standard_normal(t_shape[-1]).astype(np.float32),
+                 beta=rng.standard_normal(t_shape[-1]).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape, perm, mean_axis", [((2, 6, 4, 3), (0, 2, 3, 1), 1), ((2, 6, 5), (0, 2, 1), 1),
+                                                    ((2, 6, 5), (0, 2, 1), -2)])
+def test_layernorm_with_the_input_transpose_moved_inside_fuses(shape, perm, mean_axis):
+    model = moved_transpose_layernorm(shape, perm, mean_axis)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Transpose", "LayerNormalization"], report.to_text(verbose=True)
+    assert list(folded.graph.node[0].attribute[0].ints) == list(perm) and folded.graph.node[0].input[0] == "x"
+
+
+def test_layernorm_with_a_moved_transpose_over_other_axes_is_left():
+    """The mean over axis 2 of X ends up on axis 1 of Transpose(X): not the axis the variance reduces."""
+    model = moved_transpose_layernorm(mean_axis=2)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert [s.reason for s in report.sites if s.pass_name == "layernorm"] == ["unsupported-axis"]
+
+
+@pytest.mark.parametrize("name, fused, shapes", [("hf_wav2vec2_op14.onnx", 6, {"input_values": [1, 400]}),
+                                                 ("hf_convnext_op14.onnx", 3, {"pixel_values": [1, 3, 32, 32]})])
+def test_corpus_layernorms_after_onnxruntime_offline_optimization_fuse(name, fused, shapes, tmp_path):
+    """onnxruntime's transpose optimizer moves the Transpose in front of these LayerNorms between
+    X - mean and the variance; every LayerNorm normfold fuses in the export it still fuses after."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    ort.InferenceSession(str(MODELS / "torch" / name), options, providers=["CPUExecutionProvider"])
+    report = normfold.fold_file(tmp_path / "ort.onnx", tmp_path / "out.onnx",
+                                options=normfold.FoldOptions(target_opset=23),
+                                verify=normfold.VerifyOptions(shapes=shapes))
+    assert report.exit_code == 0 and report.verification.status == "passed", report.to_text()
+    ln = [s for s in report.sites if s.pass_name == "layernorm"]
+    assert len([s for s in ln if s.status == "fused"]) == fused, report.to_text(verbose=True)
+    assert any("moved in front" in s.detail for s in ln)
+    assert not [s for s in ln if s.reason == "unrecognized-pattern"]

@@ -16,6 +16,10 @@ The spellings real exporters write (d = X - mean, "mean" is ReduceMean or Global
 
   tf_keras (non-fused path):   Y = Add(Mul(X, g), Sub(beta, Mul(mean, g)))
 
+  After onnxruntime's offline optimizer, a Transpose(X) in front of a LayerNorm sits between X - mean
+  and the rest: mean over X's axis a, d = X - mean, then Transpose(d, perm) feeds the square and the
+  Div (a must be the axis perm moves last). Fused as X -> Transpose(perm) -> LayerNormalization.
+
   In every spelling the Add(eps) may be missing (onnxscript's optimizer drops BERT's 1e-12): that is
   epsilon 0, which LayerNormalization computes exactly (0 / 0 = NaN where the variance is 0, as before).
 
@@ -96,18 +100,29 @@ class LayerNormFusion(Rule):
             # X - mean(X) that goes on in a way we do not know: say so rather than stay silent.
             return Match("LayerNorm-like (unrecognized spelling)", nodes[:1] + [sub], sub.output[0],
                          {"unrecognized": True})
-        out, gamma, beta, transpose, reduces, add_eps, var = found
+        out, gamma, beta, transpose, reduces, add_eps, var, moved = found
         parts = {"x": x, "reduces": reduces, "add_eps": add_eps, "var": var, "gamma": gamma, "beta": beta,
                  "squares": [n for n in nodes if is_op(n, "Pow") and scalar(view, n.input[1]) != -0.5]}
         if transpose is not None:  # the statistics are taken on X, the result built on Transpose(X)
             parts["x"], parts["perm_in"] = transpose.output[0], list(attr(transpose, "perm") or [])
+        if moved is not None:  # the mean on X, the rest on Transpose(X - mean): fused on a new Transpose(X)
+            parts["perm_moved"] = [int(i) for i in attr(moved, "perm")]
         self._absorb_casts(view, nodes, parts, out)
         return Match("LayerNorm (decomposed)", nodes, parts.pop("out", out), parts)
 
     def _rest(self, view, x, mean, sub, nodes):
         """From d = X - mean on: the variance, epsilon, and one of the normalization spellings."""
         d = through_cast(view, sub.output[0], nodes)
-        variance = self._central_variance(view, d, nodes) or self._raw_variance(view, x, mean, nodes)
+        moved = view.sole_user(d)
+        if is_op(moved, "Transpose") and attr(moved, "perm"):
+            # onnxruntime's transpose optimizer moves a Transpose(X) in front of a LayerNorm to X - mean:
+            # the mean runs on X, the rest on Transpose(X - mean). Fused on Transpose(X) (check_axes).
+            nodes.append(moved)
+            d = moved.output[0]
+        else:
+            moved = None
+        variance = self._central_variance(view, d, nodes) or (
+            self._raw_variance(view, x, mean, nodes) if moved is None else None)
         if variance is None:
             return None
         reduces, var = variance
@@ -130,7 +145,7 @@ class LayerNormFusion(Rule):
             return None
         if found is None:
             return None
-        return (*found, reduces, add_eps, var)
+        return (*found, reduces, add_eps, var, moved)
 
     def _batchnorm_moments(self, view, mean, sub):
         """tf_keras' fused LayerNorm, computed through a BatchNormalization on a reshaped X:
@@ -373,8 +388,9 @@ class LayerNormFusion(Rule):
                 return found
             eps, k, perm, rank = found
         dims = view.dims(x)
-        if perm is not None and dims is not None:
-            dims = [dims[i] for i in perm]
+        for order in (p.get("perm_moved"), perm):  # the layout the normalized axes are trailing in
+            if order is not None and dims is not None:
+                dims = [dims[i] for i in order]
         norm_shape = tuple(dims[-k:]) if dims is not None and all(isinstance(d, int) for d in dims[-k:]) else None
         affine = []
         for part in ("gamma", "beta"):
@@ -429,6 +445,11 @@ class LayerNormFusion(Rule):
         all_axes = [mean_axes(view, r) for r in p["reduces"]]
         if any(a is None for a in all_axes):
             return Left("unknown-shape", "the reduction axes could not be determined")
+        moved = p.get("perm_moved")
+        if moved is not None:  # the mean reduces X; the variance, Transpose(X - mean): compare in the latter
+            if rank is None or sorted(moved) != list(range(rank)):
+                return Left("unsupported-axis", "the Transpose inside the LayerNorm has no usable perm")
+            all_axes[0] = tuple(moved.index(a % rank) for a in all_axes[0] if -rank <= a < rank)
         normal = [sorted(a % rank for a in axes) if rank else sorted(axes) for axes in all_axes]
         if any(n != normal[0] for n in normal):
             return Left("unsupported-axis", "the mean and the variance reduce different axes")
@@ -442,7 +463,7 @@ class LayerNormFusion(Rule):
         k = trailing_count(axes, rank)
         perm = None
         if k is None:
-            if not ctx.allow_transpose or rank is None:
+            if not ctx.allow_transpose or rank is None or moved is not None:
                 return Left("unsupported-axis", f"reduction over axes {list(axes)} of a rank-{rank or '?'} tensor: "
                                                 "LayerNormalization normalizes trailing axes only "
                                                 "(--allow-transpose wraps it in a Transpose pair)")
@@ -464,6 +485,10 @@ class LayerNormFusion(Rule):
         perm = plan["perm"]
         out = match.output if perm is None else view.unique_name(f"{prefix}/LayerNormalization_output")
         created = []
+        if p.get("perm_moved") is not None:  # the model's own Transpose, moved back in front of the norm
+            inputs[0] = view.unique_name(f"{prefix}/Transpose_output")
+            created.append(onnx.helper.make_node("Transpose", [p["x"]], [inputs[0]], perm=p["perm_moved"],
+                                                 name=view.unique_name(f"{prefix}/Transpose")))
         if perm is not None:
             inputs[0] = view.unique_name(f"{prefix}/Transpose_in_output")
             created.append(onnx.helper.make_node("Transpose", [p["x"]], [inputs[0]], perm=perm,
@@ -481,6 +506,8 @@ class LayerNormFusion(Rule):
         for node in created:
             view.add_node(node, after=last)
         wrapped = "" if perm is None else f", between Transposes {perm} and back"
+        if p.get("perm_moved") is not None:
+            wrapped += f", on the input's Transpose {p['perm_moved']} moved in front of it"
         return Rewritten([n.name for n in created], f"{len(match.nodes)} nodes fused into LayerNormalization "
                                                     f"(axis={-plan['k']}, epsilon={plan['eps']:g}{wrapped})")
 
