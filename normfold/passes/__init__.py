@@ -74,10 +74,12 @@ def _rules():
     from normfold.passes.batchnorm import BatchNormFold
     from normfold.passes.channel_affine import ChannelAffineFold
     from normfold.passes.groupnorm import GroupNormFusion
+    from normfold.passes.instance_affine import InstanceNormAffine
     from normfold.passes.layernorm import LayerNormFusion
     from normfold.passes.rmsnorm import RMSNormFusion
 
-    return [BatchNormFold(), ChannelAffineFold(), LayerNormFusion(), RMSNormFusion(), GroupNormFusion()]
+    return [BatchNormFold(), ChannelAffineFold(), LayerNormFusion(), RMSNormFusion(), GroupNormFusion(),
+            InstanceNormAffine()]
 
 
 RULES: list[Rule] = _rules()
