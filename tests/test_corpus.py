@@ -69,3 +69,27 @@ def test_folding_a_folded_model_changes_nothing(path, entry):
     twice, report = normfold.fold(once, options)
     assert not [s for s in report.sites if s.status != "left"], report.to_text(verbose=True)
     assert len(twice.graph.node) == len(once.graph.node)
+
+
+@pytest.mark.parametrize("path, entry", list(corpus()))
+def test_norms_are_still_found_after_onnxruntime_offline_optimization(path, entry, tmp_path):
+    """Users also feed normfold what onnxruntime's offline optimizer saved (basic level: constant
+    folding, Transposes pushed through the graph). Every norm of the export is still fused there,
+    and nothing is left unrecognised that was recognised in the export."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "ort.onnx")
+    options.log_severity_level = 4
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    fold = FoldOptions(target_opset=23, allow_transpose=True)
+
+    def outcome(model_path):
+        _, report = normfold.fold(onnx.load(model_path), fold)
+        fused = sum(s.status == "fused" for s in report.sites)
+        unknown = sorted((s.pass_name, s.reason) for s in report.sites
+                         if s.status == "left" and s.reason in ("unrecognized-pattern", "unsupported-axis"))
+        return fused, unknown
+
+    assert outcome(tmp_path / "ort.onnx") == outcome(path)
