@@ -17,6 +17,12 @@ from builders import build, fold_and_compare, ops, sites
 NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.DOUBLE: np.float64, onnx.TensorProto.FLOAT16: np.float16}
 
 
+def opset15_model(graph: onnx.GraphProto) -> onnx.ModelProto:
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
 def bn_params(rng, channels, dtype=np.float32, tiny_var=False):
     var = rng.random(channels) * (1e-6 if tiny_var else 1.0) + (1e-7 if tiny_var else 0.1)
     return dict(s=rng.standard_normal(channels).astype(dtype), bb=rng.standard_normal(channels).astype(dtype),
@@ -61,8 +67,7 @@ def layer_then_bn(kind, *, dims=2, cin=4, cout=6, group=1, kernel=3, stride=1, d
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, x_shape)],
                               [helper.make_tensor_value_info("y", elem, [None] * len(x_shape))],
                               [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    model = opset15_model(graph)
     onnx.checker.check_model(model)
     return model
 
@@ -137,8 +142,7 @@ def relu_bn_then_layer(kind, *, dims=2, cin=4, cout=6, group=1, kernel=3, stride
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", elem, x_shape)],
                               [helper.make_tensor_value_info(nodes[-1].output[0], elem, [None] * len(x_shape))],
                               [numpy_helper.from_array(v, k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    model = opset15_model(graph)
     onnx.checker.check_model(model, full_check=True)
     return model
 
@@ -395,8 +399,7 @@ def test_bn_inside_if_branches_folds():
                               [helper.make_tensor_value_info("y", 1, [1, 4, 8, 8])],
                               [w, numpy_helper.from_array(np.array(True), "cond")]
                               + [numpy_helper.from_array(v, k) for k, v in p.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    model = opset15_model(graph)
     folded, report, _ = fold_and_compare(model)
     [site] = report.sites
     assert site.status == "folded" and site.graph == "main/if:then_branch"
@@ -454,8 +457,7 @@ def test_bn_inside_a_loop_body_folds():
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 4, 6, 6])],
                               [numpy_helper.from_array(np.array(3, np.int64), "trips"), numpy_helper.from_array(w, "w")]
                               + [numpy_helper.from_array(v, k) for k, v in p.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    model = opset15_model(graph)
     folded, report, _ = fold_and_compare(model, atol=1e-3, rtol=1e-4)
     [site] = report.sites
     assert site.status == "folded" and site.graph == "main/loop:body"
@@ -503,8 +505,7 @@ def test_bn_inside_a_scan_body_folds():
                               [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 1, 4, 6, 6])],
                               [numpy_helper.from_array(np.zeros(1, np.float32), "state"), numpy_helper.from_array(w, "w")]
                               + [numpy_helper.from_array(v, k) for k, v in p.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
-    model.ir_version = 8
+    model = opset15_model(graph)
     folded, report, _ = fold_and_compare(model)
     [site] = report.sites
     assert site.status == "folded" and site.graph == "main/scan:body"

@@ -450,7 +450,6 @@ def test_tf_keras_fused_layernorm_with_a_wrong_constant_count_is_left():
 def moved_transpose_layernorm(shape=(2, 6, 4, 3), perm=(0, 2, 3, 1), mean_axis=1, var_axis=-1):
     """What onnxruntime's transpose optimizer leaves of Transpose(X) -> LayerNorm(last axis): the mean
     on X (over the axis the Transpose moves last), the rest on Transpose(X - mean)."""
-    rank = len(shape)
     t_shape = [shape[i] for i in perm]
     rng = np.random.default_rng(7)
     text = f"""g (float[{",".join(map(str, shape))}] x) => (float[{",".join(map(str, t_shape))}] y) {{

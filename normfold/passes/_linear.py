@@ -331,33 +331,48 @@ def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.
         new_b = shift.astype(dtype)
         exact.append((new_b, shift))
 
-    for stored, value in exact:
+    return finish_plan(layer.op, node, exact, new_w, new_b, reset_beta)
+
+
+def finish_plan(op: str, node: onnx.NodeProto, exact: list[tuple[np.ndarray, np.ndarray]],
+                weight: np.ndarray | None, bias: np.ndarray | None, reset_beta: bool) -> FoldPlan | Left:
+    """The FoldPlan of the new constants, or Left when one of them (`exact`: stored, float64 pairs)
+    overflowed its type."""
+    for stored, _ in exact:
         if not _all_finite(stored):
-            return Left("invalid-statistics", f"folding into {layer.op} {label(node)} would store values that "
+            return Left("invalid-statistics", f"folding into {op} {label(node)} would store values that "
                                               f"overflow {stored.dtype}")
     # The rounding report matters where it can be large (16-bit types); for float32/64 it is ~1e-8
     # relative and computing it would cost a float64 copy of every weight.
     rounding = max((_rounding(stored, value) for stored, value in exact if stored.dtype.itemsize <= 2), default=None)
-    return FoldPlan(new_w, new_b, rounding, reset_beta)
+    return FoldPlan(weight, bias, rounding, reset_beta)
+
+
+def store_plan(view: GraphView, layer, plan: FoldPlan, notes: list[str]) -> bool:
+    """Write a FoldPlan's weight, and its bias where the layer has one (a LinearLayer or a
+    NextLayer). False when the bias still needs a place: a MatMul without its bias Add."""
+    node = layer.layer
+    if plan.weight is not None:
+        _store(view, node, 1, plan.weight, notes, "weight")
+    if plan.bias is None:
+        return True
+    if layer.op in ("Conv", "ConvTranspose", "Gemm"):
+        _store(view, node, 2, plan.bias, notes, "bias")
+        if plan.reset_gemm_beta:  # beta * C is in the new C
+            set_attr(node, "beta", 1.0)
+    elif layer.bias_add is not None:
+        add = layer.bias_add
+        _store(view, add, 0 if add.input[0] == _bias_name(layer) else 1, plan.bias, notes, "bias")
+    else:
+        return False
+    return True
 
 
 def apply_fold(view: GraphView, layer: LinearLayer, plan: FoldPlan) -> list[str]:
     """Write a FoldPlan's constants into the layer. Returns notes for the report."""
     node = layer.layer
     notes: list[str] = []
-    if plan.weight is not None:
-        _store(view, node, 1, plan.weight, notes, "weight")
-    if plan.bias is None:
-        return notes
-    if layer.op in ("Conv", "ConvTranspose", "Gemm"):
-        _store(view, node, 2, plan.bias, notes, "bias")
-        if plan.reset_gemm_beta:
-            set_attr(node, "beta", 1.0)
-    elif layer.bias_add is not None:
-        add = layer.bias_add
-        bias_name = _bias_name(layer)
-        _store(view, add, 0 if add.input[0] == bias_name else 1, plan.bias, notes, "bias")
-    else:
+    if not store_plan(view, layer, plan, notes):
         bias_name = view.add_initializer(f"{node.name or 'MatMul'}_bias_folded", plan.bias)
         add = onnx.helper.make_node("Add", [node.output[0], bias_name], [view.unique_name(f"{node.output[0]}_biased")],
                                     name=view.unique_name(f"{node.name or 'MatMul'}_bias"))

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from normfold.graph import FLOAT_TYPES, GraphView, attr, label, set_attr
+from normfold.graph import FLOAT_TYPES, GraphView, attr, label
 from normfold.passes import Left
-from normfold.passes._linear import FoldPlan, _all_finite, _rounding, _store
+from normfold.passes._linear import FoldPlan, _bias_name, finish_plan, store_plan
 
 NEXT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -63,16 +63,6 @@ def find_next_layer(view: GraphView, tensor: str) -> NextLayer | None:
             if other != reader.output[0] and view.is_const(other):
                 core.append(add)
     return NextLayer(core)
-
-
-def _bias_name(layer: NextLayer) -> str | None:
-    node = layer.layer
-    if layer.op in ("Conv", "Gemm"):
-        return node.input[2] if len(node.input) > 2 and node.input[2] else None
-    add = layer.bias_add
-    if add is None:
-        return None
-    return add.input[0] if add.input[1] == node.output[0] else add.input[1]
 
 
 def _pads_nothing(node: onnx.NodeProto, kernel: tuple[int, ...]) -> bool:
@@ -170,30 +160,15 @@ def plan_into_next(view: GraphView, layer: NextLayer, scale: np.ndarray, shift: 
         if bias_name or np.any(new_b != 0):
             stored_b = new_b.astype(view.const(bias_name).dtype if bias_name else dtype)
             exact.append((stored_b, new_b))
-    for stored, _ in exact:
-        if not _all_finite(stored):
-            return Left("invalid-statistics", f"folding into {layer.op} {label(node)} would store values that "
-                                              f"overflow {stored.dtype}")
-    rounding = max((_rounding(stored, value) for stored, value in exact if stored.dtype.itemsize <= 2), default=None)
-    return FoldPlan(stored_w, stored_b, rounding, reset_beta and stored_b is not None)
+    return finish_plan(layer.op, node, exact, stored_w, stored_b, reset_beta and stored_b is not None)
 
 
 def apply_into_next(view: GraphView, layer: NextLayer, plan: FoldPlan) -> list[str]:
     """Write the plan's constants into the layer. Returns notes for the report."""
     node = layer.layer
     notes: list[str] = []
-    if plan.weight is not None:
-        _store(view, node, 1, plan.weight, notes, "weight")
-    if plan.bias is None:
-        return notes
-    if layer.op in ("Conv", "Gemm"):
-        _store(view, node, 2, plan.bias, notes, "bias")
-        if plan.reset_gemm_beta:  # beta * C is in the new C
-            set_attr(node, "beta", 1.0)
-    elif layer.bias_add is not None:
-        add = layer.bias_add
-        _store(view, add, 0 if add.input[0] == _bias_name(layer) else 1, plan.bias, notes, "bias")
-    else:  # a bias Add after the MatMul, writing the MatMul's old output so its readers stay wired
+    if not store_plan(view, layer, plan, notes):
+        # a bias Add after the MatMul, writing the MatMul's old output so that its readers stay wired
         out = node.output[0]
         view.rename_output(node, 0, view.unique_name(f"{out}_unbiased"))
         bias_name = view.add_initializer(f"{node.name or 'MatMul'}_bias_folded", plan.bias)

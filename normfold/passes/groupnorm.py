@@ -401,7 +401,7 @@ def _match_grouped(view: GraphView, reshape: onnx.NodeProto) -> Match | None:
             nodes.append(transpose)
     else:
         transpose = None
-    parts = {"x": x, "transpose": transpose, "reshape": reshape, "back": back, "z": z,
+    parts = {"x": x, "transpose": transpose, "reshape": reshape, "back": back,
              "means": (mean_nodes, var_nodes), "add_eps": add_eps, "eps": eps, "square": square,
              "gamma": gamma, "scale": scale, "beta": beta, "shift": shift, "flip": walk.flip,
              "swaps": list(walk.swaps.values())}

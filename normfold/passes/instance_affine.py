@@ -25,7 +25,7 @@ import onnx
 from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._pattern import is_op, other_input
-from normfold.passes.groupnorm import _per_channel
+from normfold.passes.groupnorm import _in_graph_order, _per_channel
 
 
 class InstanceNormAffine(Rule):
@@ -56,7 +56,7 @@ class InstanceNormAffine(Rule):
             out = tail.output[0]
         if not affine:
             return None
-        nodes = [n for n in view.nodes if any(n is m for m in nodes)]  # graph order
+        nodes = _in_graph_order(view, nodes)
         return Match("InstanceNormalization with a per-channel Mul/Add after it", nodes, out,
                      {"inorm": node, "affine": affine})
 
