@@ -123,6 +123,9 @@ def analyse(path, entry):
             done.add(n.name)
             done.update(m.name for m in missed if _in_dump(model, n, m))
     missed_norms = {k: truth[k] - fused.get(k, 0) for k in truth if k != "batchnorm" and truth[k] > fused.get(k, 0)}
+    folded = sum(1 for s in report.sites if s.status == "folded")
+    if folded:
+        fused = dict(fused, folded=folded)
     return out, truth, fused, missed_norms, sum(1 for s in left)
 
 

@@ -5,6 +5,7 @@ Run from the repo root with the TF venv (see models/tf/README.md):
 
     /work/venvs/tf/bin/python models/tf/export_tf.py            # rebuild everything
     /work/venvs/tf/bin/python models/tf/export_tf.py ln gn      # only models whose name contains "ln" or "gn"
+    /work/venvs/tf/bin/python models/tf/export_tf.py =keras3_convnext   # only the spec of exactly that name
                                                                  # (manifest entries of the others are kept)
 
 Every model gets deterministic random weights: all BatchNormalization layers get random
@@ -372,7 +373,19 @@ def build_groupnorm_dyn(K):
     return build_groupnorm(K, batch=None)
 
 
-def build_convnext(K, batch=1):
+def _layer_scale(K, c, name):
+    """keras.applications.convnext's LayerScale: x * gamma (per channel, here a constant 0.5)."""
+    class LayerScale(K.layers.Layer):
+        def build(self, input_shape):
+            self.gamma = self.add_weight(name="gamma", shape=(c,), initializer=K.initializers.Constant(0.5))
+
+        def call(self, x):
+            return x * self.gamma
+
+    return LayerScale(name=name)
+
+
+def build_convnext(K, batch=1, layer_scale=False, exact_gelu=False):
     """ConvNeXt-style network: 7 LayerNorms over channels (stem, 4 blocks, downsample, head).
 
     Block: DepthwiseConv2D 7x7 -> LayerNormalization(channels, eps 1e-6) -> Dense(4C) -> GELU ->
@@ -380,7 +393,7 @@ def build_convnext(K, batch=1):
     the tanh GELU)."""
     L = K.layers
     x = K.Input(shape=(32, 32, 3), batch_size=batch, name="input_1")
-    y = L.Conv2D(16, 4, strides=4, name="stem_conv")(x)
+    y = L.Conv2D(16, 4, strides=4, name="stem_conv")(x)  # (a None batch is dynamic)
     y = L.LayerNormalization(epsilon=1e-6, name="stem_ln")(y)
 
     def block(y, c, tag):
@@ -388,9 +401,12 @@ def build_convnext(K, batch=1):
         y = L.DepthwiseConv2D(7, padding="same", name=f"{tag}_dw")(y)
         y = L.LayerNormalization(epsilon=1e-6, name=f"{tag}_ln")(y)
         y = L.Dense(4 * c, name=f"{tag}_pw1")(y)
-        # tanh GELU: the exact one lowers to TF's Erfc, which tf2onnx 1.17 cannot convert
-        y = L.Activation(lambda t: K.activations.gelu(t, approximate=True), name=f"{tag}_gelu")(y)
+        # tanh GELU by default: the exact one lowers to TF's Erfc, which tf2onnx 1.17 converts only
+        # through this script's Erfc handler (1 - Erf)
+        y = L.Activation(lambda t: K.activations.gelu(t, approximate=not exact_gelu), name=f"{tag}_gelu")(y)
         y = L.Dense(c, name=f"{tag}_pw2")(y)
+        if layer_scale:
+            y = _layer_scale(K, c, f"{tag}_layer_scale")(y)
         return L.Add(name=f"{tag}_add")([r, y])
 
     y = block(y, 16, "s0b0")
@@ -403,6 +419,14 @@ def build_convnext(K, batch=1):
     y = L.LayerNormalization(epsilon=1e-6, name="head_ln")(y)
     y = L.Dense(10, name="head")(y)
     return K.Model(x, y, name="convnext_tiny_blocks"), {"input_1": (batch, 32, 32, 3)}
+
+
+def build_convnext_dyn(K):
+    """build_convnext with what keras.applications' ConvNeXt adds: a dynamic batch, LayerScale
+    (per-channel gamma 0.5 after the second Dense) and the exact (erf) GELU. (The applications'
+    own code uses a grouped Conv2D for the depthwise conv, which TF 2.21 writes as a function call
+    tf2onnx 1.17 cannot convert.)"""
+    return build_convnext(K, batch=None, layer_scale=True, exact_gelu=True)
 
 
 def build_dense_bn(K, batch=2):
@@ -527,6 +551,9 @@ SPECS = [
     dict(name="keras3_convnext", K=K3, build=build_convnext, opsets=[13, 17, 18]),
     dict(name="keras3_convnext_noopt", K=K3, build=build_convnext, opsets=[17], optimizers={}),
     dict(name="tfkeras_convnext", K=K2, build=build_convnext, opsets=[13]),
+    dict(name="keras3_convnext_dyn", K=K3, build=build_convnext_dyn, opsets=[13, 17]),
+    dict(name="keras3_convnext_dyn_noopt", K=K3, build=build_convnext_dyn, opsets=[17], optimizers={}),
+    dict(name="tfkeras_convnext_dyn", K=K2, build=build_convnext_dyn, opsets=[13]),
     # 11. GroupNormalization with a dynamic batch (Input shape (None, 16, 16, 3))
     dict(name="keras3_groupnorm_dyn", K=K3, build=build_groupnorm_dyn, opsets=[13, 17, 18]),
     dict(name="keras3_groupnorm_dyn_noopt", K=K3, build=build_groupnorm_dyn, opsets=[17], optimizers={}),
@@ -843,10 +870,16 @@ def main(argv):
             old = {e["file"]: e for e in json.load(f)["models"]}
     entries = dict(old) if filters else {}
     for spec in SPECS:
-        if filters and not any(f in spec["name"] for f in filters):
+        if filters and not any(spec["name"] == f[1:] if f.startswith("=") else f in spec["name"] for f in filters):
             continue
         print(spec["name"], flush=True)
-        for e in export_spec(spec):
+        try:
+            spec_entries = export_spec(spec)
+        except Exception as exc:  # the builder itself failed: record it for every opset, keep going
+            traceback.print_exc()
+            spec_entries = [dict(file=f"{spec['name']}_op{o}.onnx", failed=f"{type(exc).__name__}: {exc}"[:2000])
+                            for o in spec["opsets"]]
+        for e in spec_entries:
             if "expected" in old.get(e["file"], {}) and "failed" not in e:
                 e["expected"] = old[e["file"]]["expected"]  # owned by tests/test_corpus.py's maintainers
             entries[e["file"]] = e
