@@ -45,21 +45,33 @@ def _const_shapes(model):
     return shapes
 
 
-def dump_around(model, start, limit=28):
-    """Nodes reachable downstream of `start` (and the ones feeding them), in graph order."""
+def dump_around(model, start, limit=24):
+    """The reduction, two levels of its producers, and what it feeds (not through Shape readers or
+    heavy ops), in graph order."""
     consumers = {}
     for n in model.graph.node:
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     producer = {o: n for n in model.graph.node for o in n.output}
-    seen, frontier = {start.name: start}, [start]
-    # the reduction's input producer, then downstream BFS
+    heavy = {"Conv", "MatMul", "Gemm", "Shape", "ConvTranspose"}
+    seen = {start.name: start}
+    up = [start]
+    for _ in range(2):
+        nxt = []
+        for n in up:
+            for i in n.input:
+                p = producer.get(i)
+                if p is not None and p.name not in seen and p.op_type not in heavy and p.op_type != "Constant":
+                    seen[p.name] = p
+                    nxt.append(p)
+        up = nxt
+    frontier = list(seen.values())
     while frontier and len(seen) < limit:
         nxt = []
         for n in frontier:
             for o in n.output:
                 for c in consumers.get(o, []):
-                    if c.name not in seen and c.op_type not in ("Conv", "MatMul", "Gemm") and len(seen) < limit:
+                    if c.name not in seen and c.op_type not in heavy and len(seen) < limit:
                         seen[c.name] = c
                         nxt.append(c)
         frontier = nxt
@@ -68,7 +80,7 @@ def dump_around(model, start, limit=28):
 
     def t(name):
         if name in consts:
-            return f"C{consts[name]}" if not isinstance(consts[name], str) else f"C{consts[name]}"
+            return f"C{consts[name]}"
         p = producer.get(name)
         if p is not None and p.name in seen:
             return f"%{short.setdefault(p.name, len(short))}"
@@ -77,15 +89,17 @@ def dump_around(model, start, limit=28):
         return f"<input {name}>"
 
     order = [n for n in model.graph.node if n.name in seen]
+    for n in order:
+        short.setdefault(n.name, len(short))
     lines = []
     for n in order:
-        idx = short.setdefault(n.name, len(short))
         attrs = []
         for a in n.attribute:
             if a.name in ("axes", "perm", "keepdims", "to", "epsilon", "axis"):
                 v = onnx.helper.get_attribute_value(a)
                 attrs.append(f"{a.name}={list(v) if isinstance(v, (list, tuple)) else v}")
-        lines.append(f"    %{idx} = {n.op_type}({', '.join(t(i) for i in n.input if i)}){' ' + ' '.join(attrs) if attrs else ''}")
+        args = ", ".join(t(i) for i in n.input if i)
+        lines.append(f"    %{short[n.name]} = {n.op_type}({args}){' ' + ' '.join(attrs) if attrs else ''}")
     return lines
 
 
@@ -135,7 +149,7 @@ def _in_dump(model, start, other, limit=28):
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     seen, frontier = {start.name}, [start]
-    while frontier and len(seen) < limit:
+    while frontier and len(seen) < limit:  # (downstream only: enough to tell the norm's 2nd reduction)
         nxt = []
         for n in frontier:
             for o in n.output:
@@ -158,6 +172,7 @@ WHY = [
     ("fp16", "issue 15 item 6/7: fp16 / mixed_float16 spelling"),
     ("opset7", "issue 15 item 8: IR < 4, initializers listed as graph inputs"),
     ("levit", "issue 15 item 10: Shape reader / Flatten between MatMul and BatchNormalization"),
+    ("op7", "issue 15 item 8: IR < 4, initializers listed as graph inputs"),
 ]
 
 
@@ -172,10 +187,25 @@ def update_expected(path, entry):
     fused = {k: report.ops_after.get(op, 0) for k, op in FUSED_OP.items()}
     short = {k: min(fused[k], truth[k]) for k in FUSED_OP if fused[k] < truth[k]}
     silent = unreported(entry, report)
-    entry.pop("expected", None)
+    exp = {}
     if short or silent:
-        why = next((w for key, w in WHY if key in entry["file"]), "not recognised yet")
-        entry["expected"] = {"fused": short, "silent_misses": silent, "why": why}
+        exp.update(fused=short, silent_misses=silent)
+    # BatchNormalization nodes: the BN test folds at the model's own opset
+    model = onnx.load(path)
+    if truth["batchnorm"] and any(n.op_type == "BatchNormalization" for n in model.graph.node):
+        _, bn_report = normfold.fold(model, FoldOptions())
+        want = truth["batchnorm"] - truth["batchnorm_after_linear"] - truth["batchnorm_before_linear"]
+        left = bn_report.ops_after.get("BatchNormalization", 0)
+        reasons = sorted({s.reason for s in bn_report.sites if s.pass_name == "bn" and s.status == "left"}
+                         - {"intermediate-used-elsewhere", "no-linear-producer"})
+        if left > want:
+            exp["batchnorm_left"] = left
+        if reasons:
+            exp["bn_reasons"] = reasons
+    entry.pop("expected", None)
+    if exp:
+        exp["why"] = next((w for key, w in WHY if key in entry["file"]), "not recognised yet")
+        entry["expected"] = exp
 
 
 def main(argv):

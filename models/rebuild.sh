@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild the whole sample-model corpus from scratch: models/torch (PyTorch 2.13 + transformers,
-# TorchScript and dynamo exporters) and models/tf (Keras 3 / tf_keras through tf2onnx 1.17), each
+# TorchScript and dynamo exporters) and models/tf (Keras 3 / tf_keras / keras_hub through tf2onnx 1.17
+# and Keras' own Model.export), each
 # with its manifest.json. Each framework gets its own virtualenv (they pin different protobufs).
 # Usage: bash models/rebuild.sh [torch|tf]   (default: both). Needs network access to PyPI.
 set -euo pipefail
@@ -16,6 +17,6 @@ if [[ $which == torch || $which == both ]]; then
 fi
 if [[ $which == tf || $which == both ]]; then
   python3 -m venv "$VENVS/tf"
-  "$VENVS/tf/bin/pip" install -q "tensorflow-cpu==2.21.*" "tf2onnx==1.17.*" "tf_keras==2.21.*" onnx onnxruntime
+  "$VENVS/tf/bin/pip" install -q "tensorflow-cpu==2.21.*" "tf2onnx==1.17.*" "tf_keras==2.21.*" keras-hub onnx onnxruntime
   "$VENVS/tf/bin/python" models/tf/export_tf.py
 fi

@@ -184,6 +184,45 @@ class TransformerBlock(nn.Module):
         return self.final(self.layer_pre(self.layer(x)))
 
 
+class SmallConvBn(nn.Module):
+    """Conv(bias) -> BN -> ReLU -> Conv(no bias) -> BN: two foldable BNs (for the opset-7 export)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+
+
+class LinearBN(nn.Module):
+    """LeViT's Linear_BN: BatchNorm1d over the flattened tokens, reshaped back to the Linear's shape."""
+
+    def __init__(self, a, b):
+        super().__init__()
+        self.c = nn.Linear(a, b, bias=False)
+        self.bn = nn.BatchNorm1d(b)
+
+    def forward(self, x):
+        l = self.c(x)
+        return self.bn(l.flatten(0, 1)).reshape_as(l)
+
+
+class LeViTMlp(nn.Module):
+    """LeViT-style residual MLP on tokens [B, N, C]: Linear_BN(32->64) -> Hardswish -> Linear_BN(64->32)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = LinearBN(32, 64)
+        self.fc2 = LinearBN(64, 32)
+
+    def forward(self, x):
+        return x + self.fc2(F.hardswish(self.fc1(x)))
+
+
 # ----------------------------------------------------------------------------------------------
 # wrappers for transformers models: positional tensor inputs, tensor output(s)
 # ----------------------------------------------------------------------------------------------
@@ -371,7 +410,8 @@ FAILED: dict[str, str] = {}
 
 def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float32", dynamic=None,
                      preserve_bn=False, notes="", seed=0, alt_shapes=None, ref_model=None, tol=1e-3,
-                     bn_after_linear=None, bn_before_linear=0, bn_note="", optimize=True):
+                     bn_after_linear=None, bn_before_linear=0, bn_note="", optimize=True,
+                     keep_initializers_as_inputs=None, ir_version=None):
     """Export `model` (already eval()) to models/torch/<file>, check it and record a manifest entry.
 
     ref_model: if given, compare ORT output against this (fp32) model instead of `model`.
@@ -387,7 +427,12 @@ def export_and_check(*, file, model, source, exporter, opset, spec, dtype="float
             torch.onnx.export(
                 model, ins, str(path), input_names=names, output_names=None,
                 dynamic_axes=dynamic, opset_version=opset, dynamo=False,
-                training=PRESERVE if preserve_bn else EVAL, do_constant_folding=True)
+                training=PRESERVE if preserve_bn else EVAL, do_constant_folding=True,
+                keep_initializers_as_inputs=keep_initializers_as_inputs)
+            if ir_version is not None:
+                mm = onnx.load(str(path))
+                mm.ir_version = ir_version
+                onnx.save(mm, str(path))
         else:
             dyn_shapes = None
             if dynamic:
@@ -760,6 +805,65 @@ def build_t5(opset=14):
                            "final_layer_norm. variance computed on x.to(float32); weight * (x * rsqrt(var + eps)).")
 
 
+def build_t5_fp16(opset=14):
+    """T5 encoder in float16: T5LayerNorm casts X to float32 twice (once for the variance, once when
+    the fp16 X meets the float32 rsqrt), then back to fp16 before the weight."""
+    from transformers import T5Config, T5EncoderModel
+    import copy
+    seeded(42)
+    model32 = ready(T5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
+                                            vocab_size=128, relative_attention_num_buckets=8,
+                                            dropout_rate=0.0)), 42)
+    model16 = copy.deepcopy(model32).half().eval()
+    spec = text_spec(128)
+    w16 = HFWrap(model16, list(spec)).eval()
+    w32 = HFWrap(model32, list(spec)).eval()
+    ref, note = None, ""
+    try:
+        with torch.no_grad():
+            ins = to_torch(make_inputs(spec, 42))
+            dd = max(float((a.float() - b).abs().max()) for a, b in zip(flat(w16(*ins)), flat(w32(*ins))))
+        note = f"ORT compared with the torch fp16 model; torch fp16 vs fp32 max abs diff {dd:.3g}."
+    except Exception as e:  # pragma: no cover - depends on CPU kernels
+        ref = w32
+        note = f"torch fp16 forward failed on CPU ({type(e).__name__}); ORT fp16 compared with the fp32 model."
+    export_and_check(file=f"hf_t5enc_fp16_op{opset}.onnx", model=w16,
+                     source="transformers.T5EncoderModel(T5Config(d_model=32, d_kv=8, d_ff=64, num_layers=2, "
+                            "num_heads=4, vocab_size=128, relative_attention_num_buckets=8)).half()",
+                     exporter=TS, opset=opset, spec=spec, dtype="float16", seed=42, dynamic=text_dyn(spec),
+                     alt_shapes=TEXT_ALT, ref_model=ref, tol=5e-2,
+                     notes=note + " 5 T5LayerNorm (RMSNorm) in fp16: Cast(X, to=FLOAT) -> Pow -> ReduceMean -> Add(eps)"
+                           " -> Sqrt -> Div(1, .) and a second Cast(X, to=FLOAT) -> Mul(., that) -> Cast(to=FLOAT16)"
+                           " -> Mul(weight fp16).")
+
+
+def build_conv_bn_opset7():
+    """TorchScript at opset 7 with initializers kept as graph inputs, IR version 3 (what IR < 4 requires and
+    what old exporters and model zoos wrote)."""
+    seeded(70)
+    m = ready(SmallConvBn(), 70)
+    file = "conv_bn_op7.onnx"
+    export_and_check(file=file, model=m, source="hand-written nn.Module SmallConvBn in export_torch.py",
+                     exporter=TS, opset=7, spec=img_spec(1, 3, 16, 16, "x"), preserve_bn=True, seed=70,
+                     bn_after_linear=2, keep_initializers_as_inputs=True, ir_version=3,
+                     notes="Conv(bias)->BN->Relu->Conv(no bias)->BN, TrainingMode.PRESERVE, opset 7, "
+                           "keep_initializers_as_inputs=True; ir_version set to 3 after export (torch writes a "
+                           "newer IR): every weight and BN parameter is also a graph input, as IR < 4 requires.")
+
+
+def build_levit_bn():
+    seeded(71)
+    m = ready(LeViTMlp(), 71)
+    export_and_check(file="levit_linear_bn_op13.onnx", model=m,
+                     source="hand-written nn.Module LeViTMlp (LeViT's Linear_BN) in export_torch.py", exporter=TS,
+                     opset=13, spec={"x": {"shape": [2, 16, 32], "dtype": "float32"}}, preserve_bn=True, seed=71,
+                     bn_after_linear=2,
+                     notes="LeViT Linear_BN twice: MatMul(no bias) -> Flatten(axis=2... the flatten(0, 1)) -> "
+                           "BatchNormalization -> Reshape(., Shape(MatMul output)); the MatMul output has two "
+                           "readers (Flatten, Shape). Both BNs fold into their MatMul (bn_after_linear=2 by hand: "
+                           "the hooks do not see through the flatten).")
+
+
 def build_qwen2(opset=14):
     from transformers import Qwen2Config, Qwen2Model
     seeded(42)
@@ -941,6 +1045,9 @@ BUILDERS = [
     ("cnn_bn_dynamo_noopt_op18", build_cnn_bn_dynamo_noopt),
     ("linear_rmsnorm_dynamo_op18", lambda: build_rms_module(18)),
     ("conv_groupnorm_dynamo_op18", lambda: build_groupnorm(18, DY)),
+    ("hf_t5enc_fp16_op14", build_t5_fp16),
+    ("conv_bn_op7", build_conv_bn_opset7),
+    ("levit_linear_bn_op13", build_levit_bn),
 ]
 
 
