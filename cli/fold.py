@@ -10,10 +10,10 @@ import click
 from normfold import exit_codes
 from normfold.api import VerifyOptions
 from normfold.batch import fold_many, find_models
-from normfold.cli.options import EXIT_CODES_HELP, fold_options, fold_options_from, pass_errors, verification_options, verify_options
+from normfold.cli.options import (EXIT_CODES_HELP, echo_error, fold_options, fold_options_from, pass_errors,
+                                  report_option, verification_options, verify_options, write_report)
 from normfold.cli.render import colour, summary_table
 from normfold.errors import NormfoldError
-from normfold.io import write_text_atomic
 from normfold.report import Report, document_json, worst_exit_code
 
 
@@ -22,7 +22,7 @@ from normfold.report import Report, document_json, worst_exit_code
 @click.option("-o", "--output", type=click.Path(),
               help="Output file, or folder for several models [default: <stem>.folded.onnx beside each model].")
 @click.option("--in-place", is_flag=True, help="Overwrite each model (only after its verification passed).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report to this file.")
+@report_option
 @fold_options
 @verification_options
 @click.option("--verify", "verify_mode", type=click.Choice(["outputs", "sites"]), default="outputs", show_default=True,
@@ -42,63 +42,70 @@ def fold(models, output, in_place, report_path, verify_mode, no_verify, allow_un
 
     Nothing is written for a model unless every output of the result matches the original
     (|folded - original| <= atol + rtol * |original|). With several models the exit code is the
-    most severe of theirs, and a failing model does not stop the others.
+    most severe of theirs, and a failing model does not stop the others. Every file of the run,
+    the report included, is moved into place together at the end.
     """
     options = fold_options_from(groups)
     verify = verify_options(groups, enabled=not no_verify, allow_unverified=allow_unverified,
                             sites=verify_mode == "sites", benchmark=benchmark)
-    if report_path:
-        _check_writable(report_path)
     try:
         job_list = find_models(models, output, in_place)
         if options.external_data and len(job_list) > 1:
             raise NormfoldError("--external-data NAME fits one model; with several, use --external-data "
                                 "without a name (each gets <output>.data)")
     except NormfoldError as exc:
-        if report_path:
-            write_text_atomic(report_path, document_json("fold", [Report(input=" ".join(models),
-                                                                         exit_code=exit_codes.BAD_INPUT,
-                                                                         error=str(exc))]))
+        try:
+            write_report(report_path, document_json("fold", [Report(input=" ".join(models), exit_code=exit_codes.BAD_INPUT,
+                                                                     error=str(exc))]), reads=models)
+        except NormfoldError:
+            pass  # the first error is the one to tell
         raise
-    reports = _run(job_list, in_place, options, verify, jobs, quiet)
-    if report_path:
-        write_text_atomic(report_path, document_json("fold", reports))
+    reports = _run(job_list, in_place, options, verify, jobs, quiet, report_path)
     code = worst_exit_code([r.exit_code for r in reports])
-    _print(reports, code, quiet, verbose)
+    # Everything is in place now: nothing printed below can change the outcome.
+    try:
+        _print(reports, code, quiet, verbose, to_stderr=report_path == "-")
+    except OSError:
+        pass
     sys.exit(code)
 
 
-def _check_writable(path: str) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise NormfoldError(f"--report {path}: folder {folder!r} does not exist")
+def _report_to_stdout(text: str) -> None:
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise NormfoldError(f"cannot write the report to standard output ({exc.strerror}); nothing written") from None
 
 
-def _run(job_list, in_place, options, verify: VerifyOptions, workers: int, quiet: bool) -> list[Report]:
+def _run(job_list, in_place, options, verify: VerifyOptions, workers: int, quiet: bool, report_path) -> list[Report]:
+    run = dict(in_place=in_place, options=options, verify=verify, workers=workers, report=report_path,
+               report_to_stdout=_report_to_stdout)
     show_bar = len(job_list) > 1 and not quiet and sys.stderr.isatty()
     if not show_bar:
-        return fold_many(job_list, in_place=in_place, options=options, verify=verify, workers=workers)
+        return fold_many(job_list, **run)
     with click.progressbar(length=len(job_list), label="folding", file=sys.stderr) as bar:
-        return fold_many(job_list, in_place=in_place, options=options, verify=verify, workers=workers,
-                         done=lambda _: bar.update(1))
+        return fold_many(job_list, done=lambda _: bar.update(1), **run)
 
 
-def _print(reports: list[Report], code: int, quiet: bool, verbose: bool) -> None:
+def _print(reports: list[Report], code: int, quiet: bool, verbose: bool, to_stderr: bool = False) -> None:
     """Quiet by default on success when not on a terminal (pipelines read the exit code and the
-    JSON); errors always go to stderr, one line each."""
-    interactive = sys.stdout.isatty()
+    JSON); errors always go to stderr, one line each. With the report on stdout, text goes to stderr."""
     ok = code == exit_codes.OK
+    err = not ok or to_stderr
+    interactive = (sys.stderr if to_stderr else sys.stdout).isatty()
     if not quiet and (verbose or interactive or not ok):
         if len(reports) == 1 and reports[0].error is None:
-            click.echo(colour(reports[0].to_text(verbose=verbose)), err=not ok)
+            click.echo(colour(reports[0].to_text(verbose=verbose), sys.stderr if err else None), err=err)
         elif len(reports) > 1:
-            click.echo(colour(summary_table(reports)), err=not ok)
+            click.echo(colour(summary_table(reports), sys.stderr if err else None), err=err)
     for report in reports:
         if report.error:
             prefix = f"{report.input}: " if len(reports) > 1 and not report.error.startswith(str(report.input)) else ""
-            click.echo(f"normfold: error: {prefix}{report.error}", err=True)
+            echo_error(f"{prefix}{report.error}")
         elif report.exit_code == exit_codes.OUTPUTS_DIFFER:
-            click.echo(f"normfold: error: {report.input}: outputs differ from the original; nothing written", err=True)
+            echo_error(f"{report.input}: outputs differ from the original; nothing written")
         elif report.exit_code == exit_codes.UNVERIFIED:
-            click.echo(f"normfold: error: {report.input}: {report.verification.detail}; nothing written "
-                       "(use --allow-unverified or --no-verify to write anyway)", err=True)
+            hint = "" if report.verification.detail.startswith("timed out") else \
+                " (use --allow-unverified or --no-verify to write anyway)"
+            echo_error(f"{report.input}: {report.verification.detail}; nothing written{hint}")

@@ -9,10 +9,11 @@ import click
 
 from normfold import exit_codes
 from normfold.api import fold
-from normfold.cli.options import EXIT_CODES_HELP, fold_options, fold_options_from, pass_errors
+from normfold.cli.options import (EXIT_CODES_HELP, echo_error, fold_options, fold_options_from, pass_errors,
+                                  report_option, write_report)
 from normfold.cli.render import colour
 from normfold.errors import NormfoldError
-from normfold.io import read_model, write_text_atomic
+from normfold.io import read_model
 from normfold.report import Report, document_json, worst_exit_code
 
 FUSED_OPS = ("BatchNormalization", "LayerNormalization", "RMSNormalization", "GroupNormalization",
@@ -62,7 +63,7 @@ def inspect(model, as_json, **groups):
 @click.command(epilog=EXIT_CODES_HELP)
 @click.argument("models", nargs=-1, required=True, type=click.Path(dir_okay=False))
 @fold_options
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the JSON report to this file.")
+@report_option
 @pass_errors
 def check(models, report_path, **groups):
     """Exit 1 if any site of the MODELs could still be folded or fused (with these options), 0 if
@@ -74,7 +75,7 @@ def check(models, report_path, **groups):
             report = _plan(path, options)
         except NormfoldError as exc:
             reports.append(Report(input=path, exit_code=exit_codes.BAD_INPUT, error=str(exc)))
-            click.echo(f"normfold: error: {exc}", err=True)
+            echo_error(str(exc))
             continue
         rewritable = [s for s in report.sites if s.status != "left"]
         report.exit_code = exit_codes.OUTPUTS_DIFFER if rewritable else exit_codes.OK
@@ -83,8 +84,7 @@ def check(models, report_path, **groups):
                 line = f"node {site.nodes[-1]}: {site.kind} {site.nodes[0]} can be folded"
             else:
                 line = f"node {site.nodes[0]}: {site.kind} can be fused"
-            click.echo(f"{path}: {line}")
+            click.echo(f"{path}: {line}", err=report_path == "-")
         reports.append(report)
-    if report_path:
-        write_text_atomic(report_path, document_json("check", reports))
+    write_report(report_path, document_json("check", reports), reads=models)
     sys.exit(worst_exit_code([r.exit_code for r in reports]))

@@ -3,7 +3,13 @@ module and is only a thin layer: parse options, call the library, render the rep
 
 Exit codes (normfold.exit_codes): 0 done; 1 outputs differ, nothing written; 2 bad usage or
 unreadable/invalid model, nothing written; 3 verification impossible (onnxruntime cannot run a
-model), nothing written unless --allow-unverified; 4 internal error; 130 interrupted.
+model, or --timeout passed), nothing written unless --allow-unverified; 4 internal error;
+130 interrupted (Ctrl-C or SIGTERM), nothing written.
+
+This module imports nothing heavy at import time: `run` installs the interrupt handlers first,
+so that Ctrl-C or SIGTERM while onnx, numpy and onnxruntime are still being imported ends with
+the one interrupt line and 130 like any other interrupt. `main` (the Click group) is built on
+first use.
 """
 
 from __future__ import annotations
@@ -12,54 +18,119 @@ import os
 import signal
 import sys
 
-import click
-
-from normfold import __version__, exit_codes
-from normfold.cli.options import EXIT_CODES_HELP
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
-@click.version_option(__version__, prog_name="normfold")
-def main() -> None:
-    """Fold BatchNorm and fuse decomposed LayerNorm/RMSNorm/GroupNorm in ONNX models, verified
-    with onnxruntime."""
+_INTERRUPTED_LINE = "normfold: error: interrupted; nothing written\n"
+_main = None
 
 
-def _register() -> None:
-    from normfold.cli.fold import fold
-    from normfold.cli.inspect import check, inspect
-    from normfold.cli.verify import verify
+def _build():
+    global _main
+    if _main is None:
+        import click
 
-    for command in (fold, inspect, check, verify):
-        main.add_command(command)
+        from normfold import __version__
+        from normfold.cli.fold import fold
+        from normfold.cli.inspect import check, inspect
+        from normfold.cli.options import EXIT_CODES_HELP
+        from normfold.cli.verify import verify
+
+        @click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES_HELP)
+        @click.version_option(__version__, prog_name="normfold")
+        def main() -> None:
+            """Fold BatchNorm and fuse decomposed LayerNorm/RMSNorm/GroupNorm in ONNX models, verified
+            with onnxruntime."""
+
+        for command in (fold, inspect, check, verify):
+            main.add_command(command)
+        _main = main
+    return _main
 
 
-_register()
+def __getattr__(name: str):
+    if name == "main":
+        return _build()
+    raise AttributeError(name)
+
+
+def _committed() -> bool:
+    staging = sys.modules.get("normfold.io.staging")
+    return bool(staging is not None and staging.COMMITTED)
 
 
 def _interrupt(signum, frame) -> None:
+    """Ctrl-C and SIGTERM: stop where we are (staged files are removed on the way out), unless the
+    run's files are already in place; then let it finish (printing is all that is left)."""
+    if _committed():
+        return
     raise KeyboardInterrupt
+
+
+def _write_stderr(text: str) -> None:
+    try:
+        sys.stderr.write(text)
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+
+
+def _exit(code: int) -> None:
+    """Exit with `code` whatever happens to standard output: a failed flush at exit (stdout is
+    /dev/full, or a closed pipe) must not turn the run's outcome into another one."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+    sys.exit(code)
 
 
 def run() -> None:
     """Console entry point: never a traceback, a named exit code for every ending."""
     signal.signal(signal.SIGTERM, _interrupt)  # a pipeline's kill ends like Ctrl-C: staged files removed
+    signal.signal(signal.SIGINT, _interrupt)
     try:
-        main(standalone_mode=False)
+        code = _run()
+    except KeyboardInterrupt:
+        code = _interrupted()
+    _exit(code)
+
+
+def _interrupted() -> int:
+    try:
+        from normfold.io.staging import discard_all_staging
+        from normfold.watchdog import kill_children
+
+        kill_children()
+        discard_all_staging()
+    except BaseException:
+        pass
+    _write_stderr(_INTERRUPTED_LINE)
+    return 130
+
+
+def _run() -> int:
+    import click
+
+    from normfold import exit_codes
+    from normfold.cli.options import echo_error
+
+    try:
+        _build()(standalone_mode=False)
+        return exit_codes.OK
     except click.exceptions.Exit as exc:
-        sys.exit(exc.exit_code)
+        return exc.exit_code
     except click.ClickException as exc:  # usage errors: one line, like every other error
         hint = f" (see 'normfold {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
-        click.echo(f"normfold: error: {exc.format_message()}{hint}", err=True)
-        sys.exit(exit_codes.BAD_INPUT)
+        echo_error(f"{exc.format_message()}{hint}")
+        return exit_codes.BAD_INPUT
     except (click.exceptions.Abort, KeyboardInterrupt):  # Click turns Ctrl-C into Abort
-        click.echo("normfold: interrupted; nothing written", err=True)
-        sys.exit(exit_codes.INTERRUPTED)
-    except SystemExit:
-        raise
+        return _interrupted()
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException as exc:  # a bug: one line, no traceback unless asked for
         if os.environ.get("NORMFOLD_DEBUG"):
             raise
-        text = " ".join(str(exc).split())[:300]
-        click.echo(f"normfold: internal error: {type(exc).__name__}: {text} (set NORMFOLD_DEBUG=1 for details)",
-                   err=True)
-        sys.exit(exit_codes.INTERNAL_ERROR)
+        echo_error(f"internal error: {type(exc).__name__}: {exc} (set NORMFOLD_DEBUG=1 for details)")
+        return exit_codes.INTERNAL_ERROR

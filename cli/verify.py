@@ -9,10 +9,12 @@ import click
 
 from normfold import exit_codes
 from normfold.api import benchmark_files
-from normfold.cli.options import EXIT_CODES_HELP, pass_errors, verification_options, verify_options
+from normfold.cli.options import (EXIT_CODES_HELP, echo_error, pass_errors, report_option, verification_options,
+                                  verify_options, write_report)
 from normfold.cli.render import colour
-from normfold.io import read_model, write_text_atomic
-from normfold.report import Report
+from normfold.errors import VerificationTimeout
+from normfold.io import read_model
+from normfold.report import Report, Verification
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -22,7 +24,7 @@ from normfold.report import Report
 @click.option("--sites", "site_names", is_flag=False, flag_value="*", default=None, metavar="[NAME,...]",
               help="Also compare intermediate tensors present in both models: all of them, or those named.")
 @click.option("--benchmark", is_flag=True, help="Time both models in onnxruntime (session creation, median latency).")
-@click.option("--report", "report_path", type=click.Path(dir_okay=False), help="Write the report as JSON to this file.")
+@report_option
 @click.option("-q", "--quiet", is_flag=True, help="Print nothing but errors.")
 @click.option("-v", "--verbose", is_flag=True, help="Print the comparison even when not on a terminal.")
 @pass_errors
@@ -42,20 +44,25 @@ def verify(original, candidate, site_names, benchmark, report_path, quiet, verbo
         sites = [n.strip() for n in site_names.split(",") if n.strip()]
     del models
     report = Report(input=original, output=candidate)
-    report.verification = options.compare(original, candidate, sites)
+    try:
+        report.verification = options.compare(original, candidate, sites)
+    except VerificationTimeout as exc:
+        report.verification = Verification("unavailable", seed=options.seed, detail=f"timed out: {exc}")
     status = report.verification.status
     if benchmark and status != "unavailable":
         report.benchmark = benchmark_files(original, candidate, options)
     report.exit_code = {"passed": exit_codes.OK, "failed": exit_codes.OUTPUTS_DIFFER}.get(status, exit_codes.UNVERIFIED)
     report.timings = {"total": round(time.perf_counter() - started, 4)}
-    if report_path:
-        write_text_atomic(report_path, report.to_json("verify"))
+    write_report(report_path, report.to_json("verify"), reads=(original, candidate))
     failed = report.exit_code != exit_codes.OK
-    if not quiet and (failed or verbose or sys.stdout.isatty()):
-        click.echo(colour(report.to_text(verbose=verbose)), err=failed)
+    err = failed or report_path == "-"
+    try:
+        if not quiet and (failed or verbose or sys.stdout.isatty()):
+            click.echo(colour(report.to_text(verbose=verbose), sys.stderr if err else None), err=err)
+    except OSError:
+        pass
     if failed:
-        detail = report.verification.detail or "outputs differ"
-        click.echo(f"normfold: error: {detail}", err=True)
+        echo_error(report.verification.detail or "outputs differ")
     sys.exit(report.exit_code)
 
 

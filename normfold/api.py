@@ -1,9 +1,9 @@
 """The library entry points: `fold` rewrites a model in memory; `fold_file` is the whole job the
-CLI runs (load, fold, write to a staging folder, verify, move into place)."""
+CLI runs (plan the paths, load, fold, write to a staging folder, verify, move into place).
+`fold_job` is that job without the move, for runs that commit several models together."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -13,14 +13,16 @@ import onnx
 from onnx import version_converter
 
 from normfold import exit_codes
-from normfold.errors import NormfoldError, VerificationUnavailable
+from normfold.errors import NormfoldError, VerificationTimeout, VerificationUnavailable, one_line
 from normfold.graph import count_ops
-from normfold.io import StagedModel, check_destination, read_model
+from normfold.io import StagedModel, Transaction, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
+from normfold.paths import Plan, Target, data_name_for, default_output, plan_run
 from normfold.passes.rmsnorm import add_contrib_opset_import
 from normfold.report import Report, Verification
 from normfold.shapes import infer_shapes
 from normfold.verify import compare_models
+from normfold.watchdog import run_in_child
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -58,13 +60,19 @@ class VerifyOptions:
     opt_level: str = "disabled"
     sites: bool = False  # also compare every rewritten site's output tensor
     benchmark: bool = False  # time both models in onnxruntime
+    timeout: float | None = None  # seconds one verification may take (then exit 3, nothing written)
 
     def compare(self, reference, candidate, sites: list[str] | None = None) -> Verification:
-        """compare_models with these options; a model onnxruntime cannot run gives 'unavailable'."""
+        """compare_models with these options, in a child process (normfold.watchdog: so that
+        --timeout and SIGTERM can stop onnxruntime); a model onnxruntime cannot run gives
+        'unavailable'. VerificationTimeout is raised: a timeout never lets a model be written."""
         try:
-            return compare_models(reference, candidate, seed=self.seed, shapes=self.shapes, dims=self.dims,
-                                  int_ranges=self.int_ranges, input_files=self.input_files, batches=self.batches,
-                                  atol=self.atol, rtol=self.rtol, opt_level=self.opt_level, sites=sites)
+            return run_in_child(compare_models, reference, candidate, timeout=self.timeout, seed=self.seed,
+                                shapes=self.shapes, dims=self.dims, int_ranges=self.int_ranges,
+                                input_files=self.input_files, batches=self.batches, atol=self.atol,
+                                rtol=self.rtol, opt_level=self.opt_level, sites=sites)
+        except VerificationTimeout:
+            raise
         except VerificationUnavailable as exc:
             return Verification("unavailable", seed=self.seed, detail=str(exc))
 
@@ -79,9 +87,48 @@ def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
     try:
         converted = version_converter.convert_version(model, target)
     except Exception as exc:
-        text = " ".join(str(exc).split())[:200]
-        raise NormfoldError(f"cannot convert the model from opset {current} to {target}: {text}") from None
+        raise NormfoldError(f"cannot convert the model from opset {current} to {target}: {one_line(exc, 200)}") from None
     return converted
+
+
+def _context(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.PathLike) -> FoldContext:
+    return FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
+                       allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose,
+                       base_dir=str(base_dir))
+
+
+@dataclass
+class _Prepared:
+    """A model ready for the passes: converted to a newer opset if some site needs it, with its
+    context and shapes computed once (the dry pass that decides the conversion reuses them)."""
+    model: onnx.ModelProto
+    ctx: FoldContext
+    shapes: dict
+    converted: bool
+
+
+def _prepare(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.PathLike) -> _Prepared:
+    ctx, shapes = _context(model, options, base_dir), infer_shapes(model)
+    if _held_back_by_opset(model, options, ctx, shapes):
+        model = convert_opset(model, options.target_opset)
+        return _Prepared(model, _context(model, options, base_dir), infer_shapes(model), True)
+    return _Prepared(model, ctx, shapes, False)
+
+
+def _run_passes(prepared: _Prepared, options: FoldOptions, report: Report) -> None:
+    model = prepared.model
+    rules = [rule for rule in RULES if rule.name in options.passes]
+    report.sites = run_rules(model.graph, rules, prepared.ctx, prepared.shapes)
+    add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
+    report.opset_after = model_opset(model)
+    report.ops_after = count_ops(model.graph)
+    report.nodes_after = sum(report.ops_after.values())
+
+
+def _check_passes(options: FoldOptions) -> None:
+    unknown = sorted(set(options.passes) - set(PASS_NAMES))
+    if unknown:
+        raise NormfoldError(f"unknown pass(es) {unknown}; known: {list(PASS_NAMES)}")
 
 
 def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bool = True,
@@ -90,9 +137,7 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     (verification is not part of this call: see `fold_file` and `normfold.verify`). `base_dir` is
     where weights still in external data files are read from."""
     options = options or FoldOptions()
-    unknown = sorted(set(options.passes) - set(PASS_NAMES))
-    if unknown:
-        raise NormfoldError(f"unknown pass(es) {unknown}; known: {list(PASS_NAMES)}")
+    _check_passes(options)
     if copy:
         clone = onnx.ModelProto()
         clone.CopyFrom(model)
@@ -100,41 +145,42 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     report = Report(opset_before=model_opset(model))
     report.ops_before = count_ops(model.graph)
     report.nodes_before = sum(report.ops_before.values())
-    if needs_newer_opset(model, options, base_dir):
-        model = convert_opset(model, options.target_opset)
-    ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
-                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose,
-                      base_dir=str(base_dir))
-    rules = [rule for rule in RULES if rule.name in options.passes]
-    report.sites = run_rules(model.graph, rules, ctx, infer_shapes(model))
-    add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
-    report.opset_after = model_opset(model)
-    report.ops_after = count_ops(model.graph)
-    report.nodes_after = sum(report.ops_after.values())
-    return model, report
+    prepared = _prepare(model, options, base_dir)
+    _run_passes(prepared, options, report)
+    return prepared.model, report
 
 
-def needs_newer_opset(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.PathLike = "") -> bool:
-    """Whether some site is left only because the model's opset is too old for the fused op (a dry
-    run of the passes, nothing rewritten). When none is, --target-opset can be skipped: the version
-    converter copies the whole model and would change nothing normfold does."""
+def _held_back_by_opset(model: onnx.ModelProto, options: FoldOptions, ctx: FoldContext, shapes: dict) -> bool:
     if options.target_opset is None or options.target_opset <= model_opset(model):
         return False
-    ctx = FoldContext(opset=model_opset(model), exclude_nodes=frozenset(options.exclude_nodes),
-                      allow_contrib=options.allow_contrib, allow_transpose=options.allow_transpose,
-                      base_dir=str(base_dir))
     # Only the rules whose op needs a newer opset can be held back by it (and a BN fold's check
     # would compute every folded weight just to be thrown away).
     rules = [rule for rule in RULES if rule.name in options.passes and rule.min_opset
              and ctx.opset < rule.min_opset <= options.target_opset]
     if not rules:
         return False
-    sites = run_rules(model.graph, rules, ctx, infer_shapes(model), dry=True)
+    sites = run_rules(model.graph, rules, ctx, shapes, dry=True)
     return any(s.reason == "opset-too-old" for s in sites)
 
 
-def default_output(path: Path) -> Path:
-    return path.with_name(f"{path.stem}.folded.onnx" if path.suffix == ".onnx" else f"{path.name}.folded.onnx")
+def needs_newer_opset(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.PathLike = "") -> bool:
+    """Whether some site is left only because the model's opset is too old for the fused op (a dry
+    run of the passes, nothing rewritten). When none is, --target-opset can be skipped: the version
+    converter copies the whole model and would change nothing normfold does."""
+    return _held_back_by_opset(model, options, _context(model, options, base_dir), infer_shapes(model))
+
+
+def make_target(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
+                in_place: bool = False, external_data: str | None = None) -> Target:
+    """Where one model is read from and written to (the default `<stem>.folded.onnx` beside it)."""
+    src = Path(input_path)
+    if in_place:
+        if output_path is not None and os.path.realpath(output_path) != os.path.realpath(src):
+            raise NormfoldError("--in-place and -o name different files; use one of them")
+        dest = src
+    else:
+        dest = Path(output_path) if output_path is not None else default_output(src)
+    return Target(src, dest, data_name_for(dest, external_data), in_place)
 
 
 def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | None = None, *,
@@ -143,69 +189,78 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
     """Load, fold, verify and write. The report's exit_code tells how it ended; NormfoldError is
     raised for bad input (nothing is written then either)."""
     started = time.perf_counter()
-    verify = verify or VerifyOptions()
-    options = options or FoldOptions()
-    name = options.external_data
-    if name and (os.path.basename(name) != name or name in (".", "..")):
-        raise NormfoldError(f"--external-data {name!r}: give a file name, not a path (it is written beside the output)")
-    src = Path(input_path)
-    if in_place:
-        if output_path is not None and Path(output_path).resolve() != src.resolve():
-            raise NormfoldError("--in-place and -o name different files; use one of them")
-        dest = src
-    else:
-        dest = Path(output_path) if output_path is not None else default_output(src)
-        if dest.exists() and src.exists() and dest.resolve() == src.resolve():
-            raise NormfoldError(f"{dest}: output is the input file; pass --in-place to overwrite it")
-    check_destination(dest)
+    options, verify = options or FoldOptions(), verify or VerifyOptions()
+    target = make_target(input_path, output_path, in_place=in_place, external_data=options.external_data)
+    plan = plan_run([target], verify=verify.enabled)
+    with Transaction() as tx:
+        report, moves = fold_job(target, tx.folder_for(target.dest), options, verify, plan=plan, started=started)
+        if report.exit_code == exit_codes.OK:
+            tx.add(moves)
+            tx.commit()
+            report.written = True
+    return report
 
+
+def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, verify: VerifyOptions, *,
+             plan: Plan | None = None, started: float | None = None) -> tuple[Report, list[tuple[str, str]]]:
+    """Load, fold, stage into `staging` (a staging folder in the destination's folder) and verify
+    one model, without moving anything into place. Returns the report (exit_code set; `written`
+    still False) and, when it succeeded, the (staged file, destination) moves that commit it.
+    With `plan`, the model's external data files are checked against the run's writes once it
+    is loaded (PathConflict: the whole run is refused)."""
+    started = time.perf_counter() if started is None else started
+    _check_passes(options)
+    src, dest = target.source, target.dest
     t = time.perf_counter()
     model, external_files = read_model(src, lazy=True)  # external weights stay in their files until needed
+    if plan is not None:
+        plan.add_external_data(target, external_files)
     base_dir = str(src.resolve().parent)
     timings = {"load": time.perf_counter() - t}
-    if not in_place:
-        # Writing over the input's own weights file would corrupt the input model.
-        ours = {dest.resolve(), dest.with_name(dest.name + ".data").resolve()}
-        theirs = {(src.resolve().parent / loc).resolve() for loc in external_files}
-        if ours & theirs:
-            raise NormfoldError(f"{dest}: would overwrite the input's external data file "
-                                f"{sorted(str(p) for p in ours & theirs)[0]}; choose another output name")
+    external = True if external_files or options.external_data is not None else None
 
-    before = count_ops(model.graph), model_opset(model)
-    conversion = None
-    if needs_newer_opset(model, options, base_dir):  # else converting would change nothing we do
-        # Convert first and check the conversion on its own, so that a converter bug is named as
-        # such (and never blamed on, or hidden by, a fold).
-        t = time.perf_counter()
-        model = convert_opset(model, options.target_opset)
-        if verify.enabled:
-            conversion = _verify_staged(src, model, dest, verify, external_files, base_dir)
-        timings["convert"] = time.perf_counter() - t
-    options = dataclasses.replace(options, target_opset=None)
-
-    t = time.perf_counter()
-    model, report = fold(model, options, copy=False, base_dir=base_dir)
-    timings["fold"] = time.perf_counter() - t
-    report.input, report.output = str(src), str(dest)
-    report.ops_before, report.opset_before = before
+    report = Report(input=str(src), output=str(dest), opset_before=model_opset(model))
+    report.ops_before = count_ops(model.graph)
     report.nodes_before = sum(report.ops_before.values())
-    report.conversion = conversion
-    if conversion is not None and conversion.status == "failed":
-        conversion.detail = "converting the opset alone changed the outputs: " + conversion.detail
-        report.verification = conversion
-        report.exit_code = exit_codes.OUTPUTS_DIFFER
-        return _finish(report, timings, started)
+    t = time.perf_counter()
+    prepared = _prepare(model, options, base_dir)
+    if prepared.converted:
+        timings["convert"] = time.perf_counter() - t
+        if verify.enabled:
+            # Check the conversion on its own, so that a converter bug is named as such (and
+            # never blamed on, or hidden by, a fold).
+            t = time.perf_counter()
+            staged = StagedModel(prepared.model, dest, staging, external_data=True if external_files else None,
+                                 source_dir=base_dir)
+            try:
+                report.conversion = _verified(verify, src, staged.path)
+            finally:
+                staged.discard()
+            timings["convert"] += time.perf_counter() - t
+            if report.conversion.status == "failed":
+                report.conversion.detail = "converting the opset alone changed the outputs: " + report.conversion.detail
+                report.verification = report.conversion
+                report.exit_code = exit_codes.OUTPUTS_DIFFER
+                return _finish(report, timings, started), []
+            if _timed_out(report.conversion):
+                report.verification = report.conversion
+                report.exit_code = exit_codes.UNVERIFIED
+                return _finish(report, timings, started), []
+    del model
+    t = time.perf_counter()
+    _run_passes(prepared, options, report)
+    timings["fold"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    staged = StagedModel(model, dest, external_data=True if external_files or name is not None else None,
-                         data_name=name or None, consume=True, source_dir=base_dir)
-    del model  # verification loads both models in onnxruntime; do not hold a third copy
+    staged = StagedModel(prepared.model, dest, staging, external_data=external, data_name=target.data_name,
+                         consume=True, source_dir=base_dir)
+    del prepared  # verification loads both models in onnxruntime; do not hold a third copy
     timings["save"] = time.perf_counter() - t
     try:
         if verify.enabled:
             t = time.perf_counter()
             sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
-            report.verification = verify.compare(src, staged.path, sites)
+            report.verification = _verified(verify, src, staged.path, sites)
             errors = {c.name: c.max_abs_error for c in report.verification.sites}
             for site in report.sites:
                 site.max_abs_error = errors.get(site.output) if site.status != "left" else None
@@ -219,31 +274,37 @@ def fold_file(input_path: str | os.PathLike, output_path: str | os.PathLike | No
             timings["benchmark"] = time.perf_counter() - t
         if status == "failed":
             report.exit_code = exit_codes.OUTPUTS_DIFFER
-        elif status == "unavailable" and not verify.allow_unverified:
+        elif status == "unavailable" and (_timed_out(report.verification) or not verify.allow_unverified):
             report.exit_code = exit_codes.UNVERIFIED
         else:
-            staged.commit()
-            report.written = True
             report.exit_code = exit_codes.OK
-    finally:
+            return _finish(report, timings, started), staged.moves()
+    except BaseException:
         staged.discard()
-    return _finish(report, timings, started)
+        raise
+    staged.discard()
+    return _finish(report, timings, started), []
+
+
+_TIMED_OUT = "timed out: "
+
+
+def _verified(verify: VerifyOptions, reference, candidate, sites: list[str] | None = None) -> Verification:
+    try:
+        return verify.compare(reference, candidate, sites)
+    except VerificationTimeout as exc:
+        return Verification("unavailable", seed=verify.seed, detail=_TIMED_OUT + str(exc))
+
+
+def _timed_out(verification: Verification | None) -> bool:
+    """A timeout never lets a model be written, not even with --allow-unverified."""
+    return verification is not None and verification.status == "unavailable" and verification.detail.startswith(_TIMED_OUT)
 
 
 def _finish(report: Report, timings: dict[str, float], started: float) -> Report:
     timings["total"] = time.perf_counter() - started
     report.timings = {k: round(v, 4) for k, v in timings.items()}
     return report
-
-
-def _verify_staged(src: Path, model: onnx.ModelProto, dest: Path, verify: VerifyOptions,
-                   external_files: list[str], base_dir: str) -> Verification:
-    """Compare the original file with `model`, staged beside `dest` and discarded afterwards."""
-    staged = StagedModel(model, dest, external_data=True if external_files else None, source_dir=base_dir)
-    try:
-        return verify.compare(src, staged.path)
-    finally:
-        staged.discard()
 
 
 def benchmark_files(original, candidate, verify: VerifyOptions) -> dict:

@@ -241,12 +241,12 @@ def test_external_data_on_request_with_a_chosen_name(tmp_path):
 
 def test_models_near_two_gigabytes_are_written_with_external_data(tmp_path, monkeypatch):
     """The switch is by estimated size; pretend the limit is tiny to test it without writing 2 GB."""
-    import normfold.io
+    import normfold.io.staging
 
     model = conv_bn_model()
     model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((64, 3, 3, 3), np.float32), "unused_big"))
     onnx.save(model, tmp_path / "m.onnx")
-    monkeypatch.setattr(normfold.io, "TWO_GB", 2**26 + 5000)
+    monkeypatch.setattr(normfold.io.staging, "TWO_GB", 2**26 + 5000)
     report = normfold.fold_file(tmp_path / "m.onnx", tmp_path / "out.onnx")
     assert report.written and (tmp_path / "out.onnx.data").exists()
 

@@ -153,7 +153,7 @@ def test_interrupted_run_leaves_no_output(tmp_path, sig):
                                 "--batches", "1000", "--shape", "input_ids:8x32"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".o.onnx.*.tmp")) and time.time() < deadline and process.poll() is None:
+    while not list(tmp_path.glob(".normfold-staging-*/*/o.onnx")) and time.time() < deadline and process.poll() is None:
         time.sleep(0.01)
     assert process.poll() is None, "the run ended before it could be interrupted"
     time.sleep(0.2)

@@ -1,0 +1,110 @@
+"""Time limits and interrupts around work that onnxruntime does.
+
+onnxruntime runs a model in C++ without returning to Python, so neither a signal handler nor a
+timer can stop it from inside the process. `run_in_child` therefore runs such a call in a forked
+child process (its own process group) while this process waits in Python: a timeout, Ctrl-C or
+SIGTERM is seen at once, the child's whole group is killed, and the caller gets
+VerificationTimeout or KeyboardInterrupt. The child's result comes back pickled through a pipe.
+
+Any code can use it: `run_in_child(compare_models, a, b, timeout=60)`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import time
+
+from normfold.errors import VerificationTimeout, VerificationUnavailable, one_line
+
+_CHILDREN: set[int] = set()  # process groups of running children, killed on an interrupt
+
+
+def kill_children() -> None:
+    for pgid in list(_CHILDREN):
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except OSError:
+            pass
+        _CHILDREN.discard(pgid)
+
+
+def silence_onnxruntime() -> None:
+    """onnxruntime's own log (warnings such as MergeShapeInfo, printed in colour on stderr) is off:
+    normfold's one-line errors say what failed."""
+    try:
+        import onnxruntime
+
+        onnxruntime.set_default_logger_severity(3)
+    except Exception:  # an onnxruntime that cannot be imported fails later with its own message
+        pass
+
+
+def _child(send, func, args, kwargs) -> None:
+    os.setpgid(0, 0)  # our own group: killing it ends whatever onnxruntime started too
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it kills us on Ctrl-C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    silence_onnxruntime()
+    try:
+        message = (True, func(*args, **kwargs))
+    except BaseException as exc:  # sent back and raised in the parent
+        message = (False, exc)
+    try:
+        data = pickle.dumps(message)
+    except Exception as exc:
+        data = pickle.dumps((False, RuntimeError(f"{type(message[1]).__name__}: {one_line(message[1])}"
+                                                 if not message[0] else f"unpicklable result: {one_line(exc)}")))
+    send.send_bytes(data)
+    send.close()
+
+
+def run_in_child(func, *args, timeout: float | None = None, what: str = "verification", **kwargs):
+    """func(*args, **kwargs) in a forked child; its return value, or its exception raised here.
+    Past `timeout` seconds the child is killed and VerificationTimeout raised; an interrupt here
+    kills it too. A child that dies (a crash inside onnxruntime) gives VerificationUnavailable."""
+    import multiprocessing
+
+    silence_onnxruntime()  # also imports onnxruntime once here, not in every child
+    ctx = multiprocessing.get_context("fork")
+    recv, send = ctx.Pipe(duplex=False)
+    process = ctx.Process(target=_child, args=(send, func, args, kwargs), daemon=False)
+    process.start()
+    send.close()
+    try:
+        os.setpgid(process.pid, process.pid)  # also from here: a kill before the child's own call still hits it
+    except OSError:
+        pass
+    _CHILDREN.add(process.pid)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        while True:
+            step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            if recv.poll(step):
+                try:
+                    ok, value = pickle.loads(recv.recv_bytes())
+                except EOFError:
+                    ok, value = False, None
+                break
+            if not process.is_alive() and not recv.poll(0):
+                ok, value = False, None
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                raise VerificationTimeout(f"{what} did not finish within --timeout {timeout:g} s; stopped")
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if process.is_alive():
+            process.kill()
+        _CHILDREN.discard(process.pid)
+        process.join()
+        recv.close()
+    if ok:
+        return value
+    if value is None:
+        code = process.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        raise VerificationUnavailable(f"the {what} process ended without a result ({how}; onnxruntime crashed?)")
+    raise value
