@@ -287,19 +287,18 @@ def test_non_trailing_axis_is_left():
     assert [s.reason for s in report.sites] == ["unsupported-axis"]
 
 
-def test_global_average_pool_over_rank_4_is_left():
+def test_global_average_pool_over_rank_4_is_an_rmsnorm_over_the_last_two_axes():
+    """GlobalAveragePool over [N, C, H, W] averages H and W: x / sqrt(mean_HW(x^2)) is RMSNorm(axis=-2)."""
     model = rms_model(square="Mul", reduce="gap", normalize="Reciprocal", shape="2,3,4,16", affine="none")
-    folded, report = normfold.fold(model)
-    assert ops(folded) == ops(model)
-    [site] = report.sites
-    assert site.reason == "unsupported-axis" and "rank-4" in site.detail
+    folded, report, _ = fold_and_compare(model, target_opset=23)
+    assert ops(folded) == ["RMSNormalization"]
+    assert [a.i for a in folded.graph.node[0].attribute if a.name == "axis"] == [-2]
 
 
 @pytest.mark.parametrize("change, reason", [
-    (dict(exponent=3.0), "non-constant-parameters"),
+    (dict(exponent=3.0), "unrecognized-pattern"),  # mean(x^3): not a norm statistic, but reported
     (dict(eps=-1e-6), "invalid-statistics"),
-    (dict(normalize="DivOne", one=np.array(2.0, np.float32)), "non-constant-parameters"),
-    (dict(normalize="Rsqrt", mhalf=np.array(-1.0, np.float32)), "non-constant-parameters"),
+    (dict(normalize="Rsqrt", mhalf=np.array(-1.0, np.float32)), "unrecognized-pattern"),  # 1 / mean square
     (dict(gamma=np.ones((2, 1, 16), np.float32)), "not-per-channel"),
 ])
 def test_wrong_constants_are_left_with_their_reason(change, reason):
@@ -307,6 +306,13 @@ def test_wrong_constants_are_left_with_their_reason(change, reason):
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     assert [s.reason for s in report.sites] == [reason]
+
+
+def test_a_numerator_other_than_one_scales_gamma():
+    """2 / sqrt(ms + eps) is the inverse RMS times 2: the fold multiplies it into gamma (float64)."""
+    model = rms_model(normalize="DivOne", one=np.array(2.0, np.float32))
+    folded, report, _ = fold_and_compare(model, target_opset=23)
+    assert ops(folded) == ["RMSNormalization"]
 
 
 @pytest.mark.parametrize("eps", [None, 0.0])

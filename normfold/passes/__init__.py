@@ -57,6 +57,7 @@ class FoldContext:
 
 class Rule:
     name = ""  # the pass name users select with --passes
+    recognizer = False  # True: not offered nodes that a site already reported as left contains
     min_opset: int | None = None  # the opset the op it writes needs (None: no new op, e.g. a BN fold)
     status = "folded"  # what a rewrite of this rule is called in the report
 
@@ -76,10 +77,11 @@ def _rules():
     from normfold.passes.groupnorm import GroupNormFusion
     from normfold.passes.instance_affine import InstanceNormAffine
     from normfold.passes.layernorm import LayerNormFusion
+    from normfold.passes.norms import LayerNormRule, NormLike, RMSNormRule
     from normfold.passes.rmsnorm import RMSNormFusion
 
-    return [BatchNormFold(), ChannelAffineFold(), LayerNormFusion(), RMSNormFusion(), GroupNormFusion(),
-            InstanceNormAffine()]
+    return [BatchNormFold(), ChannelAffineFold(), LayerNormRule(), LayerNormFusion(), RMSNormRule(),
+            GroupNormFusion(), InstanceNormAffine(), NormLike(centered=True), NormLike(centered=False)]
 
 
 RULES: list[Rule] = _rules()
@@ -93,11 +95,15 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
     rewrite would create, such as the second BN of Conv -> BN -> BN, are then not seen)."""
     view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset, base_dir=ctx.base_dir)
     records: list[SiteRecord] = []
+    claimed: set[int] = set()  # nodes of sites reported as left: one report per site
     for node in list(view.nodes):
         if view.is_removed(node):
             continue
         left_here: list[SiteRecord] = []
+        left_passes: set[str] = set()
         for rule in rules:
+            if rule.name in left_passes or (rule.recognizer and id(node) in claimed):
+                continue
             match = rule.match(view, node)
             if match is None:
                 continue
@@ -109,6 +115,8 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
             if isinstance(outcome, Left):
                 left_here.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
                                             reason=outcome.reason, output=match.output, graph=path))
+                left_passes.add(rule.name)
+                claimed.update(id(n) for n in match.nodes)
                 continue
             if dry:
                 records.append(SiteRecord(rule.name, match.kind, rule.status, names, "would be rewritten",
@@ -116,6 +124,8 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
                 left_here.clear()
                 break
             done = rule.rewrite(view, match, outcome)
+            # A site an earlier rule reported it could not read is moot once this one rewrote it.
+            records = [r for r in records if r.status != "left" or r.graph != path or not set(r.nodes) & set(names)]
             records.append(SiteRecord(rule.name, match.kind, rule.status, names, done.detail,
                                       created=done.created, output=match.output, graph=path,
                                       notes=done.notes, max_rounding=done.max_rounding))

@@ -1,0 +1,656 @@
+"""The canonical view recognisers match on: what a tensor computes, written as a polynomial.
+
+Every float tensor reads, lazily and without changing the graph, as a sum of terms
+
+    c * a1^p1 * a2^p2 * ...        c: a constant (float64 numpy array, broadcast like the tensor)
+
+whose atoms are
+
+    Leaf(t, perm)     a tensor not looked into (a graph input, a MatMul's output, ...), seen through a
+                      Transpose `perm` when the expression reads it transposed
+    Mean(e, axes)     the mean over `axes` (kept as size 1) of a canonical expression e
+    Root(e, p)        e ** p for a sum e of several terms that cannot be expanded (p fractional or < 0)
+
+so that the spellings exporters write all disappear into one form:
+
+    Identity, float Casts, Reshape to the same shape         ->  the value itself
+    Sub(a, b), Neg(b)                                         ->  a + (-1) b
+    Div(a, b), Reciprocal(b), Sqrt(b), Pow(b, constant)       ->  a * b^-1, b^-1, b^1/2, b^p
+    Mul(d, d)                                                 ->  d^2 (expanded when d is a sum)
+    ReduceSum(e) / count, ReduceSumSquare(e) / count          ->  Mean(e), Mean(e^2)
+    ReduceMean, GlobalAveragePool                             ->  Mean
+    Where(Equal(n, 0), 0, a / n) with n a nonzero count       ->  a / n          (div_no_nan)
+    ConstantOfShape(Shape(x)) (ones_like, zeros_like)         ->  its fill value
+    Max(v, 0) of a variance                                   ->  v
+    Transpose(e)                                              ->  e with its axes permuted
+
+Mul and Add are flattened and commutative, and a Mean is linear and lets out every factor that does
+not vary along its axes, so
+
+    (X - m) * r * g + b  ==  X * (r g) + (b - m r g)          (m = Mean(X), r = Root(var + eps, -1/2))
+    Mean((X - m)^2)      ==  Mean(X^2) - m^2                   (central and raw moments)
+
+Axes are stored negative (counted from the end), which right-aligned broadcasting makes independent
+of the rank. Constants are read through GraphView.const, and only small ones (MAX_CONST elements):
+a weight never becomes a coefficient, so the view copies no weights. An expression that would grow
+past MAX_TERMS terms is a Leaf instead, which keeps the cost linear in the graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fractions import Fraction
+
+import numpy as np
+import onnx
+
+from normfold.graph import FLOAT_TYPES, GraphView, attr
+
+MAX_TERMS = 12
+MAX_CONST = 1 << 16
+MAX_DEPTH = 48
+COEFF_RTOL = 1e-6  # two coefficients are equal when they agree this closely (float32 constants' rounding)
+
+
+# ---- expressions ------------------------------------------------------------------------------
+class Atom:
+    key: tuple
+
+    def __eq__(self, other):
+        return isinstance(other, Atom) and self.key == other.key
+
+    def __hash__(self):
+        return hash(self.key)
+
+    def __lt__(self, other):
+        return self.key < other.key
+
+
+class Leaf(Atom):
+    def __init__(self, name: str, perm: tuple[int, ...] | None = None):
+        self.name, self.perm = name, perm
+        self.key = ("leaf", name, perm or ())
+
+    def __repr__(self):
+        return self.name if not self.perm else f"T{list(self.perm)}({self.name})"
+
+
+class Mean(Atom):
+    def __init__(self, arg: "Expr", axes: tuple[int, ...]):
+        self.arg, self.axes = arg, axes
+        self.key = ("mean", axes, arg.key)
+
+    def __repr__(self):
+        return f"mean{list(self.axes)}({self.arg!r})"
+
+
+class Root(Atom):
+    def __init__(self, base: "Expr", power: Fraction):
+        self.base, self.power = base, power
+        self.key = ("root", base.key, (power.numerator, power.denominator))
+
+    def __repr__(self):
+        return f"({self.base!r})^{self.power}"
+
+
+Signature = tuple  # sorted ((atom, Fraction power), ...)
+
+
+def _trim(c: np.ndarray) -> np.ndarray:
+    """Leading axes of size 1 change nothing under right-aligned broadcasting: drop them, so that
+    equal coefficients have one key."""
+    c = np.asarray(c, np.float64)
+    lead = next((i for i, d in enumerate(c.shape) if d != 1), c.ndim)
+    return c.reshape(c.shape[lead:]) if lead else c
+
+
+def _coeff_key(c: np.ndarray) -> tuple:
+    return (c.shape, np.ascontiguousarray(c).tobytes())
+
+
+class Expr:
+    """A sum of terms: {signature: coefficient}. Immutable once built."""
+
+    __slots__ = ("terms", "key")
+
+    def __init__(self, terms: dict[Signature, np.ndarray]):
+        self.terms = {s: _trim(c) for s, c in terms.items()}
+        self.key = tuple(sorted(((tuple((a.key, (p.numerator, p.denominator)) for a, p in sig), _coeff_key(c))
+                                 for sig, c in terms.items())))
+
+    def __repr__(self):
+        parts = []
+        for sig, c in self.terms.items():
+            coeff = f"{c.item():g}" if c.size == 1 else f"C{list(c.shape)}"
+            parts.append("*".join([coeff] + [f"{a!r}" + (f"^{p}" if p != 1 else "") for a, p in sig]))
+        return " + ".join(parts) or "0"
+
+    @staticmethod
+    def const(value) -> "Expr":
+        c = np.asarray(value, dtype=np.float64)
+        return Expr({(): c} if np.any(c != 0) else {})
+
+    @staticmethod
+    def atom(a: Atom, power: Fraction = Fraction(1)) -> "Expr":
+        return Expr({((a, power),): np.ones((), np.float64)})
+
+    def constant(self) -> np.ndarray | None:
+        """The value when the expression is a constant (no atoms)."""
+        if not self.terms:
+            return np.zeros((), np.float64)
+        if len(self.terms) == 1 and () in self.terms:
+            return self.terms[()]
+        return None
+
+    def single(self) -> tuple[Signature, np.ndarray] | None:
+        return next(iter(self.terms.items())) if len(self.terms) == 1 else None
+
+    def without_constant(self) -> tuple["Expr", np.ndarray]:
+        rest = {s: c for s, c in self.terms.items() if s != ()}
+        return Expr(rest), self.terms.get((), np.zeros((), np.float64))
+
+
+def add(a: Expr, b: Expr) -> Expr | None:
+    terms = dict(a.terms)
+    for sig, c in b.terms.items():
+        total = terms[sig] + c if sig in terms else c
+        if sig in terms and np.all(np.abs(total) <= COEFF_RTOL * np.maximum(np.abs(terms[sig]), np.abs(c))):
+            del terms[sig]  # cancelled (to the constants' precision)
+        else:
+            terms[sig] = total
+    return Expr(terms) if len(terms) <= MAX_TERMS else None
+
+
+def scale(a: Expr, c) -> Expr:
+    c = np.asarray(c, np.float64)
+    return Expr({s: v * c for s, v in a.terms.items()}) if np.any(c != 0) else Expr({})
+
+
+def _normal(factors) -> Signature:
+    """One signature for one product: powers of the same atom added, a Root's power moved into it
+    (Root(b, 1/2)^-1 and Root(b, -1/2) are one factor), factors sorted."""
+    powers: dict[Atom, Fraction] = {}
+    roots: dict[tuple, tuple["Expr", Fraction]] = {}
+    for a, p in factors:
+        if isinstance(a, Root):
+            base, q = roots.get(a.base.key, (a.base, Fraction(0)))
+            roots[a.base.key] = (base, q + a.power * p)
+        else:
+            powers[a] = powers.get(a, Fraction(0)) + p
+    for base, q in roots.values():
+        if q != 0:
+            powers[Root(base, q)] = Fraction(1)
+    return tuple(sorted((a, p) for a, p in powers.items() if p != 0))
+
+
+def _merge(s: Signature, t: Signature) -> Signature:
+    return _normal(s + t)
+
+
+def mul(a: Expr, b: Expr) -> Expr | None:
+    if len(a.terms) * len(b.terms) > 4 * MAX_TERMS:
+        return None
+    out = Expr({})
+    for s, c in a.terms.items():
+        for t, d in b.terms.items():
+            out = add(out, Expr({_merge(s, t): c * d}))
+            if out is None:
+                return None
+    return out
+
+
+def power(a: Expr, p: Fraction) -> Expr | None:
+    if p == 1:
+        return a
+    if p == 0:
+        return Expr.const(1.0)
+    value = a.constant()
+    if value is not None:
+        with np.errstate(all="ignore"):
+            return Expr.const(np.power(value, float(p)))
+    if p.denominator == 1 and p > 0:  # a positive integer power: expand
+        out = a
+        for _ in range(int(p) - 1):
+            out = out and mul(out, a)
+        return out
+    one = a.single()
+    if one is not None:
+        sig, c = one
+        # (c * a^q)^p = c^p * a^(qp) for an integer p; for a fractional p only where no factor can be
+        # negative (means, roots) and c > 0: a Leaf to a fractional power stays inside a Root.
+        if (p.denominator == 1 and np.all(c != 0)) or (np.all(c > 0) and all(isinstance(at, (Mean, Root))
+                                                                             for at, _ in sig)):
+            with np.errstate(all="ignore"):
+                coeff = np.power(c, float(p))
+            if len(sig) == 1 and isinstance(sig[0][0], Root) and sig[0][0].power * sig[0][1] * p == 1:
+                return scale(sig[0][0].base, coeff)  # (b^q)^(1/q) = b
+            return Expr({_normal((at, q * p) for at, q in sig): coeff})
+    return Expr.atom(Root(a, p))
+
+
+def varies_along(c: np.ndarray, axes: tuple[int, ...]) -> bool:
+    """Whether a coefficient broadcast against a tensor changes along one of the (negative) axes."""
+    return any(c.ndim >= -ax and c.shape[c.ndim + ax] != 1 for ax in axes)
+
+
+def _atom_constant_along(a: Atom, axes: tuple[int, ...]) -> bool:
+    if isinstance(a, Mean):
+        return set(axes) <= set(a.axes)
+    if isinstance(a, Root):
+        return all(not varies_along(c, axes) and all(_atom_constant_along(x, axes) for x, _ in s)
+                   for s, c in a.base.terms.items())
+    return False
+
+
+def mean(a: Expr, axes: tuple[int, ...]) -> Expr | None:
+    """The mean over `axes` (negative, sorted), linear, with every factor constant along them let out."""
+    out = Expr({})
+    for sig, c in a.terms.items():
+        outer = tuple((x, p) for x, p in sig if _atom_constant_along(x, axes))
+        inner = tuple((x, p) for x, p in sig if not _atom_constant_along(x, axes))
+        if varies_along(c, axes):  # a weighted mean: the weights stay inside
+            if not inner:
+                term = Expr({outer: np.mean(c, axis=tuple(c.ndim + ax for ax in axes if c.ndim >= -ax),
+                                            keepdims=True)})
+            else:
+                term = Expr({_normal(outer + ((Mean(Expr({inner: c}), axes), Fraction(1)),)): np.ones(())})
+        elif not inner:
+            term = Expr({outer: c})
+        else:
+            m = Mean(Expr({inner: np.ones((), np.float64)}), axes)
+            term = Expr({_normal(outer + ((m, Fraction(1)),)): c})
+        out = add(out, term)
+        if out is None:
+            return None
+    return out
+
+
+def transpose(a: Expr, perm: tuple[int, ...]) -> Expr | None:
+    """The expression read through Transpose(perm) (rank = len(perm))."""
+    rank = len(perm)
+    inverse = [perm.index(i) for i in range(rank)]
+    out = Expr({})
+    for sig, c in a.terms.items():
+        if c.ndim > rank:
+            return None
+        c2 = np.transpose(c.reshape((1,) * (rank - c.ndim) + c.shape), perm)
+        new_sig = []
+        for x, p in sig:
+            moved = _transpose_atom(x, perm, inverse)
+            if moved is None:
+                return None
+            new_sig.append((moved, p))
+        out = add(out, Expr({_normal(new_sig): c2}))
+        if out is None:
+            return None
+    return out
+
+
+def _transpose_atom(x: Atom, perm: tuple[int, ...], inverse: list[int]) -> Atom | None:
+    rank = len(perm)
+    if isinstance(x, Leaf):
+        base = x.perm or tuple(range(rank))
+        if len(base) != rank:
+            return None
+        combined = tuple(base[i] for i in perm)
+        return Leaf(x.name, None if combined == tuple(range(rank)) else combined)
+    if isinstance(x, Mean):
+        arg = transpose(x.arg, perm)
+        # output axis i reads input axis perm[i]: a reduced input axis a lands at inverse[a]
+        axes = tuple(sorted(inverse[ax % rank] - rank for ax in x.axes))
+        return None if arg is None else Mean(arg, axes)
+    if isinstance(x, Root):
+        base = transpose(x.base, perm)
+        return None if base is None else Root(base, x.power)
+    return None
+
+
+def exponent(value: float | None) -> Fraction | None:
+    if value is None or not np.isfinite(value):
+        return None
+    f = Fraction(value).limit_denominator(8)
+    return f if float(f) == value else None
+
+
+# ---- the view ---------------------------------------------------------------------------------
+@dataclass
+class CanonicalView:
+    """Canonical expressions of a GraphView's tensors, computed on demand and cached."""
+
+    view: GraphView
+    leaves: frozenset[str] = frozenset()  # tensors read as Leaf whatever computes them (the norm's input)
+
+    def __post_init__(self):
+        self._cache: dict[str, Expr] = {}
+        self._depth = 0
+
+    def expr(self, name: str) -> Expr:
+        found = self._cache.get(name)
+        if found is None:
+            if self._depth >= MAX_DEPTH:  # a long elementwise chain: read its far end as a Leaf
+                return self.leaf(name)
+            self._depth += 1
+            try:
+                found = self._build(name)
+            finally:
+                self._depth -= 1
+            self._cache[name] = found
+        return found
+
+    def forget(self) -> None:
+        self._cache.clear()
+
+    def leaf(self, name: str) -> Expr:
+        return Expr.atom(Leaf(name))
+
+    def _small_const(self, name: str) -> np.ndarray | None:
+        shape = self.view.const_shape(name) if self.view.is_const(name) else None
+        if shape is None or int(np.prod(shape)) > MAX_CONST:
+            return None
+        value = self.view.const(name)
+        return None if value is None or value.dtype.kind not in "fiub" else value.astype(np.float64)
+
+    def _build(self, name: str) -> Expr:
+        if name in self.leaves:
+            return self.leaf(name)
+        value = self._small_const(name)
+        if value is not None:
+            return Expr.const(value)
+        view = self.view
+        node = view.producer.get(name)
+        if node is None or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            return self.leaf(name)
+        if view.elem_type(name) not in (None, *FLOAT_TYPES):
+            return self.leaf(name)
+        built = _OPS.get(node.op_type)
+        out = built(self, node) if built else None
+        return out if out is not None else self.leaf(name)
+
+    # helpers for the op readers
+    def rank(self, name: str) -> int | None:
+        return self.view.rank(name)
+
+    def reduce_axes(self, node: onnx.NodeProto) -> tuple[int, ...] | None:
+        """The reduced axes, negative and sorted; None when unknown or keepdims=0."""
+        if attr(node, "keepdims", 1) != 1:
+            return None
+        rank = self.rank(node.input[0])
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            value = self.view.const(node.input[1])
+            if value is None:
+                return None
+            axes = [int(a) for a in np.asarray(value).reshape(-1)]
+        if not axes:
+            if attr(node, "noop_with_empty_axes", 0) or rank is None:
+                return None
+            axes = list(range(rank))
+        if any(a >= 0 for a in axes):
+            if rank is None:
+                return None
+            axes = [a - rank if a >= 0 else a for a in axes]
+        if rank is not None and any(a < -rank for a in axes):
+            return None
+        return tuple(sorted(set(int(a) for a in axes)))
+
+    def count(self, tensor: str, axes: tuple[int, ...]) -> float | None:
+        """How many values a reduction over `axes` of `tensor` sums."""
+        dims = self.view.dims(tensor)
+        if dims is None:
+            return None
+        picked = [dims[len(dims) + a] for a in axes if -len(dims) <= a]
+        if len(picked) != len(axes) or not all(isinstance(d, int) for d in picked):
+            return None
+        return float(np.prod(picked))
+
+
+def _binary(op):
+    def read(cv: CanonicalView, node):
+        if len(node.input) != 2:
+            return None
+        return op(cv.expr(node.input[0]), cv.expr(node.input[1]))
+    return read
+
+
+def _sub(a, b):
+    return add(a, scale(b, -1.0))
+
+
+def _div(a, b):
+    inv = power(b, Fraction(-1))
+    return inv and mul(a, inv)
+
+
+def _unary(fn):
+    def read(cv: CanonicalView, node):
+        return fn(cv.expr(node.input[0]))
+    return read
+
+
+def _same(cv: CanonicalView, node):
+    return cv.expr(node.input[0])
+
+
+def _cast(cv: CanonicalView, node):
+    # A float Cast keeps the value (to its precision); the recogniser decides where the site rounds.
+    if attr(node, "to") in FLOAT_TYPES and cv.view.elem_type(node.input[0]) in (None, *FLOAT_TYPES):
+        return cv.expr(node.input[0])
+    return None
+
+
+def _pow(cv: CanonicalView, node):
+    value = cv.view.const(node.input[1])
+    p = exponent(float(value.reshape(-1)[0])) if value is not None and value.size == 1 else None
+    return None if p is None else power(cv.expr(node.input[0]), p)
+
+
+def _reduce_mean(cv: CanonicalView, node):
+    axes = cv.reduce_axes(node)
+    return None if axes is None else mean(cv.expr(node.input[0]), axes)
+
+
+def _reduce_sum(square: bool):
+    def read(cv: CanonicalView, node):
+        axes = cv.reduce_axes(node)
+        n = None if axes is None else cv.count(node.input[0], axes)
+        if n is None:
+            return None
+        e = cv.expr(node.input[0])
+        e = power(e, Fraction(2)) if square else e
+        m = e and mean(e, axes)
+        return m and scale(m, n)
+    return read
+
+
+def _global_average_pool(cv: CanonicalView, node):
+    rank = cv.rank(node.input[0])
+    if rank is None or rank < 3:
+        return None
+    return mean(cv.expr(node.input[0]), tuple(range(2 - rank, 0)))
+
+
+def _reshape(cv: CanonicalView, node):
+    before = cv.view.dims(node.input[0])
+    after = cv.view.dims(node.output[0])
+    if before is None or after is None or None in before or list(before) != list(after):
+        return None
+    return cv.expr(node.input[0])
+
+
+def _transpose(cv: CanonicalView, node):
+    perm = attr(node, "perm")
+    rank = cv.rank(node.input[0])
+    if perm is None:
+        if rank is None:
+            return None
+        perm = list(reversed(range(rank)))
+    return transpose(cv.expr(node.input[0]), tuple(int(p) for p in perm))
+
+
+def _max(cv: CanonicalView, node):
+    # Max(var, 0): a variance is never negative, so the clamp changes nothing but rounding noise.
+    if len(node.input) != 2:
+        return None
+    a, b = cv.expr(node.input[0]), cv.expr(node.input[1])
+    if b.constant() is not None and np.all(b.constant() == 0) and variance_of(a) is not None:
+        return a
+    return None
+
+
+def _where(cv: CanonicalView, node):
+    # div_no_nan: Where(Equal(n, 0), 0, a / n) is a / n when the count n is never 0.
+    cond = cv.view.producer.get(node.input[0])
+    if cond is None or cond.op_type != "Equal":
+        value = cv.view.const(node.input[0])
+        if value is not None and value.size == 1:
+            return cv.expr(node.input[1] if bool(value.reshape(-1)[0]) else node.input[2])
+        return None
+    n, zero = cv.expr(cond.input[0]), cv.expr(cond.input[1])
+    if zero.constant() is None or np.any(zero.constant() != 0):
+        return None
+    count = n.constant()
+    then = cv.expr(node.input[1]).constant()
+    if count is None or np.any(count == 0) or then is None or np.any(then != 0):
+        return None
+    return cv.expr(node.input[2])
+
+
+def _constant_of_shape(cv: CanonicalView, node):
+    value = attr(node, "value")
+    fill = 0.0 if value is None else float(onnx.numpy_helper.to_array(value).reshape(-1)[0])
+    return Expr.const(fill)
+
+
+_OPS = {
+    "Identity": _same, "Cast": _cast, "Reshape": _reshape, "Transpose": _transpose,
+    "Add": _binary(add), "Sub": _binary(_sub), "Mul": _binary(mul), "Div": _binary(_div),
+    "Neg": _unary(lambda a: scale(a, -1.0)), "Reciprocal": _unary(lambda a: power(a, Fraction(-1))),
+    "Sqrt": _unary(lambda a: power(a, Fraction(1, 2))), "Pow": _pow,
+    "ReduceMean": _reduce_mean, "ReduceSum": _reduce_sum(False), "ReduceSumSquare": _reduce_sum(True),
+    "GlobalAveragePool": _global_average_pool, "Max": _max, "Where": _where,
+    "ConstantOfShape": _constant_of_shape,
+}
+
+
+# ---- reading statistics -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Moments:
+    """A variance (or mean square) of one tensor over some axes: Mean(X^2) [- Mean(X)^2]."""
+
+    x: Leaf
+    axes: tuple[int, ...]
+    centered: bool  # Var[X] (LayerNorm); False: E[X^2] (RMSNorm)
+
+
+def variance_of(v: Expr) -> Moments | None:
+    """Moments when `v` is exactly Mean(X^2) - Mean(X)^2 or Mean(X^2) for one leaf X."""
+    square = centre = None
+    for sig, c in v.terms.items():
+        if len(sig) != 1:
+            return None
+        (a, p), = sig
+        if not isinstance(a, Mean):
+            return None
+        inner = a.arg.single()
+        if inner is None or len(inner[0]) != 1 or not np.allclose(inner[1], 1, rtol=COEFF_RTOL, atol=0):
+            return None
+        (x, q), = inner[0]
+        if not isinstance(x, Leaf):
+            return None
+        if q == 2 and p == 1 and np.allclose(c, 1, rtol=COEFF_RTOL, atol=0) and square is None:
+            square = (x, a.axes)
+        elif q == 1 and p == 2 and np.allclose(c, -1, rtol=COEFF_RTOL, atol=0) and centre is None:
+            centre = (x, a.axes)
+        else:
+            return None
+    if square is None or (centre is not None and centre != square):
+        return None
+    return Moments(square[0], square[1], centre is not None)
+
+
+def second_moment_leaves(e: Expr) -> bool:
+    """Whether `e` contains the mean of a power (other than 1) of something: a norm's statistic."""
+    for sig, _ in e.terms.items():
+        for a, _ in sig:
+            if isinstance(a, Mean) and (any(p != 1 for s in a.arg.terms for _, p in s) or second_moment_leaves(a.arg)):
+                return True
+            if isinstance(a, Root) and second_moment_leaves(a.base):
+                return True
+    return False
+
+
+@dataclass(frozen=True)
+class InverseStd:
+    """The factor (V + eps)^-1/2 of a normalization, V read as Moments."""
+
+    moments: Moments
+    eps: float
+    atom: Atom
+    power: Fraction
+
+
+def inverse_std(sig: Signature) -> tuple[InverseStd, Signature] | None:
+    """Split a term's signature into its (V + eps)^-1/2 factor and the rest."""
+    for i, (a, p) in enumerate(sig):
+        if isinstance(a, Root) and a.power * p == Fraction(-1, 2):
+            base = a.base
+        elif isinstance(a, Mean) and p == Fraction(-1, 2):
+            base = Expr.atom(a)
+        else:
+            continue
+        v, eps = base.without_constant()
+        moments = variance_of(v)
+        if moments is None or eps.size and not np.all(eps == eps.reshape(-1)[0]):
+            continue
+        return InverseStd(moments, float(eps.reshape(-1)[0]) if eps.size else 0.0, a, p), sig[:i] + sig[i + 1:]
+    return None
+
+
+@dataclass(frozen=True)
+class NormForm:
+    """Y = (X - E[X]) * (Var[X] + eps)^-1/2 * gamma + beta (LayerNorm), or without the mean (RMSNorm)."""
+
+    stats: InverseStd
+    gamma: np.ndarray  # float64, broadcast like the tensor
+    beta: np.ndarray | None
+
+    @property
+    def x(self) -> Leaf:
+        return self.stats.moments.x
+
+    @property
+    def axes(self) -> tuple[int, ...]:
+        return self.stats.moments.axes
+
+    @property
+    def centered(self) -> bool:
+        return self.stats.moments.centered
+
+
+def norm_form(e: Expr) -> NormForm | None:
+    """Read `e` as a LayerNorm or RMSNorm of one tensor, however its products and shifts were spread."""
+    stats, gamma, shift, beta = None, None, None, None
+    for sig, c in e.terms.items():
+        if sig == ():
+            beta = c
+            continue
+        found = inverse_std(sig)
+        if found is None:
+            return None
+        s, rest = found
+        if stats is not None and s != stats:
+            return None
+        stats = s
+        x = s.moments.x
+        mean_x = Mean(Expr.atom(x), s.moments.axes)
+        if rest == ((x, Fraction(1)),) and gamma is None:
+            gamma = c
+        elif rest == ((mean_x, Fraction(1)),) and shift is None and s.moments.centered:
+            shift = c
+        else:
+            return None
+    if stats is None or gamma is None:
+        return None
+    if stats.moments.centered and (shift is None or not np.allclose(shift, -gamma, rtol=COEFF_RTOL, atol=0)):
+        return None
+    return NormForm(stats, gamma, beta)
