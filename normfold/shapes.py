@@ -87,9 +87,7 @@ def light_model(model: onnx.ModelProto) -> onnx.ModelProto:
     return light
 
 
-def infer_shapes(model: onnx.ModelProto) -> Shapes:
-    """name -> (elem_type, dims) for every tensor whose type could be inferred (dims: int or None)."""
-    light = light_model(model)
+def _infer(light: onnx.ModelProto) -> Shapes:
     shapes: Shapes = {}
     try:
         inferred = onnx.shape_inference.infer_shapes(light, strict_mode=False, data_prop=True)
@@ -97,3 +95,53 @@ def infer_shapes(model: onnx.ModelProto) -> Shapes:
         inferred = light
     _collect(inferred.graph, shapes)
     return shapes
+
+
+def infer_shapes(model: onnx.ModelProto) -> Shapes:
+    """name -> (elem_type, dims) for every tensor whose type could be inferred (dims: int or None).
+
+    Exporters compute Reshape targets in the graph (tf2onnx: `Cast(C)`; a dynamic batch:
+    `Concat(Shape(x)[0:1], [H, W, G, C/G])` through Cast/Squeeze/Div/Unsqueeze), and onnx's
+    inference then loses the rank of everything after them. Where that happens, the targets are
+    evaluated here (a dynamic dimension as 0, "copy the input's", where it stands at its own
+    index, or as -1) and inference runs once more on the light copy with them as constants."""
+    light = light_model(model)
+    shapes = _infer(light)
+    if _fill_reshape_targets(light.graph, shapes):
+        shapes = _infer(light)
+    return shapes
+
+
+_SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1}
+
+
+def _fill_reshape_targets(graph: onnx.GraphProto, shapes: Shapes) -> bool:
+    """Give every Reshape/Expand/ConstantOfShape/Tile whose output lost its rank a constant target
+    (in the light copy only). Returns whether it changed any."""
+    from normfold.shape_values import ShapeValues  # small; only for graphs that need it
+
+    values = None
+    changed = False
+    for node in graph.node:
+        at = _SHAPE_INPUT.get(node.op_type)
+        if at is None or node.domain not in ("", "ai.onnx") or len(node.input) <= at or not node.output:
+            continue
+        out = shapes.get(node.output[0])
+        if out is not None and out[1] is not None and None not in out[1]:
+            continue
+        values = values or ShapeValues(graph, shapes)
+        target = values.value(node.input[at])
+        if target is None:
+            continue
+        if node.op_type == "Reshape":
+            allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
+            target = None if allow_zero and not all(isinstance(t, int) for t in target) else \
+                values.reshape_target(node.input[0], target)
+        if target is None or not all(isinstance(t, int) for t in target):
+            continue
+        name = f"{node.input[at]}__normfold_shape"
+        if not any(t.name == name for t in graph.initializer):
+            graph.initializer.append(onnx.helper.make_tensor(name, onnx.TensorProto.INT64, [len(target)], target))
+        node.input[at] = name
+        changed = True
+    return changed

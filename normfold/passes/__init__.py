@@ -57,7 +57,7 @@ class FoldContext:
 
 class Rule:
     name = ""  # the pass name users select with --passes
-    recognizer = False  # True: not offered nodes that a site already reported as left contains
+    recognizer = False  # True: may rewrite a site another rule reported as left, never reports it again
     min_opset: int | None = None  # the opset the op it writes needs (None: no new op, e.g. a BN fold)
     status = "folded"  # what a rewrite of this rule is called in the report
 
@@ -77,10 +77,10 @@ def _rules():
     from normfold.passes.groupnorm import GroupNormFusion
     from normfold.passes.instance_affine import InstanceNormAffine
     from normfold.passes.layernorm import LayerNormFusion
-    from normfold.passes.norms import LayerNormRule, NormLike, RMSNormRule
+    from normfold.passes.norms import GroupNormRule, LayerNormRule, NormLike, RMSNormRule
     from normfold.passes.rmsnorm import RMSNormFusion
 
-    return [BatchNormFold(), ChannelAffineFold(), LayerNormRule(), LayerNormFusion(), RMSNormRule(),
+    return [BatchNormFold(), ChannelAffineFold(), LayerNormRule(), RMSNormRule(), GroupNormRule(), LayerNormFusion(),
             GroupNormFusion(), InstanceNormAffine(), NormLike(centered=True), NormLike(centered=False)]
 
 
@@ -102,7 +102,7 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
         left_here: list[SiteRecord] = []
         left_passes: set[str] = set()
         for rule in rules:
-            if rule.name in left_passes or (rule.recognizer and id(node) in claimed):
+            if rule.name in left_passes:
                 continue
             match = rule.match(view, node)
             if match is None:
@@ -113,6 +113,8 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
             else:
                 outcome = rule.check(view, match, ctx)
             if isinstance(outcome, Left):
+                if rule.recognizer and any(id(n) in claimed for n in match.nodes):
+                    continue  # another rule already reported this site (a recogniser only adds rewrites)
                 left_here.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
                                             reason=outcome.reason, output=match.output, graph=path))
                 left_passes.add(rule.name)

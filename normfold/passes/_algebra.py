@@ -345,10 +345,23 @@ class CanonicalView:
 
     def _small_const(self, name: str) -> np.ndarray | None:
         shape = self.view.const_shape(name) if self.view.is_const(name) else None
-        if shape is None or int(np.prod(shape)) > MAX_CONST:
+        if shape is None:
+            return self._reshaped_const(name)
+        if int(np.prod(shape)) > MAX_CONST:
             return None
         value = self.view.const(name)
         return None if value is None or value.dtype.kind not in "fiub" else value.astype(np.float64)
+
+    def _reshaped_const(self, name: str) -> np.ndarray | None:
+        """A constant under a Reshape whose target the graph computes from a dynamic shape but whose
+        result shape inference knows (tf_keras' gamma reshaped to [1, 1, 1, G, C/G])."""
+        node = self.view.producer.get(name)
+        if node is None or node.op_type != "Reshape" or node.domain not in ("", "ai.onnx"):
+            return None
+        data, dims = self._small_const(node.input[0]), self.view.dims(name)
+        if data is None or dims is None or not all(isinstance(d, int) for d in dims) or int(np.prod(dims)) != data.size:
+            return None
+        return data.reshape(dims)
 
     def _build(self, name: str) -> Expr:
         if name in self.leaves:
@@ -470,11 +483,28 @@ def _global_average_pool(cv: CanonicalView, node):
 
 
 def _reshape(cv: CanonicalView, node):
+    """A Reshape that gives a tensor back its own shape (tf2onnx reshapes means to [-1, 1, H, W]),
+    or reshapes a tensor filled with one value (a ones_like mask)."""
+    inner = cv.expr(node.input[0]).constant()
+    if inner is not None and inner.size == 1:
+        return Expr.const(inner.reshape(()))
     before = cv.view.dims(node.input[0])
-    after = cv.view.dims(node.output[0])
-    if before is None or after is None or None in before or list(before) != list(after):
+    if before is None:
         return None
-    return cv.expr(node.input[0])
+    after = cv.view.dims(node.output[0])
+    target = cv.view.const(node.input[1]) if len(node.input) > 1 else None
+    if target is not None and target.ndim == 1 and len(target) == len(before):
+        allow_zero = attr(node, "allowzero", 0)
+        wild = [i for i, t in enumerate(target) if t == -1 or (t == 0 and not allow_zero)]
+        fixed = [i for i in range(len(before)) if i not in wild]
+        # Every fixed entry equals the known dimension; a 0 copies it; a single -1 takes what is left,
+        # which with every other dimension equal is its own.
+        if all(isinstance(before[i], int) and int(target[i]) == before[i] for i in fixed) and \
+                sum(1 for i in wild if target[i] == -1) <= 1:
+            return cv.expr(node.input[0])
+    if after is not None and None not in before and list(before) == list(after):
+        return cv.expr(node.input[0])
+    return None
 
 
 def _transpose(cv: CanonicalView, node):

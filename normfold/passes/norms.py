@@ -42,7 +42,7 @@ from fractions import Fraction
 import numpy as np
 import onnx
 
-from normfold.graph import FLOAT_TYPES, GraphView, attr, label
+from normfold.graph import FLOAT_TYPES, GraphView, attr, label, subgraphs
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._algebra import (CanonicalView, Expr, Leaf, Mean, NormForm, Root, norm_form,
                                       second_moment_leaves, varies_along)
@@ -56,6 +56,8 @@ MAX_HOPS = 24
 LN_OPSET, RMS_OPSET = 17, 23
 CONTRIB_DOMAIN = "com.microsoft"
 LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+# Element types onnxruntime's CPU GroupNormalization-21 kernel runs (stash_type=1); bfloat16 has none.
+GROUPNORM_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
 
 
 @dataclass
@@ -69,6 +71,19 @@ class NormSite:
     nodes: list[onnx.NodeProto]  # in graph order
     dtype: int  # the fused op's element type
     note: str = ""
+    grouping: "Grouping | None" = None  # set when the norm runs over a grouped view of a tensor: GroupNorm
+
+
+@dataclass(frozen=True)
+class Grouping:
+    """X (N, C, *S) seen as Z = Reshape(layout(X)) with C split into (G, C/G), the norm over Z
+    reshaped back: a GroupNorm of X. GroupNormalization reads `source` (channels at axis 1) and
+    `perm_out` (or None) moves its result into the layout the site wrote."""
+
+    source: str
+    groups: int
+    channel_axis: int  # the axis of Z that holds G
+    perm_out: tuple[int, ...] | None
 
 
 @dataclass
@@ -161,6 +176,31 @@ def _cone(view: GraphView, output: str, stops: set[str]) -> list[onnx.NodeProto]
     return sorted(nodes.values(), key=lambda n: order.get(id(n), len(order)))
 
 
+def escapes(view: GraphView, nodes: list[onnx.NodeProto], keep: str) -> str | None:
+    """The first tensor of the site (other than `keep`) read outside it. A reader that computes
+    only integers or booleans (Shape, Size, Equal) is no reader of the value when all it computes
+    goes back into the site: Reshape targets, ones_like masks and div_no_nan guards of a dynamic
+    batch are built that way, and die with the site."""
+    inside = {id(n) for n in nodes}
+
+    def harmless(node: onnx.NodeProto, depth: int = 0) -> bool:
+        if id(node) in inside:
+            return True
+        if depth > 16 or node.domain not in ("", "ai.onnx") or any(True for _ in subgraphs(node)):
+            return False
+        return all(not out or (not view.is_graph_output(out) and view.elem_type(out) not in (None, *FLOAT_TYPES)
+                               and all(harmless(u, depth + 1) for u in view.users(out)))
+                   for out in node.output)
+
+    for node in nodes:
+        for name in node.output:
+            if not name or name == keep:
+                continue
+            if view.is_graph_output(name) or any(id(u) not in inside and not harmless(u) for u in view.users(name)):
+                return name
+    return None
+
+
 def _is_x(cv: CanonicalView, tensor: str, x: str) -> bool:
     e = cv.expr(tensor).single()
     return e is not None and e[0] == ((Leaf(x), Fraction(1)),) and np.all(e[1] == 1)
@@ -181,6 +221,9 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
                                                                                         and not f.centered)]
         refusal = None
         for t, form in reversed(forms):  # the furthest first: it includes gamma and beta
+            grouped = _grouped(view, cv, reduction, x, t, form)
+            if grouped is not None:
+                return grouped
             site = _site(view, cv, reduction, x, t, form)
             if isinstance(site, NormSite):
                 return site
@@ -188,7 +231,7 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
         if refusal is not None:
             return refusal
         if unrecognized is None:
-            unrecognized = _norm_like(view, cv, reduction, tensors)
+            unrecognized = _norm_like(view, cv, reduction, tensors, x)
     if unrecognized is None and is_op(reduction, "ReduceMean", "GlobalAveragePool"):
         sub = next((u for u in view.users(reduction.output[0]) if is_op(u, "Sub") and
                     list(u.input) == [reduction.input[0], reduction.output[0]]), None)
@@ -199,13 +242,61 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
     return unrecognized
 
 
+def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form: NormForm):
+    """The GroupNorm reading of a LayerNorm over Z = Reshape(X1) whose result is reshaped back
+    (Keras 3, tf_keras: X1 is NHWC, Z = [N, H, W, G, C/G], the norm over H, W, C/G), or None.
+
+        X0 ─> [Transpose] ─> X1 ─> Reshape ─> Z ─> LayerNorm over all but N and G ─> Reshape ─> Y
+
+    The Reshapes only split the channel axis and merge it back (checked on the inferred shapes; a
+    dynamic batch is the one unknown, and equal element counts make it equal)."""
+    split, merge = view.producer.get(z), view.sole_user(y)
+    if not (is_op(split, "Reshape") and is_op(merge, "Reshape") and form.x.perm is None and form.centered):
+        return None
+    x1, out = split.input[0], merge.output[0]
+    dx, dz, dy = view.dims(x1), view.dims(z), view.dims(out)
+    if dx is None or dz is None or dy is None or len(dz) != len(dx) + 1 or list(dy) != list(dx):
+        return None
+    if sum(1 for d in dx if not isinstance(d, int)) > 1 or sum(1 for d in dz if not isinstance(d, int)) > 1:
+        return None
+    rank = len(dz)
+    axes = {a + rank for a in form.axes}
+    c = next((i for i in range(1, rank - 1) if i not in axes and i + 1 in axes), None)
+    if c is None or axes != set(range(1, rank)) - {c}:
+        return None
+    if dz[:c] != dx[:c] or dz[c + 2:] != dx[c + 1:] or not (isinstance(dz[c], int) and isinstance(dz[c + 1], int)
+                                                             and dz[c] * dz[c + 1] == dx[c]):
+        return None
+    for coeff in (form.gamma, form.beta):
+        if coeff is not None and varies_along(coeff, tuple(a - rank for a in range(rank) if a not in (c, c + 1))):
+            return None
+    # GroupNormalization wants channels at axis 1: read X0 where X1 = Transpose(X0) puts them there.
+    xr = len(dx)
+    to_first = [0, c] + [i for i in range(1, xr) if i != c]
+    source, perm_out = x1, None
+    if c != 1:
+        transpose = view.producer.get(x1)
+        perm0 = [int(p) for p in attr(transpose, "perm") or []] if is_op(transpose, "Transpose") else []
+        if len(perm0) != xr or [perm0[i] for i in to_first] != list(range(xr)):
+            return None  # channels-last from the start: a Transpose pair would be needed (left to the LN rule)
+        source, perm_out = transpose.input[0], tuple(perm0)
+    nodes = _cone(view, out, {source})
+    if nodes is None or escapes(view, nodes, keep=out) is not None:
+        return None
+    dtype = view.elem_type(source)
+    if dtype is None or dtype != view.elem_type(out):
+        return None
+    return NormSite(form, reduction, source, out, nodes, dtype,
+                    grouping=Grouping(source, int(dz[c]), c, perm_out))
+
+
 def _site(view: GraphView, cv: CanonicalView, reduction, x: str, y: str, form: NormForm) -> NormSite | Left:
     stops = {x}
     for _ in range(4):
         nodes = _cone(view, y, stops)
         if nodes is None:
             return Left("unrecognized-pattern", f"the norm at {label(reduction)} reads tensors other than {x!r}")
-        escaped = view.escapes(nodes, keep=y)
+        escaped = escapes(view, nodes, keep=y)
         if escaped is None:
             break
         # A Cast of X read elsewhere too (the residual of an fp32 Llama) stays; the norm reads it.
@@ -236,7 +327,7 @@ def _precision(view, cv, reduction, form: NormForm, source: str, y: str, nodes, 
     lead = next((n for n in nodes if is_op(n, "Cast") and n.input[0] == source and attr(n, "to") == wide), None)
     src = lead.output[0] if lead is not None else (source if t_in == wide else None)
     inner = None if src is None else _cone(view, end, {src})
-    if inner is not None and view.escapes(inner, keep=end) is None:
+    if inner is not None and escapes(view, inner, keep=end) is None:
         return NormSite(form, reduction, src, end, inner, wide,
                         note="the model's Casts stay around the fused op: it normalizes and scales in "
                              f"{onnx.TensorProto.DataType.Name(wide)}")
@@ -252,7 +343,19 @@ def _rounds_before_affine(cv: CanonicalView, cast: onnx.NodeProto) -> bool:
     return f is not None and np.all(f.gamma == 1) and f.beta is None
 
 
-def _norm_like(view, cv: CanonicalView, reduction, tensors) -> Unrecognized | None:
+def _moment_of(e: Expr, x: str) -> bool:
+    """Whether `e` holds a mean of a power (not 1) of the tensor x itself: a norm statistic of x."""
+    for sig in e.terms:
+        for a, _ in sig:
+            if isinstance(a, Mean) and any(isinstance(b, Leaf) and b.name == x and p != 1
+                                           for s in a.arg.terms for b, p in s):
+                return True
+            if isinstance(a, (Mean, Root)) and _moment_of(a.arg if isinstance(a, Mean) else a.base, x):
+                return True
+    return False
+
+
+def _norm_like(view, cv: CanonicalView, reduction, tensors, x: str) -> Unrecognized | None:
     """Statistics (a mean of a power of X) under a root or a negative power that no form explains."""
     for t in tensors:
         e = cv.expr(t)
@@ -260,7 +363,7 @@ def _norm_like(view, cv: CanonicalView, reduction, tensors) -> Unrecognized | No
             for a, p in sig:
                 base = a.base if isinstance(a, Root) else Expr.atom(a) if isinstance(a, Mean) else None
                 q = a.power * p if isinstance(a, Root) else p
-                if base is None or (q.denominator == 1 and q > 0) or not second_moment_leaves(base):
+                if base is None or (q.denominator == 1 and q > 0) or not _moment_of(base, x):
                     continue
                 nodes = _cone(view, t, set(reduction.input[:1])) or [reduction]
                 centered = any(isinstance(b, Mean) and all(q2 == 1 for s in b.arg.terms for _, q2 in s)
@@ -279,6 +382,7 @@ class NormRule(Rule):
     status = "fused"
     recognizer = True  # the driver offers it no node another site already reported
     centered = True
+    grouped = False
     kind = ""
 
     def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
@@ -288,7 +392,7 @@ class NormRule(Rule):
         if isinstance(found, Unrecognized) or found is None:
             return None  # NormLike reports it, after every other rule had its chance
         centered = found.form.centered if isinstance(found, NormSite) else found.centered
-        if centered != self.centered:
+        if centered != self.centered or (isinstance(found, NormSite) and found.grouping is not None) != self.grouped:
             return None
         if isinstance(found, Refused):
             return Match(self.kind, [node], node.output[0], {"left": found.left})
@@ -368,6 +472,69 @@ class LayerNormRule(NormRule):
             return Left("opset-too-old", f"LayerNormalization needs opset {LN_OPSET}; the model has opset "
                                          f"{ctx.opset} (rerun with --target-opset {LN_OPSET})")
         return ("LayerNormalization", "")
+
+
+class GroupNormRule(NormRule):
+    """A LayerNorm over a grouped view of X (see _grouped) becomes one GroupNormalization-21."""
+
+    name = "groupnorm"
+    min_opset = 21
+    grouped = True
+    kind = "GroupNorm (decomposed, grouped view)"
+
+    def check(self, view: GraphView, match: Match, ctx: FoldContext):
+        if "left" in match.parts:
+            return match.parts["left"]
+        site: NormSite = match.parts["site"]
+        g = site.grouping
+        if ctx.opset < 21:
+            return Left("opset-too-old", f"GroupNormalization with per-channel scale needs opset 21; the model has "
+                                         f"opset {ctx.opset} (rerun with --target-opset 21)")
+        if site.dtype not in GROUPNORM_DTYPES:
+            return Left("unsupported-dtype", f"{site.input!r} is {onnx.TensorProto.DataType.Name(site.dtype)}; the "
+                                             "fused op is written only for float32, float16 and float64")
+        eps = site.form.stats.eps
+        if not (np.isfinite(eps) and eps > 0):
+            return Left("invalid-statistics", f"epsilon {eps} is not positive")
+        rank = len(view.dims(site.form.x.name))
+        np_dtype = onnx.helper.tensor_dtype_to_np_dtype(site.dtype)
+        channels = view.dims(site.form.x.name)[g.channel_axis] * view.dims(site.form.x.name)[g.channel_axis + 1]
+        params, rounding = [], 0.0
+        for c in (site.form.gamma, site.form.beta if site.form.beta is not None else np.zeros(())):
+            full = c.reshape((1,) * (rank - c.ndim) + c.shape)
+            grouped = np.broadcast_to(full, full.shape[:g.channel_axis] + tuple(view.dims(site.form.x.name)
+                                      [g.channel_axis:g.channel_axis + 2]) + full.shape[g.channel_axis + 2:])
+            exact = grouped.reshape(-1)[:0] if False else np.ascontiguousarray(
+                np.moveaxis(grouped, (g.channel_axis, g.channel_axis + 1), (0, 1)).reshape(channels, -1)[:, 0])
+            stored = exact.astype(np_dtype)
+            rounding = max(rounding, float(np.max(np.abs(stored.astype(np.float64) - exact))))
+            params.append(stored)
+        return {"scale": params[0], "bias": params[1], "eps": eps, "rounding": rounding}
+
+    def rewrite(self, view: GraphView, match: Match, plan) -> Rewritten:
+        site: NormSite = match.parts["site"]
+        g = site.grouping
+        anchor = site.anchor
+        prefix = anchor.name.rsplit("/", 1)[0] if "/" in anchor.name else (anchor.name or "GroupNorm")
+        scale = view.add_initializer(f"{prefix}.scale", plan["scale"])
+        bias = view.add_initializer(f"{prefix}.bias", plan["bias"])
+        out = site.output if g.perm_out is None else view.unique_name(f"{prefix}/GroupNormalization_output_0")
+        created = [onnx.helper.make_node("GroupNormalization", [g.source, scale, bias], [out],
+                                         name=view.unique_name(f"{prefix}/GroupNormalization"),
+                                         num_groups=g.groups, epsilon=plan["eps"], stash_type=1)]
+        if g.perm_out is not None:
+            created.append(onnx.helper.make_node("Transpose", [out], [site.output], perm=list(g.perm_out),
+                                                 name=view.unique_name(f"{prefix}/Transpose")))
+        last = site.nodes[-1]
+        for node in site.nodes:
+            view.remove(node)
+        for node in created:
+            view.add_node(node, after=last)
+        detail = (f"{len(site.nodes)} nodes fused into GroupNormalization (num_groups={g.groups}, "
+                  f"epsilon={plan['eps']:g})")
+        if g.perm_out is not None:
+            detail += f", then Transpose(perm={list(g.perm_out)}) to the layout the site produced"
+        return Rewritten([n.name for n in created], detail, max_rounding=plan["rounding"])
 
 
 class RMSNormRule(NormRule):
