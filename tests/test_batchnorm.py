@@ -330,7 +330,8 @@ def test_initializer_that_is_also_a_graph_input_is_not_constant():
     model = conv_bn()
     model.graph.input.append(helper.make_tensor_value_info("m", onnx.TensorProto.FLOAT, [4]))
     folded, report = normfold.fold(model)
-    assert sites(report, "left", "non-constant-parameters")
+    [site] = sites(report, "left", "non-constant-parameters")
+    assert "graph input" in site.detail and "--initializer-inputs constant" in site.detail
     assert ops(folded) == ["Conv", "BatchNormalization"]
 
 
@@ -531,3 +532,69 @@ def test_model_local_functions_pass_through_untouched():
     folded, report, _ = fold_and_compare(model)
     assert ops(folded) == ["Conv", "DoubleIt"]
     assert folded.functions[0] == scale_fn
+
+
+# ---- the decisions whether a site may be rewritten (issue 13) -----------------------------------
+
+def test_conv_output_that_is_also_a_graph_output_is_left():
+    """The folded Conv would write the BN's values; the graph output `c` must keep the Conv's."""
+    model = conv_bn(extra_out=", float[1,4,8,8] c")
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "BatchNormalization"]
+    [site] = report.sites
+    assert (site.status, site.reason) == ("left", "intermediate-used-elsewhere")
+    assert "graph output" in site.detail
+
+
+def test_conv_weight_that_is_also_a_graph_input_is_left():
+    """An initializer listed in graph.input (as IR < 4 requires of every one) is a default the caller
+    may override: a fold that baked it into the weight would ignore the caller's value."""
+    model = conv_bn()
+    model.graph.input.append(helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [4, 3, 3, 3]))
+    folded, report, _ = fold_and_compare(model)
+    assert ops(folded) == ["Conv", "BatchNormalization"]
+    [site] = report.sites
+    assert (site.status, site.reason) == ("left", "non-constant-weights")
+    assert "--initializer-inputs constant" in site.detail
+
+
+def test_bn_after_a_matmul_of_unknown_rank_names_the_unknown_shape():
+    """The MatMul's channels are on its last axis; without the rank nobody knows whether that is
+    BN's axis 1."""
+    rng = np.random.default_rng(8)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+         helper.make_node("BatchNormalization", ["h", "s", "bb", "m", "v"], ["y"], name="bn")], "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in
+         dict(w=rng.standard_normal((5, 4)).astype(np.float32), **bn_params(rng, 4)).items()])
+    model = opset15_model(graph)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["MatMul", "BatchNormalization"]
+    [site] = report.sites
+    assert (site.status, site.reason) == ("left", "unknown-shape")
+
+
+def _fold_inputs():
+    rng = np.random.default_rng(9)
+    w = rng.standard_normal((4, 6)).astype(np.float32)
+    shared = build("""g (float[3,4] x) => (float[3,6] y, float[3,6] z) {
+      r = Relu (x)
+      n = BatchNormalization (r, s, bb, m, v)
+      y = MatMul (n, w)
+      z = MatMul (x, w)
+    }""", w=w, **bn_params(rng, 4))
+    return {"conv": layer_then_bn("Conv"), "conv-transpose": layer_then_bn("ConvTranspose", group=2),
+            "gemm": layer_then_bn("Gemm", trans_b=1, beta=2.0), "matmul": layer_then_bn("MatMul", bias=False),
+            "forward-conv": relu_bn_then_layer("Conv"), "forward-matmul": relu_bn_then_layer("MatMul", bias=False),
+            "forward-shared": shared, "chain": conv_bn(extra="z = Relu (y)", extra_out=", float[1,4,8,8] z")}
+
+
+@pytest.mark.parametrize("name", sorted(_fold_inputs()))
+def test_fold_never_changes_its_input_model(name):
+    model = _fold_inputs()[name]
+    before = model.SerializeToString(deterministic=True)
+    folded, report = normfold.fold(model)
+    assert report.count("folded") >= 1 and ops(folded) != ops(model)
+    assert model.SerializeToString(deterministic=True) == before

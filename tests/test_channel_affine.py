@@ -166,3 +166,31 @@ def test_downcast_between_is_not_dropped():
     }""", w=W, k=K.astype(np.float16))
     folded, _, _ = fold_and_compare(model, atol=1e-2, rtol=1e-2)
     assert ops(folded) == ["Conv", "Cast"]
+
+
+@pytest.mark.parametrize("body, consts", [
+    ("y = Sub (t, c)", dict(t=T)),  # t - conv is -conv + t, not conv - t
+    ("y = Div (k, c)", dict(k=K)),  # k / conv is not affine in conv at all
+])
+def test_constant_minus_or_over_the_layer_is_not_folded(body, consts):
+    folded, report, _ = fold_and_compare(conv_then(body, **consts))
+    assert ops(folded) == ["Conv", body.split()[2]]
+    assert not [s for s in report.sites if s.status == "folded"]
+
+
+def test_channel_constant_after_a_layer_of_unknown_rank_names_the_unknown_shape():
+    """A [1, 1, C] constant after a MatMul whose output rank is unknown could broadcast the output
+    to a higher rank: the reason is the unknown shape, not a wrong axis."""
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(4)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Mul", ["h", "k"], ["y"], name="mul")],
+        "g", [helper.make_tensor_value_info("x", 1, None)], [helper.make_tensor_value_info("y", 1, None)],
+        [numpy_helper.from_array(rng.standard_normal((6, 4)).astype(np.float32), "w"),
+         numpy_helper.from_array(rng.standard_normal((1, 1, 4)).astype(np.float32), "k")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["MatMul", "Mul"]
+    [site] = report.sites
+    assert (site.status, site.reason) == ("left", "unknown-shape")

@@ -178,6 +178,15 @@ def channel_count(view: GraphView, layer: LinearLayer) -> int | None:
     return w[1] if len(w) == 2 else None
 
 
+def overridable(view: GraphView, name: str) -> str:
+    """Why `name` is not a constant when it is an initializer listed as a graph input (old IR
+    models list every initializer there), naming the option that treats it as one; else ''."""
+    if name in view.initializers and name in view.input_names:
+        return (" (an initializer also listed as a graph input, so a caller may override it; "
+                "--initializer-inputs constant treats such initializers as constants)")
+    return ""
+
+
 def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | None:
     """Can `layer` absorb a per-channel affine map applied to its output `site_input`?"""
     node = layer.layer
@@ -188,11 +197,13 @@ def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | 
                         f"{layer.op} {label(node)} output {tensor!r} is also used elsewhere"
                         + (" (graph output)" if view.is_graph_output(tensor) else ""))
     if len(node.input) < 2 or not view.is_const(node.input[1]):
-        return Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant")
+        return Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant"
+                    + overridable(view, node.input[1]))
     shape = view.const_shape(node.input[1])
     bias_name = _bias_name(layer)
     if bias_name and not view.is_const(bias_name):
-        return Left("non-constant-weights", f"{layer.op} {label(node)} bias {bias_name!r} is not a constant")
+        return Left("non-constant-weights", f"{layer.op} {label(node)} bias {bias_name!r} is not a constant"
+                    + overridable(view, bias_name))
     elem = view.elem_type(node.input[1])
     if elem is None:
         elem = onnx.helper.np_dtype_to_tensor_dtype(view.const(node.input[1]).dtype)

@@ -26,7 +26,7 @@ import onnx
 
 from normfold.graph import FLOAT_TYPES, GraphView, attr, label
 from normfold.passes import Left
-from normfold.passes._linear import FoldPlan, _bias_name, finish_plan, store_plan
+from normfold.passes._linear import FoldPlan, _bias_name, finish_plan, overridable, store_plan
 
 NEXT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -82,10 +82,12 @@ def check_next_layer(view: GraphView, layer: NextLayer, site_input: str) -> tupl
     input `site_input`? The count is 0 when unknown."""
     node = layer.layer
     if not view.is_const(node.input[1]):
-        return 0, Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant")
+        return 0, Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant"
+                       + overridable(view, node.input[1]))
     bias = _bias_name(layer)
     if bias and not view.is_const(bias):
-        return 0, Left("non-constant-weights", f"{layer.op} {label(node)} bias {bias!r} is not a constant")
+        return 0, Left("non-constant-weights", f"{layer.op} {label(node)} bias {bias!r} is not a constant"
+                       + overridable(view, bias))
     elem = view.elem_type(node.input[1])
     if elem is None:
         elem = onnx.helper.np_dtype_to_tensor_dtype(view.const(node.input[1]).dtype)

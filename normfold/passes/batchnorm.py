@@ -28,8 +28,8 @@ import onnx
 
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._linear import (apply_fold, channel_count, check_layer, find_linear_layer, plan_fold,
-                                     retarget_output)
+from normfold.passes._linear import (apply_fold, channel_count, check_layer, find_linear_layer, overridable,
+                                     plan_fold, retarget_output)
 from normfold.passes._next_layer import apply_into_next, check_next_layer, find_next_layer, plan_into_next
 
 
@@ -67,7 +67,8 @@ class BatchNormFold(Rule):
         values = [view.const(n) for n in bn.input[1:5]]
         missing = [f"{part} {n!r}" for part, n, v in zip(names, bn.input[1:5], values) if v is None]
         if missing:
-            return Left("non-constant-parameters", f"{label(bn)}: {', '.join(missing)} not constant")
+            why = next((overridable(view, n) for n in bn.input[1:5] if overridable(view, n)), "")
+            return Left("non-constant-parameters", f"{label(bn)}: {', '.join(missing)} not constant{why}")
         if layer is None:
             return _check_forward(view, bn, match.parts["next"], values)
         refusal = check_layer(view, layer, bn.input[0])
