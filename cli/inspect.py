@@ -46,6 +46,7 @@ def inspect(model, as_json, **groups):
              f"{report.count('folded')} to fold, {report.count('fused')} to fuse, {report.count('left')} left"]
     if report.opset_after != report.opset_before:
         lines[0] += f" (after conversion to opset {report.opset_after})"
+    lines.extend(f"  note: {note}" for note in report.notes)
     for site in report.sites:
         what = WOULD[site.status] + (f" ({site.reason})" if site.reason else "")
         where = "" if site.graph == "main" else f" [{site.graph}]"

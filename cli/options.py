@@ -12,6 +12,7 @@ from normfold import exit_codes
 from normfold.api import FoldOptions, VerifyOptions
 from normfold.errors import NormfoldError, one_line
 from normfold.passes import PASS_NAMES
+from normfold.prepare import INITIALIZER_INPUTS
 from normfold.verify import OPT_LEVELS, parse_int_range, parse_shape, parse_tolerance
 
 
@@ -92,6 +93,10 @@ fold_options, FOLD_KEYS = _group(
     _opt("--passes", help=f"Comma-separated passes to run [default: all: {','.join(PASS_NAMES)}]."),
     _opt("--skip", help="Comma-separated passes not to run."),
     _opt("--exclude-node", multiple=True, help="Leave sites containing this node alone (repeatable)."),
+    _opt("--initializer-inputs", type=click.Choice(INITIALIZER_INPUTS), default="auto", show_default=True,
+         help="Initializers also listed as graph inputs: constant: treat them as constants and remove them from "
+              "the inputs; input: leave them overridable; auto: constant where the IR version requires the "
+              "listing (< 4)."),
     _opt("--external-data", is_flag=False, flag_value="", default=None, metavar="[NAME]",
          help="Write the weights to an external data file NAME beside the output [default name: "
               "<output>.data; used by itself for inputs with external data and models near 2 GB]."),
@@ -153,6 +158,7 @@ _FOLD_FIELDS = {
     "skip": lambda v: {},  # read with --passes
     "exclude_node": lambda v: {"exclude_nodes": frozenset(v["exclude_node"])},
     "external_data": lambda v: {"external_data": v["external_data"]},
+    "initializer_inputs": lambda v: {"initializer_inputs": v["initializer_inputs"]},
 }
 assert set(_VERIFY_FIELDS) == set(VERIFY_KEYS) and set(_FOLD_FIELDS) == set(FOLD_KEYS), \
     "every option of a group must set a field (see _VERIFY_FIELDS / _FOLD_FIELDS)"

@@ -19,6 +19,7 @@ from normfold.io import StagedModel, Transaction, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
 from normfold.paths import Plan, Target, data_name_for, default_output, plan_run
 from normfold.passes.rmsnorm import add_contrib_opset_import
+from normfold.prepare import prepare_model
 from normfold.report import Report, Verification
 from normfold.shapes import infer_shapes
 from normfold.verify import compare_models
@@ -43,6 +44,10 @@ class FoldOptions:
     # input had external data or the model is near protobuf's 2 GB limit), "" forces it with the
     # default name <output>.data, any other string forces it with that file name.
     external_data: str | None = None
+    # Initializers also listed as graph inputs: "constant" treats them as constants (and removes
+    # them from the inputs), "input" as overridable defaults, "auto" as constants where the IR
+    # version required the listing (< 4). See normfold.prepare.
+    initializer_inputs: str = "auto"
 
 
 @dataclass
@@ -105,20 +110,23 @@ class _Prepared:
     ctx: FoldContext
     shapes: dict
     converted: bool
+    notes: list[str]  # what normfold.prepare did to the model as a whole
 
 
 def _prepare(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.PathLike) -> _Prepared:
+    notes = prepare_model(model, options.initializer_inputs)  # in place; before shapes or any pass
     ctx, shapes = _context(model, options, base_dir), infer_shapes(model)
     if _held_back_by_opset(model, options, ctx, shapes):
         model = convert_opset(model, options.target_opset)
-        return _Prepared(model, _context(model, options, base_dir), infer_shapes(model), True)
-    return _Prepared(model, ctx, shapes, False)
+        return _Prepared(model, _context(model, options, base_dir), infer_shapes(model), True, notes)
+    return _Prepared(model, ctx, shapes, False, notes)
 
 
 def _run_passes(prepared: _Prepared, options: FoldOptions, report: Report) -> None:
     model = prepared.model
     rules = [rule for rule in RULES if rule.name in options.passes]
     report.sites = run_rules(model.graph, rules, prepared.ctx, prepared.shapes)
+    report.notes = prepared.notes
     add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
     report.opset_after = model_opset(model)
     report.ops_after = count_ops(model.graph)

@@ -109,6 +109,7 @@ class Report:
     conversion: Verification | None = None  # original vs opset-converted model (with --target-opset)
     benchmark: dict | None = None  # {"original"|"folded": {"disabled"|"all": {session_s, latency_ms}}}
     timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was done to the model as a whole (normfold.prepare)
     exit_code: int | None = None
     error: str | None = None
 
@@ -132,6 +133,7 @@ class Report:
             lines.append(f"{self.input} vs {self.output}:")
         if self.opset_before != self.opset_after:
             lines.append(f"  opset {self.opset_before} -> {self.opset_after}")
+        lines.extend(f"  note: {note}" for note in self.notes)
         for site in self.sites:
             if site.status == "left" or verbose:
                 where = "" if site.graph == "main" else f" [{site.graph}]"

@@ -17,6 +17,7 @@ from normfold.io.external import (_all_graphs, _check_external_extents, _check_e
                                   _model_tensors, external_locations)
 from normfold.io.files import regular_file_problem
 from normfold.io.protobuf import _is_repeated, _set_fields
+from normfold.prepare import checks_without_contradicting_value_info
 from normfold.shapes import data_bytes, light_model
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -168,7 +169,9 @@ def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
             # not serialize every weight once more. Their sizes are checked by _check_tensor_data.
             onnx.checker.check_model(light_model(model), full_check=True)
     except Exception as exc:  # ValidationError and several other C++-mapped types
-        raise NormfoldError(f"{show_path(path)}: invalid model: {one_line(exc)}") from None
+        # value_info that contradicts inference is annotation, not error: fold() drops it (prepare.py)
+        if not checks_without_contradicting_value_info(model):
+            raise NormfoldError(f"{show_path(path)}: invalid model: {one_line(exc)}") from None
     if locations and lazy:
         _check_external_extents(path, base, model)
     elif locations:
