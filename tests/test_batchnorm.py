@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from onnx import helper, numpy_helper
 
@@ -598,3 +598,166 @@ def test_fold_never_changes_its_input_model(name):
     folded, report = normfold.fold(model)
     assert report.count("folded") >= 1 and ops(folded) != ops(model)
     assert model.SerializeToString(deterministic=True) == before
+
+
+# ---- Shape readers, Flatten, Identity and inference Dropout (issue 15, item 10) ------------------
+
+def _passthrough(op: str, src: str, dst: str, name: str) -> list[onnx.NodeProto]:
+    """An Identity, or a Dropout that is one at inference (no ratio, a ratio, training_mode false)."""
+    if op == "Identity":
+        return [helper.make_node("Identity", [src], [dst], name=name)]
+    inputs = {"Dropout": [src], "Dropout-ratio": [src, "ratio"], "Dropout-eval": [src, "ratio", "training"]}[op]
+    outputs = [dst, f"{dst}_mask"] if op == "Dropout-eval" else [dst]  # a mask nobody reads
+    return [helper.make_node("Dropout", inputs, outputs, name=name)]
+
+
+PASS_CONSTS = {"ratio": np.array(0.25, np.float32), "training": np.array(False)}
+
+
+def _model(nodes, inputs, outputs, consts):
+    used = {i for n in nodes for i in n.input}
+    consts = {**{k: v for k, v in PASS_CONSTS.items() if k in used}, **consts}
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = opset15_model(graph)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["Conv", "MatMul", "MatMul+Add"]),
+       dims=st.lists(st.sampled_from([1, 1, 2, 3]), min_size=1, max_size=3),
+       cout=st.integers(2, 4), flatten=st.sampled_from([None, -1, -1, 0, 1, 1, 2, -2, 3, 4, -4]),
+       shape_reader=st.booleans(),
+       passes=st.lists(st.sampled_from(["Identity", "Dropout", "Dropout-ratio", "Dropout-eval"]), max_size=2),
+       seed=st.integers(0, 2**16))
+def test_bn_behind_flatten_and_identities_folds_exactly_when_the_channels_stay_an_axis(
+        kind, dims, cout, flatten, shape_reader, passes, seed):
+    """Layer -> [Identity/Dropout...] -> [Flatten(axis)] -> BN over axis 1 of what arrives
+    [-> Reshape(., Shape(layer output))]. A Flatten keeps the layer's channels as an axis of their own
+    only when every axis merged with them has size 1; then, and only then, BN's axis 1 is the
+    channels and the fold is exact. Otherwise the BN is left (the sizes may still agree: a wrong
+    axis mapping would be caught by the comparison)."""
+    rng = np.random.default_rng(seed)
+    if kind == "Conv":  # 1x1, so the output keeps the spatial dims; channels on axis 1
+        x_shape, out_shape, pos = [dims[0], 3, *dims[1:]], [dims[0], cout, *dims[1:]], 1
+        consts = dict(w=rng.standard_normal([cout, 3] + [1] * (len(dims) - 1)).astype(np.float32),
+                      b=rng.standard_normal(cout).astype(np.float32))
+        if len(dims) == 1:  # a Conv needs a spatial axis
+            x_shape, out_shape = x_shape + [2], out_shape + [2]
+            consts["w"] = consts["w"][..., None]
+        layer = helper.make_node("Conv", ["x", "w", "b"], ["h"], name="layer")
+    else:  # channels on the last axis
+        x_shape, out_shape, pos = [*dims, 5], [*dims, cout], len(dims)
+        consts = dict(w=rng.standard_normal([5, cout]).astype(np.float32))
+        layer = helper.make_node("MatMul", ["x", "w"], ["h0" if kind == "MatMul+Add" else "h"], name="layer")
+    rank = len(out_shape)
+    nodes, tensor = [layer], "h"
+    if kind == "MatMul+Add":  # Linear with a bias; the Shape below then reads the MatMul's own output
+        consts["b"] = rng.standard_normal(cout).astype(np.float32)
+        nodes.append(helper.make_node("Add", ["h0", "b"], ["h"], name="bias_add"))
+    for i, op in enumerate(passes):
+        nodes += _passthrough(op, tensor, f"p{i}", f"pass{i}")
+        tensor = f"p{i}"
+    valid = pos == 1  # BN normalizes axis 1
+    bn_in_shape = out_shape
+    if flatten is not None and -rank <= flatten <= rank:
+        split = flatten % rank if flatten < 0 else flatten
+        nodes.append(helper.make_node("Flatten", [tensor], ["f"], name="flatten", axis=flatten))
+        tensor = "f"
+        bn_in_shape = [int(np.prod(out_shape[:split])), int(np.prod(out_shape[split:]))]
+        others = [d for i, d in enumerate(out_shape[split:], split) if i != pos]
+        valid = pos >= split and all(d == 1 for d in others)
+    channels = bn_in_shape[1]
+    consts.update(bn_params(rng, channels))
+    nodes.append(helper.make_node("BatchNormalization", [tensor, "s", "bb", "m", "v"], ["n"], name="bn"))
+    out = "n"
+    if shape_reader:  # LeViT's reshape_as(x): the BN output takes the layer output's shape again
+        nodes += [helper.make_node("Shape", [layer.output[0]], ["hs"], name="shape"),
+                  helper.make_node("Reshape", ["n", "hs"], ["y"], name="back")]
+        out = "y"
+    model = _model(nodes, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_shape)],
+                   [helper.make_tensor_value_info(out, onnx.TensorProto.FLOAT, out_shape if shape_reader else bn_in_shape)],
+                   consts)
+    event(f"valid={valid}, flatten={tensor == 'f'}")
+    folded, report, _ = fold_and_compare(model)
+    assert ("BatchNormalization" not in ops(folded)) == valid, report.to_text(True)
+    if valid:
+        assert report.sites[0].status == "folded"
+        assert not {"Identity", "Dropout"} & set(ops(folded)) or passes  # passthroughs stay where they were
+        assert ops(folded).count("Shape") == shape_reader
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(["Gemm", "MatMul", "Conv"]), bias=st.booleans(),
+       passes=st.lists(st.sampled_from(["Identity", "Dropout", "Dropout-ratio", "Dropout-eval"]), min_size=1, max_size=3),
+       shape_of=st.sampled_from([None, "bn", "first", "last"]), seed=st.integers(0, 2**16))
+def test_bn_folds_forward_through_identities_into_the_layer(kind, bias, passes, shape_of, seed):
+    """Relu -> BN -> Identity/Dropout... -> Gemm/MatMul/Conv (an eval-mode Dropout the dynamo
+    exporter kept), with perhaps a Shape reader of the BN's or an Identity's output: the BN folds
+    forward, the pass-throughs go, the Shape reads the BN's input (the same shape)."""
+    model = relu_bn_then_layer(kind, bias=bias, seed=seed)
+    graph = model.graph
+    layer = next(n for n in graph.node if n.name == "layer")
+    chain, tensor = [], "r"
+    for i, op in enumerate(passes):
+        chain += _passthrough(op, tensor, f"p{i}", f"pass{i}")
+        tensor = f"p{i}"
+    layer.input[0] = tensor
+    nodes = list(graph.node)
+    at = nodes.index(layer)
+    nodes[at:at] = chain
+    outputs = list(graph.output)
+    read = {"bn": "r", "first": "p0", "last": tensor}.get(shape_of)
+    if read:
+        nodes.append(helper.make_node("Shape", [read], ["shape_out"], name="shape"))
+        outputs.append(helper.make_tensor_value_info("shape_out", onnx.TensorProto.INT64, [None]))
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    model = _model(nodes, list(graph.input), outputs, consts)
+    folded, report, _ = fold_and_compare(model)
+    assert [s.status for s in report.sites] == ["folded"], report.to_text(True)
+    assert not {"BatchNormalization", "Identity", "Dropout"} & set(ops(folded))
+    assert report.sites[0].kind == f"BatchNormalization before {kind}"
+
+
+@pytest.mark.parametrize("dropout", ["training", "mask"])
+def test_dropout_that_is_not_an_identity_is_not_looked_through(dropout):
+    """A Dropout in training mode drops values; one whose mask is read is not a pass-through."""
+    model = relu_bn_then_layer("Gemm")
+    graph = model.graph
+    layer = next(n for n in graph.node if n.name == "layer")
+    layer.input[0] = "d"
+    outputs = list(graph.output)
+    consts = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    if dropout == "training":
+        drop = helper.make_node("Dropout", ["r", "ratio", "training"], ["d"], name="drop")
+        consts.update(ratio=np.array(0.0, np.float32), training=np.array(True))  # ratio 0: still comparable
+    else:
+        drop = helper.make_node("Dropout", ["r"], ["d", "mask"], name="drop")
+        outputs.append(helper.make_tensor_value_info("mask", onnx.TensorProto.BOOL, [None, None]))
+    nodes = list(graph.node)
+    nodes.insert(nodes.index(layer), drop)
+    model = _model(nodes, list(graph.input), outputs, consts)
+    folded, report = normfold.fold(model)
+    assert "BatchNormalization" in ops(folded)
+    assert [s.reason for s in report.sites] == ["no-linear-producer"]
+
+
+DATA = Path(__file__).parent / "data"  # tests/data/export_bnfold.py
+
+
+@pytest.mark.parametrize("name, left_ops", [
+    ("torch_levit_linear_bn_op13.onnx", ["MatMul", "Add", "Flatten", "Shape", "Reshape"]),
+    ("torch_levit_linear_bn_dynamo_noopt_op18.onnx", None),
+    ("torch_bn_dropout_linear_dynamo_noopt_op18.onnx", ["Relu", "Gemm"]),
+])
+def test_real_exports_with_shape_readers_flatten_and_identity_fold(name, left_ops, tmp_path):
+    """LeViT's Linear_BN (BatchNorm1d over tokens: MatMul -> Flatten -> BN -> Reshape(., Shape(MatMul
+    output)) from TorchScript, Reshape from dynamo) and a BatchNorm1d -> Dropout -> Linear head from
+    the dynamo exporter (the Dropout kept as Identity)."""
+    report = normfold.fold_file(DATA / name, tmp_path / "out.onnx")
+    assert report.exit_code == 0 and report.verification.status == "passed", report.to_text(True)
+    assert [s.status for s in report.sites] == ["folded"]
+    folded = onnx.load(tmp_path / "out.onnx")
+    assert "BatchNormalization" not in ops(folded)
+    if left_ops:
+        assert sorted(ops(folded)) == sorted(left_ops)

@@ -52,13 +52,53 @@ class LinearLayer:
 
 # Ops that move data without changing values, so a per-channel constant after them is still one
 # per output channel of the layer before them (tf2onnx puts convs between Transposes, Keras' Conv1D
-# behind a Squeeze and Dense behind Reshapes, mixed precision behind a Cast to float32).
-LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Cast")
-MAX_CHAIN = 3
+# behind a Squeeze and Dense behind Reshapes, mixed precision behind a Cast to float32, TorchScript
+# a BatchNorm1d over tokens behind a Flatten, the dynamo exporter an eval-mode Dropout as Identity).
+LAYOUT_OPS = ("Transpose", "Squeeze", "Unsqueeze", "Reshape", "Flatten", "Cast", "Identity", "Dropout")
+MAX_CHAIN = 4
+
+# Readers of a tensor's shape only. A fold keeps every shape, so these stay valid: they do not make
+# a tensor "used elsewhere" (LeViT's `bn(x.flatten(0, 1)).reshape_as(x)` reads Shape(x)).
+SHAPE_READERS = ("Shape", "Size")
 
 
 def _is_default_domain(node: onnx.NodeProto) -> bool:
     return node.domain in ("", "ai.onnx")
+
+
+def value_readers(view: GraphView, tensor: str) -> list[onnx.NodeProto]:
+    """The nodes that read `tensor`'s values: every reader but Shape and Size."""
+    return [n for n in view.users(tensor) if not (n.op_type in SHAPE_READERS and _is_default_domain(n))]
+
+
+def sole_value_reader(view: GraphView, tensor: str) -> onnx.NodeProto | None:
+    """The one node that reads `tensor`'s values (Shape readers aside), when it is not a graph output."""
+    readers = value_readers(view, tensor)
+    return readers[0] if len(readers) == 1 and not view.is_graph_output(tensor) else None
+
+
+def redirect_shape_readers(view: GraphView, old: str, new: str) -> None:
+    """Make the Shape/Size readers of `old` read `new`, a tensor of the same shape (before `old` goes)."""
+    for node in view.users(old):
+        if node.op_type in SHAPE_READERS and _is_default_domain(node):
+            for i, name in enumerate(node.input):
+                if name == old:
+                    view.replace_input(node, i, new)
+
+
+def is_passthrough(view: GraphView, node: onnx.NodeProto | None) -> bool:
+    """An Identity, or a Dropout that is one at inference: no training_mode (or a constant false
+    one) and no mask output used."""
+    if node is None or not _is_default_domain(node):
+        return False
+    if node.op_type == "Identity":
+        return True
+    if node.op_type != "Dropout" or any(o and (view.users(o) or view.is_graph_output(o)) for o in node.output[1:]):
+        return False
+    if len(node.input) > 2 and node.input[2]:
+        mode = view.const(node.input[2])
+        return mode is not None and mode.size == 1 and not bool(mode.reshape(-1)[0])
+    return True
 
 
 def _core(view: GraphView, tensor: str) -> LinearLayer | None:
@@ -78,7 +118,7 @@ def _core(view: GraphView, tensor: str) -> LinearLayer | None:
             mm = view.producer.get(other)
             if (mm is not None and mm.op_type == "MatMul" and _is_default_domain(mm)
                     and view.is_const(name) and view.is_const(mm.input[1])
-                    and view.sole_user(other) is node):
+                    and sole_value_reader(view, other) is node):
                 bias, w = view.const_shape(name), view.const_shape(mm.input[1])
                 if len(w) == 2 and _per_channel(bias, w[1], -1, view.rank(tensor)):
                     return LinearLayer([mm, node], "MatMul", tensor, -1, view.rank(tensor))
@@ -91,9 +131,21 @@ def _through(view: GraphView, node: onnx.NodeProto, axis: int, rank: int | None)
     out_rank = view.rank(node.output[0])
     if node.op_type == "Cast":
         return (axis, rank) if attr(node, "to") in FLOAT_TYPES else None
+    if node.op_type in ("Identity", "Dropout"):
+        return (axis, rank) if is_passthrough(view, node) else None
     if rank is None or out_rank is None:
         return None
     pos = axis % rank
+    if node.op_type == "Flatten":
+        # [d0..d(a-1), da..d(r-1)] -> [prod(d0..d(a-1)), prod(da..d(r-1))]: the channels stay an
+        # axis of their own only when every other axis merged with them has size 1.
+        split = int(attr(node, "axis", 1))
+        split = split + rank if split < 0 else split
+        dims = view.dims(node.input[0])
+        group = range(0, split) if pos < split else range(split, rank)
+        if dims is None or not 0 <= split <= rank or any(dims[i] != 1 for i in group if i != pos):
+            return None
+        return (0 if pos < split else 1), 2
     if node.op_type == "Transpose":
         perm = attr(node, "perm") or list(reversed(range(rank)))
         return list(perm).index(pos), out_rank
@@ -131,7 +183,8 @@ def find_linear_layer(view: GraphView, tensor: str) -> LinearLayer | None:
         if layer is not None:
             break
         node = view.producer.get(tensor)
-        if node is None or not _is_default_domain(node) or node.op_type not in LAYOUT_OPS or len(chain) >= MAX_CHAIN:
+        if (node is None or not _is_default_domain(node) or node.op_type not in LAYOUT_OPS or len(chain) >= MAX_CHAIN
+                or not node.input or not node.input[0]):
             return None
         chain.insert(0, node)
         tensor = node.input[0]
@@ -192,7 +245,7 @@ def check_layer(view: GraphView, layer: LinearLayer, site_input: str) -> Left | 
     node = layer.layer
     path = [n.output[0] for n in layer.nodes[len(layer.core) - 1:]]  # layer output, then each layout op's
     for tensor in path:
-        if view.is_graph_output(tensor) or len(view.users(tensor)) != 1:
+        if view.is_graph_output(tensor) or len(value_readers(view, tensor)) != 1:
             return Left("intermediate-used-elsewhere",
                         f"{layer.op} {label(node)} output {tensor!r} is also used elsewhere"
                         + (" (graph output)" if view.is_graph_output(tensor) else ""))
@@ -402,8 +455,9 @@ def retarget_output(view: GraphView, layer: LinearLayer, removed: onnx.NodeProto
     tensor instead, so every consumer (and a graph output of that name) stays wired. A Cast up from
     the layer's dtype followed by a Cast straight back is then an exact round trip: both go."""
     out = removed.output[0]
-    view.remove(removed)
     last = layer.nodes[-1]
+    redirect_shape_readers(view, last.output[0], out)  # the tensor goes; `out` has its shape
+    view.remove(removed)
     view.rename_output(last, 0, out)
     notes = []
     readers = view.users(out)

@@ -19,14 +19,15 @@ All arithmetic is float64; results are stored in the dtype of the constants they
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from normfold.graph import FLOAT_TYPES, GraphView, attr, label
 from normfold.passes import Left
-from normfold.passes._linear import FoldPlan, _bias_name, finish_plan, overridable, store_plan
+from normfold.passes._linear import (MAX_CHAIN, FoldPlan, _bias_name, finish_plan, is_passthrough, overridable,
+                                     sole_value_reader, store_plan)
 
 NEXT_OPS = ("Conv", "Gemm", "MatMul")
 
@@ -34,6 +35,7 @@ NEXT_OPS = ("Conv", "Gemm", "MatMul")
 @dataclass
 class NextLayer:
     core: list[onnx.NodeProto]  # [layer] or [MatMul, Add(bias)]
+    through: list[onnx.NodeProto] = field(default_factory=list)  # Identity / inference Dropout before the layer
 
     @property
     def layer(self) -> onnx.NodeProto:
@@ -49,9 +51,15 @@ class NextLayer:
 
 
 def find_next_layer(view: GraphView, tensor: str) -> NextLayer | None:
-    """The Conv/Gemm/MatMul that is the one reader of `tensor`, reading it as its data input (by
-    structure only; check_next_layer checks the rest)."""
-    reader = view.sole_user(tensor)
+    """The Conv/Gemm/MatMul that is the one reader of `tensor` (Shape readers aside, and perhaps
+    behind Identity or inference Dropout nodes), reading it as its data input (by structure only;
+    check_next_layer checks the rest)."""
+    through: list[onnx.NodeProto] = []
+    reader = sole_value_reader(view, tensor)
+    while is_passthrough(view, reader) and reader.input[0] == tensor and len(through) < MAX_CHAIN:
+        through.append(reader)
+        tensor = reader.output[0]
+        reader = sole_value_reader(view, tensor)
     if (reader is None or reader.op_type not in NEXT_OPS or reader.domain not in ("", "ai.onnx")
             or len(reader.input) < 2 or reader.input[0] != tensor or tensor in reader.input[1:]):
         return None
@@ -62,7 +70,7 @@ def find_next_layer(view: GraphView, tensor: str) -> NextLayer | None:
             other = add.input[1] if add.input[0] == reader.output[0] else add.input[0]
             if other != reader.output[0] and view.is_const(other):
                 core.append(add)
-    return NextLayer(core)
+    return NextLayer(core, through)
 
 
 def _pads_nothing(node: onnx.NodeProto, kernel: tuple[int, ...]) -> bool:

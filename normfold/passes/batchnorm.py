@@ -29,7 +29,7 @@ import onnx
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._linear import (apply_fold, channel_count, check_layer, find_linear_layer, overridable,
-                                     plan_fold, retarget_output)
+                                     plan_fold, redirect_shape_readers, retarget_output)
 from normfold.passes._next_layer import apply_into_next, check_next_layer, find_next_layer, plan_into_next
 
 
@@ -47,7 +47,8 @@ class BatchNormFold(Rule):
         after = find_next_layer(view, node.output[0])
         if after is not None:  # the site writes what the layer after it writes
             # nodes: the layer, then the BN, as for every fold (reports name the folded node last)
-            return Match(f"BatchNormalization before {after.op}", [*after.core, node], after.core[-1].output[0],
+            return Match(f"BatchNormalization before {after.op}", [*after.core, *after.through, node],
+                         after.core[-1].output[0],
                          {"bn": node, "layer": None, "next": after})
         return Match("BatchNormalization", [node], node.output[0], {"bn": node, "layer": None, "next": None})
 
@@ -93,7 +94,9 @@ class BatchNormFold(Rule):
             after = match.parts["next"]
             notes = apply_into_next(view, after, plan)
             view.replace_input(after.layer, 0, bn.input[0])
-            view.remove(bn)
+            for node in [bn, *after.through]:  # their outputs go; Shape readers read BN's input (same shape)
+                redirect_shape_readers(view, node.output[0], bn.input[0])
+                view.remove(node)
             return Rewritten([label(n) for n in after.core], f"{label(bn)} folded forward into {after.op} "
                              f"{label(after.layer)}", notes, plan.rounding)
         notes = apply_fold(view, layer, plan)
