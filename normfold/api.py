@@ -22,7 +22,7 @@ from normfold.passes.rmsnorm import add_contrib_opset_import
 from normfold.prepare import prepare_model
 from normfold.report import Report, Verification
 from normfold.shapes import infer_shapes
-from normfold.verify import compare_models
+from normfold.verify import ModelRun, RunOptions, compare_models, run_reference
 from normfold.watchdog import run_in_child
 
 
@@ -67,19 +67,48 @@ class VerifyOptions:
     benchmark: bool = False  # time both models in onnxruntime
     timeout: float | None = None  # seconds one verification may take (then exit 3, nothing written)
 
-    def compare(self, reference, candidate, sites: list[str] | None = None) -> Verification:
-        """compare_models with these options, in a child process (normfold.watchdog: so that
-        --timeout and SIGTERM can stop onnxruntime); a model onnxruntime cannot run gives
-        'unavailable'. VerificationTimeout is raised: a timeout never lets a model be written."""
+    def run_options(self) -> RunOptions:
+        return RunOptions(self.seed, self.shapes, self.dims, self.int_ranges, list(self.input_files), self.batches,
+                          self.opt_level)
+
+    def reference(self, reference, sites: list[str] | None = None, *,
+                  deadline: float | None = None) -> ModelRun | Verification:
+        """The original's run, reused by every comparison with it (normfold.verify.run_reference),
+        in a child process; or an 'unavailable' verification. VerificationTimeout is raised."""
         try:
-            return run_in_child(compare_models, reference, candidate, timeout=self.timeout, seed=self.seed,
-                                shapes=self.shapes, dims=self.dims, int_ranges=self.int_ranges,
-                                input_files=self.input_files, batches=self.batches, atol=self.atol,
-                                rtol=self.rtol, opt_level=self.opt_level, sites=sites)
+            return run_in_child(run_reference, reference, self.run_options(), sites=sites, isolate=False,
+                                timeout=_remaining(deadline, self.timeout))
         except VerificationTimeout:
             raise
         except VerificationUnavailable as exc:
             return Verification("unavailable", seed=self.seed, detail=str(exc))
+
+    def compare(self, reference, candidate, sites: list[str] | None = None,
+                reference_run: ModelRun | Verification | None = None, *, deadline: float | None = None) -> Verification:
+        """compare_models with these options, in a child process (normfold.watchdog: so that
+        --timeout and SIGTERM can stop onnxruntime, and the memory onnxruntime took goes back to
+        the system); a model onnxruntime cannot run gives 'unavailable'. With `reference_run`,
+        the original is not run again. VerificationTimeout is raised: a timeout never lets a model
+        be written."""
+        if isinstance(reference_run, Verification):
+            return reference_run
+        try:
+            return run_in_child(compare_models, reference, candidate, timeout=_remaining(deadline, self.timeout),
+                                seed=self.seed, shapes=self.shapes, dims=self.dims, int_ranges=self.int_ranges,
+                                input_files=self.input_files, batches=self.batches, atol=self.atol,
+                                rtol=self.rtol, opt_level=self.opt_level, sites=sites, reference_run=reference_run,
+                                isolate=False if reference_run is not None else None)
+        except VerificationTimeout:
+            raise
+        except VerificationUnavailable as exc:
+            return Verification("unavailable", seed=self.seed, detail=str(exc))
+
+
+def _remaining(deadline: float | None, timeout: float | None) -> float | None:
+    """What is left of --timeout for the next step of one verification (several child runs)."""
+    if deadline is None:
+        return timeout
+    return max(0.0, deadline - time.monotonic())
 
 
 def convert_opset(model: onnx.ModelProto, target: int) -> onnx.ModelProto:
@@ -232,28 +261,9 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
     report.nodes_before = sum(report.ops_before.values())
     t = time.perf_counter()
     prepared = _prepare(model, options, base_dir)
-    if prepared.converted:
+    converted = prepared.converted
+    if converted:
         timings["convert"] = time.perf_counter() - t
-        if verify.enabled:
-            # Check the conversion on its own, so that a converter bug is named as such (and
-            # never blamed on, or hidden by, a fold).
-            t = time.perf_counter()
-            staged = StagedModel(prepared.model, dest, staging, external_data=True if external_files else None,
-                                 source_dir=base_dir)
-            try:
-                report.conversion = _verified(verify, src, staged.path)
-            finally:
-                staged.discard()
-            timings["convert"] += time.perf_counter() - t
-            if report.conversion.status == "failed":
-                report.conversion.detail = "converting the opset alone changed the outputs: " + report.conversion.detail
-                report.verification = report.conversion
-                report.exit_code = exit_codes.OUTPUTS_DIFFER
-                return _finish(report, timings, started), []
-            if _timed_out(report.conversion):
-                report.verification = report.conversion
-                report.exit_code = exit_codes.UNVERIFIED
-                return _finish(report, timings, started), []
     del model
     t = time.perf_counter()
     _run_passes(prepared, options, report)
@@ -268,7 +278,9 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
         if verify.enabled:
             t = time.perf_counter()
             sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
-            report.verification = _verified(verify, src, staged.path, sites)
+            report.verification, report.conversion = _verified_with_conversion(
+                verify, src, staged.path, sites, converted and (lambda: _stage_conversion(
+                    src, dest, staging, options, external_files, base_dir)))
             errors = {c.name: c.max_abs_error for c in report.verification.sites}
             for site in report.sites:
                 site.max_abs_error = errors.get(site.output) if site.status != "left" else None
@@ -297,11 +309,38 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
 _TIMED_OUT = "timed out: "
 
 
-def _verified(verify: VerifyOptions, reference, candidate, sites: list[str] | None = None) -> Verification:
+def _verified_with_conversion(verify: VerifyOptions, reference, candidate, sites: list[str] | None,
+                              stage_conversion) -> tuple[Verification, Verification | None]:
+    """The result's verification and, only when it failed and the opset was converted, the
+    conversion's alone (to name a converter fault as such). The original runs once: its outputs
+    serve both comparisons. One onnxruntime session at a time, each in its own child process."""
+    deadline = None if verify.timeout is None else time.monotonic() + verify.timeout
+    conversion = None
     try:
-        return verify.compare(reference, candidate, sites)
+        original = verify.reference(reference, sites, deadline=deadline)
+        result = verify.compare(reference, candidate, reference_run=original, deadline=deadline)
+        if stage_conversion and result.status == "failed":
+            staged = stage_conversion()
+            try:
+                conversion = verify.compare(reference, staged.path, reference_run=original, deadline=deadline)
+            finally:
+                staged.discard()
+            if conversion.status == "failed":
+                conversion.detail = "converting the opset alone changed the outputs: " + conversion.detail
+                result.detail = conversion.detail
     except VerificationTimeout as exc:
-        return Verification("unavailable", seed=verify.seed, detail=_TIMED_OUT + str(exc))
+        return Verification("unavailable", seed=verify.seed, detail=_TIMED_OUT + str(exc)), conversion
+    return result, conversion
+
+
+def _stage_conversion(src: Path, dest: Path, staging, options: FoldOptions, external_files: list[str],
+                      base_dir: str) -> StagedModel:
+    """The opset-converted original alone, staged for a comparison (converted again: the first
+    copy became the result)."""
+    model, _ = read_model(src, lazy=True)
+    prepared = _prepare(model, options, base_dir)
+    return StagedModel(prepared.model, dest, staging, external_data=True if external_files else None,
+                       consume=True, source_dir=base_dir)
 
 
 def _timed_out(verification: Verification | None) -> bool:

@@ -78,6 +78,17 @@ class OutputComparison:
     rtol: float
     passed: bool
     needed_atol: float  # the smallest atol that would have passed with this rtol
+    # The float type whose DEFAULT_TOLERANCES set atol/rtol (the lowest precision on the paths to
+    # this tensor); None when both were given explicitly, or for integer tensors.
+    tolerance_dtype: str | None = None
+    # "tolerance": |candidate - original| <= atol + rtol * |original|. "accuracy": failed that with
+    # default tolerances, then judged against the original run in float64: passed when
+    # candidate_error <= 2 * original_error + a few ulps of the output's scale (`allowed_error`).
+    # "magnitude": no float64 run was possible; atol scaled by the output's largest magnitude.
+    rule: str = "tolerance"
+    original_error: float | None = None  # max |original - float64 original| (rule "accuracy")
+    candidate_error: float | None = None  # max |candidate - float64 original| (rule "accuracy")
+    allowed_error: float | None = None  # the bound candidate_error had to meet (rule "accuracy")
 
 
 @dataclass
@@ -91,6 +102,12 @@ class Verification:
     batches: int = 1
     sites: list[OutputComparison] = field(default_factory=list)  # site tensors, worst first (--verify=sites)
     first_failing_site: str | None = None  # the earliest site tensor, in graph order, that differs
+    # Site tensors only the original has (the rewrite removed them): not compared, not failures.
+    removed_sites: list[str] = field(default_factory=list)
+    # "whole": both models run on the same inputs; "local": every rewritten site run on its own
+    # (--verify local, or chosen when the whole model would not fit in memory).
+    mode: str = "whole"
+    notes: list[str] = field(default_factory=list)  # e.g. the input shape a retry settled on
 
 
 @dataclass
@@ -145,6 +162,7 @@ class Report:
         for label, v in (("opset conversion", self.conversion), ("verification", self.verification)):
             if v is None or (label == "opset conversion" and v.status == "passed"):
                 continue
+            lines.extend(f"  note: {note}" for note in v.notes)
             if v.status in ("passed", "failed"):
                 for out in v.outputs:
                     lines.append("  " + _comparison_line(out))
@@ -152,6 +170,9 @@ class Report:
                     shown = v.sites if verbose else v.sites[:5]
                     lines.append(f"  sites, worst first ({len(shown)} of {len(v.sites)}):")
                     lines.extend("    " + _comparison_line(c) for c in shown)
+                if v.removed_sites:
+                    lines.append(f"  removed by the rewrite (not compared): {len(v.removed_sites)} site tensor(s): "
+                                 + ", ".join(v.removed_sites[:5]) + (" ..." if len(v.removed_sites) > 5 else ""))
                 if v.first_failing_site:
                     lines.append(f"  first site that differs, in graph order: {v.first_failing_site}")
                 if v.status == "failed" and label == "opset conversion":
@@ -175,8 +196,15 @@ class Report:
 
 def _comparison_line(out: OutputComparison) -> str:
     verdict = "PASSED" if out.passed else "FAILED"
-    return (f"{verdict} {out.name}: max abs {out.max_abs_error:.3g}, max rel {out.max_rel_error:.3g} "
-            f"(atol {out.atol:g}, rtol {out.rtol:g}" + ("" if out.passed else f"; needed atol {out.needed_atol:.3g}") + ")")
+    source = f" from {out.tolerance_dtype} on its paths" if out.tolerance_dtype not in (None, out.dtype) else ""
+    rule = " scaled by the output's magnitude" if out.rule == "magnitude" else ""
+    line = (f"{verdict} {out.name}: max abs {out.max_abs_error:.3g}, max rel {out.max_rel_error:.3g} "
+            f"(atol {out.atol:g}, rtol {out.rtol:g}{source}{rule}"
+            + ("" if out.passed or out.rule != "tolerance" else f"; needed atol {out.needed_atol:.3g}") + ")")
+    if out.rule == "accuracy":
+        line += (f"; by accuracy against float64: error {out.candidate_error:.3g}, original's {out.original_error:.3g}"
+                 f", allowed {out.allowed_error:.3g}")
+    return line
 
 
 def worst_exit_code(codes: list[int | None]) -> int:

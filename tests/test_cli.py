@@ -310,7 +310,8 @@ def test_external_data_model_with_opset_conversion(tmp_path):
     report = normfold.fold_file(src / "bert.onnx", tmp_path / "out.onnx",
                                 options=normfold.FoldOptions(target_opset=17),
                                 verify=normfold.VerifyOptions(shapes={"input_ids": [2, 8]}))
-    assert report.written and report.conversion.status == "passed" and report.verification.status == "passed"
+    # the converted model alone is run only when the final comparison fails (to name the converter)
+    assert report.written and report.conversion is None and report.verification.status == "passed"
     assert report.ops_after["LayerNormalization"] == 5
     assert (tmp_path / "out.onnx.data").stat().st_size > 50_000  # the weights, moved file to file
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
