@@ -263,3 +263,52 @@ def test_wav2vec2_sample_folds_with_readme_command(tmp_path):
     v = load_report(tmp_path / "r.json")["models"][0]["verification"]
     assert v["status"] == "passed" and v["inputs"]["input_values"][1] > 1
     assert any("ran with free dimensions" in n for n in v["notes"])
+
+
+# ---------------------------------------------------------------- --target-opset: who changed the outputs
+
+BERT = MODELS / "torch" / "hf_bert_op14.onnx"
+
+
+def corrupt_first_layernorm_scale(model: onnx.ModelProto) -> None:
+    node = next(n for n in model.graph.node if n.op_type == "LayerNormalization")
+    scale = next(t for t in model.graph.initializer if t.name == node.input[1])
+    value = onnx.numpy_helper.to_array(scale).copy() * 3
+    scale.CopyFrom(onnx.numpy_helper.from_array(value, scale.name))
+
+
+def test_converted_model_runs_only_when_the_result_differs(tmp_path, monkeypatch):
+    report = normfold.fold_file(BERT, tmp_path / "ok.onnx", options=normfold.FoldOptions(target_opset=17))
+    assert report.written and report.conversion is None  # passed: the converter was not run on its own
+
+    real = normfold.api.run_rules
+
+    def corrupting(graph, *args, **kwargs):  # a wrong rewrite
+        records = real(graph, *args, **kwargs)
+        if not kwargs.get("dry"):
+            model = onnx.ModelProto()
+            model.graph.CopyFrom(graph)
+            corrupt_first_layernorm_scale(model)
+            graph.CopyFrom(model.graph)
+        return records
+
+    monkeypatch.setattr(normfold.api, "run_rules", corrupting)
+    report = normfold.fold_file(BERT, tmp_path / "bad.onnx", options=normfold.FoldOptions(target_opset=17))
+    assert report.exit_code == 1 and not report.written
+    assert report.conversion.status == "passed" and "converting" not in report.verification.detail
+
+
+def test_a_converter_that_changes_the_outputs_is_named(tmp_path, monkeypatch):
+    real = normfold.api.convert_opset
+
+    def bad_converter(model, target):
+        converted = real(model, target)
+        mul = next(n for n in converted.graph.node if n.op_type == "Mul")
+        mul.input[1] = mul.input[0]  # squares instead of scaling
+        return converted
+
+    monkeypatch.setattr(normfold.api, "convert_opset", bad_converter)
+    report = normfold.fold_file(BERT, tmp_path / "bad.onnx", options=normfold.FoldOptions(target_opset=17))
+    assert report.exit_code == 1 and not report.written
+    assert report.conversion.status == "failed"
+    assert report.verification.detail.startswith("converting the opset alone changed the outputs")
