@@ -45,7 +45,7 @@ def verify(original, candidate, site_names, benchmark, report_path, quiet, verbo
     del models
     report = Report(input=original, output=candidate)
     try:
-        report.verification = options.compare(original, candidate, sites)
+        _, report.verification = options.verify(original, candidate, sites)
     except VerificationTimeout as exc:
         report.verification = Verification("unavailable", seed=options.seed, detail=f"timed out: {exc}")
     status = report.verification.status

@@ -104,6 +104,17 @@ class VerifyOptions:
             return Verification("unavailable", seed=self.seed, detail=str(exc))
 
 
+    def verify(self, reference, candidate, sites: list[str] | None = None, *,
+               deadline: float | None = None) -> tuple[ModelRun | Verification, Verification]:
+        """The original's run and the comparison of `candidate` with it: each side in its own
+        child process, so at most one onnxruntime session exists at a time. VerificationTimeout
+        is raised past --timeout (counted over both)."""
+        if deadline is None and self.timeout is not None:
+            deadline = time.monotonic() + self.timeout
+        original = self.reference(reference, sites, deadline=deadline)
+        return original, self.compare(reference, candidate, reference_run=original, deadline=deadline)
+
+
 def _remaining(deadline: float | None, timeout: float | None) -> float | None:
     """What is left of --timeout for the next step of one verification (several child runs)."""
     if deadline is None:
@@ -317,8 +328,7 @@ def _verified_with_conversion(verify: VerifyOptions, reference, candidate, sites
     deadline = None if verify.timeout is None else time.monotonic() + verify.timeout
     conversion = None
     try:
-        original = verify.reference(reference, sites, deadline=deadline)
-        result = verify.compare(reference, candidate, reference_run=original, deadline=deadline)
+        original, result = verify.verify(reference, candidate, sites, deadline=deadline)
         if stage_conversion and result.status == "failed":
             staged = stage_conversion()
             try:

@@ -41,7 +41,11 @@ def silence_onnxruntime() -> None:
         pass
 
 
-def _child(send, func, args, kwargs) -> None:
+def _child(send, func, args, kwargs, recv=None) -> None:
+    if recv is not None:
+        # The fork inherited the pipe's read end: closed, so that a parent that died makes sending
+        # a large result fail at once instead of blocking on a pipe nobody reads.
+        recv.close()
     os.setpgid(0, 0)  # our own group: killing it ends whatever onnxruntime started too
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; it kills us on Ctrl-C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -68,7 +72,7 @@ def run_in_child(func, *args, timeout: float | None = None, what: str = "verific
     silence_onnxruntime()  # also imports onnxruntime once here, not in every child
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(send, func, args, kwargs), daemon=False)
+    process = ctx.Process(target=_child, args=(send, func, args, kwargs, recv), daemon=False)
     process.start()
     send.close()
     try:
