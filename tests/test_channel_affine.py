@@ -194,3 +194,21 @@ def test_channel_constant_after_a_layer_of_unknown_rank_names_the_unknown_shape(
     assert ops(folded) == ["MatMul", "Mul"]
     [site] = report.sites
     assert (site.status, site.reason) == ("left", "unknown-shape")
+
+
+@pytest.mark.parametrize("listed", ["k", "w"])
+def test_constants_listed_as_graph_inputs_are_sites_left_with_the_option(listed):
+    """IR < 4 lists every initializer as a graph input; with --initializer-inputs input (or an IR >= 4
+    model listing them) the Mul is still reported, with the reason and the option, never missed."""
+    from onnx import helper
+
+    model = conv_then("y = Mul (c, k)", k=K)
+    value = {"k": K, "w": W}[listed]
+    model.graph.input.append(helper.make_tensor_value_info(listed, 1, list(value.shape)))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["Conv", "Mul"]
+    [site] = report.sites
+    assert site.reason == ("non-constant-parameters" if listed == "k" else "non-constant-weights")
+    assert "--initializer-inputs constant" in site.detail
+    folded, report, _ = fold_and_compare(model, initializer_inputs="constant")
+    assert ops(folded) == ["Conv"]

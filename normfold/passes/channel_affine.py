@@ -21,7 +21,7 @@ import onnx
 from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._linear import (_per_channel, apply_fold, channel_count, check_layer, find_linear_layer,
-                                     plan_fold, retarget_output)
+                                     overridable, plan_fold, retarget_output)
 
 OPS = ("Mul", "Add", "Sub", "Div")
 
@@ -37,14 +37,18 @@ class ChannelAffineFold(Rule):
             if node.op_type in ("Sub", "Div") and data_index == 1:
                 break  # k - x and k / x are not affine in the same way
             data, const = node.input[data_index], node.input[1 - data_index]
-            if not view.is_const(const) or view.is_const(data):
+            # An initializer listed as a graph input (IR < 4 lists them all) is a site too: left
+            # with the reason and the option that makes it a constant, never missed silently.
+            if not (view.is_const(const) or overridable(view, const)) or view.is_const(data):
                 continue
             layer = find_linear_layer(view, data)
             if layer is None or any(n is node for n in layer.nodes):
                 continue
-            if not view.is_const(layer.layer.input[1]):
+            weight = layer.layer.input[1] if len(layer.layer.input) > 1 else ""
+            if not (view.is_const(weight) or overridable(view, weight)):
                 continue  # e.g. attention's Q @ K^T -> Div(sqrt(d)): not a layer with weights
-            if np.prod(view.const_shape(const)) == 1 and view.sole_user(data) is not node:
+            shape = view.const_shape(const) or tuple(view.initializers[const].dims)
+            if np.prod(shape) == 1 and view.sole_user(data) is not node:
                 continue  # a scalar op on a shared tensor (GELU's Div by sqrt(2)) is no norm site
             if layer.op == "MatMul" and layer.bias_add is None and not layer.chain and node.op_type == "Add":
                 continue  # this Add is the layer's own bias
@@ -58,6 +62,9 @@ class ChannelAffineFold(Rule):
         if refusal is not None:
             return refusal
         k = view.const(match.parts["const"])
+        if k is None:
+            return Left("non-constant-parameters", f"{label(op)}: {match.parts['const']!r} is not a constant"
+                        + overridable(view, match.parts["const"]))
         if k.dtype.kind != "f" and str(k.dtype) != "bfloat16":
             return Left("unsupported-dtype", f"{label(op)}: constant has dtype {k.dtype}")
         channels = channel_count(view, layer)
