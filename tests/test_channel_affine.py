@@ -30,6 +30,7 @@ def conv_then(body: str, **consts):
     ("y = Div (c, k)", dict(k=K)),
     ("y = Mul (c, k)", dict(k=K.reshape(4, 1, 1))),
     ("y = Mul (c, k)", dict(k=np.float32(0.5))),
+    ("h = Constant <value = float {0.5}> ()\n y = Mul (c, h)", {}),  # a scalar from a Constant node
 ])
 def test_per_channel_constants_fold_into_conv(body, consts):
     folded, report, _ = fold_and_compare(conv_then(body, **consts))

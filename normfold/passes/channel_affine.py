@@ -47,7 +47,8 @@ class ChannelAffineFold(Rule):
             weight = layer.layer.input[1] if len(layer.layer.input) > 1 else ""
             if not (view.is_const(weight) or overridable(view, weight)):
                 continue  # e.g. attention's Q @ K^T -> Div(sqrt(d)): not a layer with weights
-            shape = view.const_shape(const) or tuple(view.initializers[const].dims)
+            shape = view.const_shape(const)
+            shape = tuple(view.initializers[const].dims) if shape is None else shape  # a listed initializer
             if np.prod(shape) == 1 and view.sole_user(data) is not node:
                 continue  # a scalar op on a shared tensor (GELU's Div by sqrt(2)) is no norm site
             if layer.op == "MatMul" and layer.bias_add is None and not layer.chain and node.op_type == "Add":
