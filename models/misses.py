@@ -23,6 +23,7 @@ from normfold.api import FoldOptions
 
 MODELS = Path(__file__).resolve().parent
 FUSED_OP = {"layernorm": "LayerNormalization", "rmsnorm": "RMSNormalization", "groupnorm": "GroupNormalization"}
+MAX_DUMPS = 2  # per model
 REDUCERS = {"ReduceMean", "GlobalAveragePool", "ReduceSum", "ReduceSumSquare"}
 
 
@@ -123,16 +124,21 @@ def analyse(path, entry):
     if missed:
         out.append(f"- reductions covered by no site: {', '.join(n.op_type for n in missed)} (dumped: those with "
                    "a Sqrt/Reciprocal/Pow/Div downstream)")
-        done = set()
+        done, dumped = set(), 0
         for n in missed:
             if n.name in done:
                 continue
+            if dumped == MAX_DUMPS:
+                rest = [m.name for m in missed if m.name not in done]
+                out.append(f"  - (not dumped: {len(rest)} more reductions, e.g. `{rest[0]}`)")
+                break
             lines = dump_around(model, n)
             if not any(op in ln for ln in lines for op in (" = Sqrt(", " = Reciprocal(", " = Pow(", " = Div(")):
                 done.add(n.name)  # a plain reduction (a mask's count, a pooling head), no norm behind it
                 continue
             out.append(f"  - around `{n.name}`:")
             out.extend(lines)
+            dumped += 1
             # the dump usually holds the norm's second reduction: do not dump that one again
             done.add(n.name)
             done.update(m.name for m in missed if _in_dump(model, n, m))
@@ -172,6 +178,7 @@ WHY = [
     ("fp16", "issue 15 item 6/7: fp16 / mixed_float16 spelling"),
     ("opset7", "issue 15 item 8: IR < 4, initializers listed as graph inputs"),
     ("levit", "issue 15 item 10: Shape reader / Flatten between MatMul and BatchNormalization"),
+    ("dropout", "issue 15 item 10: Identity (eval Dropout) between a BN and the Gemm it folds forward into"),
     ("op7", "issue 15 item 8: IR < 4, initializers listed as graph inputs"),
 ]
 

@@ -223,6 +223,21 @@ class LeViTMlp(nn.Module):
         return x + self.fc2(F.hardswish(self.fc1(x)))
 
 
+class MlpBnDropout(nn.Module):
+    """Linear -> ReLU -> BatchNorm1d -> Dropout -> Linear: the BN can only fold forward into the head,
+    and in eval the Dropout is an Identity between them (kept by the dynamo exporter's optimize=False)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 24)
+        self.bn = nn.BatchNorm1d(24)
+        self.drop = nn.Dropout(0.1)
+        self.head = nn.Linear(24, 10)
+
+    def forward(self, x):
+        return self.head(self.drop(self.bn(F.relu(self.fc(x)))))
+
+
 # ----------------------------------------------------------------------------------------------
 # wrappers for transformers models: positional tensor inputs, tensor output(s)
 # ----------------------------------------------------------------------------------------------
@@ -864,6 +879,18 @@ def build_levit_bn():
                            "the hooks do not see through the flatten).")
 
 
+def build_mlp_bn_dropout():
+    seeded(72)
+    m = ready(MlpBnDropout(), 72)
+    export_and_check(file="mlp_bn_dropout_dynamo_noopt_op18.onnx", model=m,
+                     source="hand-written nn.Module MlpBnDropout in export_torch.py", exporter=DY, opset=18,
+                     spec={"x": {"shape": [2, 16], "dtype": "float32"}}, seed=72, bn_after_linear=0,
+                     bn_before_linear=1, optimize=False,
+                     notes="dynamo=True, optimize=False: Gemm -> Relu -> BatchNormalization -> Identity (eval "
+                           "Dropout) -> Gemm. The BN (after Relu) folds forward into the head Gemm only by "
+                           "looking through the Identity (bn_before_linear=1).")
+
+
 def build_qwen2(opset=14):
     from transformers import Qwen2Config, Qwen2Model
     seeded(42)
@@ -1048,6 +1075,7 @@ BUILDERS = [
     ("hf_t5enc_fp16_op14", build_t5_fp16),
     ("conv_bn_op7", build_conv_bn_opset7),
     ("levit_linear_bn_op13", build_levit_bn),
+    ("mlp_bn_dropout_dynamo_noopt_op18", build_mlp_bn_dropout),
 ]
 
 
