@@ -209,6 +209,21 @@ def update_expected(path, entry):
             exp["batchnorm_left"] = left
         if reasons:
             exp["bn_reasons"] = reasons
+    # onnxruntime's offline optimizer (basic level) must not make normfold fuse less
+    import tempfile
+    import onnxruntime as ort
+    with tempfile.TemporaryDirectory() as tmp:
+        so = ort.SessionOptions()
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        so.optimized_model_filepath = str(Path(tmp) / "ort.onnx")
+        so.log_severity_level = 4
+        ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        _, ort_report = normfold.fold(onnx.load(so.optimized_model_filepath),
+                                      FoldOptions(target_opset=23, allow_transpose=True))
+    before = sum(s.status == "fused" for s in report.sites)
+    after = sum(s.status == "fused" for s in ort_report.sites)
+    if after < before:
+        exp["ort_offline_fused"] = after
     entry.pop("expected", None)
     if exp:
         exp["why"] = next((w for key, w in WHY if key in entry["file"]), "not recognised yet")
