@@ -865,3 +865,29 @@ def test_deep_net_statistics_fold_exactly_in_float64(kind, seed):
     np.testing.assert_array_equal(new["w1"], c["w1"] * (s[:, None, None, None] if kind == "Conv" else s[None, :]))
     np.testing.assert_allclose(new["b1"], (c["b1"] - c["m1"]) * s + c["bb1"], rtol=1e-13,
                                atol=1e-15 * np.max(np.abs(c["b1"] * s)))
+
+
+@pytest.mark.parametrize("is_test, folds", [(None, False), (0, False), (1, True)])
+def test_opset6_dropout_is_a_pass_through_only_in_test_mode(is_test, folds):
+    """Before opset 7 a Dropout drops values unless is_test=1."""
+    rng = np.random.default_rng(12)
+    attrs = {} if is_test is None else {"is_test": is_test}
+    nodes = [helper.make_node("Relu", ["x"], ["r"]),
+             helper.make_node("BatchNormalization", ["r", "s", "bb", "m", "v"], ["n"], name="bn", is_test=1),
+             helper.make_node("Dropout", ["n"], ["d"], name="drop", **attrs),
+             helper.make_node("Gemm", ["d", "w", "b"], ["y"], name="fc")]
+    consts = dict(w=rng.standard_normal((4, 3)).astype(np.float32), b=np.zeros(3, np.float32), **bn_params(rng, 4))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 6)])
+    model.ir_version = 3
+    for t in graph.initializer:  # IR 3 lists them; treated as constants (auto)
+        model.graph.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    onnx.checker.check_model(model)
+    folded, report = normfold.fold(model)
+    assert ("BatchNormalization" not in ops(folded)) == folds, report.to_text(True)
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    del bn.attribute[:]  # is_test=0: BatchNormalization-6 uses the batch's statistics
+    _, report = normfold.fold(model)
+    assert [s.reason for s in report.sites] == ["training-mode"]

@@ -88,13 +88,15 @@ def redirect_shape_readers(view: GraphView, old: str, new: str) -> None:
 
 def is_passthrough(view: GraphView, node: onnx.NodeProto | None) -> bool:
     """An Identity, or a Dropout that is one at inference: no training_mode (or a constant false
-    one) and no mask output used."""
+    one; before opset 7, is_test=1) and no mask output used."""
     if node is None or not _is_default_domain(node):
         return False
     if node.op_type == "Identity":
         return True
     if node.op_type != "Dropout" or any(o and (view.users(o) or view.is_graph_output(o)) for o in node.output[1:]):
         return False
+    if view.opset < 7:  # Dropout-1/6 drops values unless is_test=1
+        return attr(node, "is_test", 0) == 1
     if len(node.input) > 2 and node.input[2]:
         mode = view.const(node.input[2])
         return mode is not None and mode.size == 1 and not bool(mode.reshape(-1)[0])

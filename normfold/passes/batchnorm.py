@@ -56,6 +56,9 @@ class BatchNormFold(Rule):
         bn: onnx.NodeProto = match.parts["bn"]
         layer = match.parts["layer"]
         extra_outputs = [o for o in bn.output[1:] if o]
+        if view.opset < 7 and attr(bn, "is_test", 0) != 1:  # BatchNormalization-1/6: batch statistics unless is_test
+            return Left("training-mode", f"{label(bn)} has is_test=0 (opset {view.opset}): it normalizes with the "
+                                         "batch's statistics")
         if attr(bn, "training_mode", 0) or extra_outputs:
             return Left("training-mode", f"{label(bn)} runs in training mode"
                         + (f" (outputs {extra_outputs} are used)" if extra_outputs else ""))
