@@ -18,7 +18,7 @@ from normfold.graph import count_ops
 from normfold.io import StagedModel, Transaction, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
 from normfold.paths import Plan, Target, data_name_for, default_output, plan_run
-from normfold.passes.rmsnorm import add_contrib_opset_import
+from normfold.passes.norms import add_contrib_opset_import
 from normfold.prepare import prepare_model
 from normfold.report import Report, Verification
 from normfold.shapes import infer_shapes

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 import normfold
 from builders import build, fold_and_compare, ops, sites
 from normfold.api import FoldOptions, VerifyOptions, fold_file
-from normfold.passes.rmsnorm import add_contrib_opset_import
+from normfold.passes.norms import add_contrib_opset_import
 from normfold.verify import compare_models
 
 D = 16

@@ -78,7 +78,6 @@ def _rules():
     from normfold.passes.instance_affine import InstanceNormAffine
     from normfold.passes.layernorm import LayerNormFusion
     from normfold.passes.norms import GroupNormRule, LayerNormRule, NormLike, RMSNormRule
-    from normfold.passes.rmsnorm import RMSNormFusion
 
     return [BatchNormFold(), ChannelAffineFold(), LayerNormRule(), RMSNormRule(), GroupNormRule(), LayerNormFusion(),
             GroupNormFusion(), InstanceNormAffine(), NormLike(centered=True), NormLike(centered=False)]

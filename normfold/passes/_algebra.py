@@ -93,6 +93,21 @@ class Root(Atom):
         return f"({self.base!r})^{self.power}"
 
 
+def make_mean(arg: "Expr", axes: tuple[int, ...]) -> Mean:
+    """Mean(arg, axes), one atom for one value: the mean of a transposed leaf whose Transpose keeps
+    every axis that is not reduced in place is the mean of the leaf itself over the moved axes (a
+    Keras LayerNorm over (H, W, C) takes its moments on NCHW X and scales Transpose(X))."""
+    one = arg.single()
+    if one is not None and len(one[0]) == 1 and isinstance(one[0][0][0], Leaf) and one[0][0][0].perm:
+        (leaf, p), = one[0]
+        rank = len(leaf.perm)
+        reduced = {a % rank for a in axes}
+        if all(leaf.perm[i] == i for i in range(rank) if i not in reduced):
+            moved = tuple(sorted(leaf.perm[a] - rank for a in reduced))
+            return Mean(Expr({((Leaf(leaf.name), p),): one[1]}), moved)
+    return Mean(arg, axes)
+
+
 Signature = tuple  # sorted ((atom, Fraction power), ...)
 
 
@@ -253,11 +268,11 @@ def mean(a: Expr, axes: tuple[int, ...]) -> Expr | None:
                 term = Expr({outer: np.mean(c, axis=tuple(c.ndim + ax for ax in axes if c.ndim >= -ax),
                                             keepdims=True)})
             else:
-                term = Expr({_normal(outer + ((Mean(Expr({inner: c}), axes), Fraction(1)),)): np.ones(())})
+                term = Expr({_normal(outer + ((make_mean(Expr({inner: c}), axes), Fraction(1)),)): np.ones(())})
         elif not inner:
             term = Expr({outer: c})
         else:
-            m = Mean(Expr({inner: np.ones((), np.float64)}), axes)
+            m = make_mean(Expr({inner: np.ones((), np.float64)}), axes)
             term = Expr({_normal(outer + ((m, Fraction(1)),)): c})
         out = add(out, term)
         if out is None:
@@ -298,7 +313,7 @@ def _transpose_atom(x: Atom, perm: tuple[int, ...], inverse: list[int]) -> Atom 
         arg = transpose(x.arg, perm)
         # output axis i reads input axis perm[i]: a reduced input axis a lands at inverse[a]
         axes = tuple(sorted(inverse[ax % rank] - rank for ax in x.axes))
-        return None if arg is None else Mean(arg, axes)
+        return None if arg is None else make_mean(arg, axes)
     if isinstance(x, Root):
         base = transpose(x.base, perm)
         return None if base is None else Root(base, x.power)
@@ -531,8 +546,8 @@ def _where(cv: CanonicalView, node):
     # div_no_nan: Where(Equal(n, 0), 0, a / n) is a / n when the count n is never 0.
     cond = cv.view.producer.get(node.input[0])
     if cond is None or cond.op_type != "Equal":
-        value = cv.view.const(node.input[0])
-        if value is not None and value.size == 1:
+        value = cv.view.const(node.input[0])  # a guard another tool already evaluated
+        if value is not None and value.size and (np.all(value) or not np.any(value)):
             return cv.expr(node.input[1] if bool(value.reshape(-1)[0]) else node.input[2])
         return None
     n, zero = cv.expr(cond.input[0]), cv.expr(cond.input[1])
@@ -598,17 +613,6 @@ def variance_of(v: Expr) -> Moments | None:
     return Moments(square[0], square[1], centre is not None)
 
 
-def second_moment_leaves(e: Expr) -> bool:
-    """Whether `e` contains the mean of a power (other than 1) of something: a norm's statistic."""
-    for sig, _ in e.terms.items():
-        for a, _ in sig:
-            if isinstance(a, Mean) and (any(p != 1 for s in a.arg.terms for _, p in s) or second_moment_leaves(a.arg)):
-                return True
-            if isinstance(a, Root) and second_moment_leaves(a.base):
-                return True
-    return False
-
-
 @dataclass(frozen=True)
 class InverseStd:
     """The factor (V + eps)^-1/2 of a normalization, V read as Moments."""
@@ -638,28 +642,40 @@ def inverse_std(sig: Signature) -> tuple[InverseStd, Signature] | None:
 
 @dataclass(frozen=True)
 class NormForm:
-    """Y = (X - E[X]) * (Var[X] + eps)^-1/2 * gamma + beta (LayerNorm), or without the mean (RMSNorm)."""
+    """Y = (X - E[X]) * (Var[X] + eps)^-1/2 * gamma + beta (LayerNorm), or without the mean (RMSNorm),
+    over `axes` of `x` (a Leaf, possibly read through a Transpose)."""
 
     stats: InverseStd
     gamma: np.ndarray  # float64, broadcast like the tensor
     beta: np.ndarray | None
-
-    @property
-    def x(self) -> Leaf:
-        return self.stats.moments.x
-
-    @property
-    def axes(self) -> tuple[int, ...]:
-        return self.stats.moments.axes
+    x: Leaf
+    axes: tuple[int, ...]
 
     @property
     def centered(self) -> bool:
         return self.stats.moments.centered
 
 
+def _frame(leaf: Leaf, moments: Moments) -> tuple[int, ...] | None:
+    """The axes of `leaf` (the stats' tensor read through another Transpose) that the moments
+    reduce, when its mean over them is the moments' mean; else None."""
+    if leaf.name != moments.x.name:
+        return None
+    if leaf.perm == moments.x.perm:
+        return moments.axes
+    rank = len(leaf.perm or moments.x.perm)
+    own = moments.x.perm or tuple(range(rank))
+    target = make_mean(Expr.atom(moments.x), moments.axes)
+    # axis j of `leaf` is axis perm[j] of the tensor; find the axes whose mean is the moments' mean
+    perm = leaf.perm or tuple(range(rank))
+    reduced = {own[a % rank] for a in moments.axes}
+    axes = tuple(sorted(perm.index(a) - rank for a in reduced))
+    return axes if make_mean(Expr.atom(leaf), axes) == target else None
+
+
 def norm_form(e: Expr) -> NormForm | None:
     """Read `e` as a LayerNorm or RMSNorm of one tensor, however its products and shifts were spread."""
-    stats, gamma, shift, beta = None, None, None, None
+    stats, gamma, shift, beta, x = None, None, None, None, None
     for sig, c in e.terms.items():
         if sig == ():
             beta = c
@@ -671,16 +687,18 @@ def norm_form(e: Expr) -> NormForm | None:
         if stats is not None and s != stats:
             return None
         stats = s
-        x = s.moments.x
-        mean_x = Mean(Expr.atom(x), s.moments.axes)
-        if rest == ((x, Fraction(1)),) and gamma is None:
-            gamma = c
+        mean_x = make_mean(Expr.atom(s.moments.x), s.moments.axes)
+        if len(rest) == 1 and isinstance(rest[0][0], Leaf) and rest[0][1] == 1 and gamma is None:
+            gamma, x = c, rest[0][0]
         elif rest == ((mean_x, Fraction(1)),) and shift is None and s.moments.centered:
             shift = c
         else:
             return None
     if stats is None or gamma is None:
         return None
+    axes = _frame(x, stats.moments)
+    if axes is None:
+        return None
     if stats.moments.centered and (shift is None or not np.allclose(shift, -gamma, rtol=COEFF_RTOL, atol=0)):
         return None
-    return NormForm(stats, gamma, beta)
+    return NormForm(stats, gamma, beta, x, axes)

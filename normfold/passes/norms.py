@@ -45,7 +45,7 @@ import onnx
 from normfold.graph import FLOAT_TYPES, GraphView, attr, label, subgraphs
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._algebra import (CanonicalView, Expr, Leaf, Mean, NormForm, Root, norm_form,
-                                      second_moment_leaves, varies_along)
+                                      varies_along)
 from normfold.passes._pattern import is_op, reuse_or_add
 
 REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
@@ -55,6 +55,7 @@ FLOWS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal
 MAX_HOPS = 24
 LN_OPSET, RMS_OPSET = 17, 23
 CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_VERSION = 1
 LOW_PRECISION = (onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 # Element types onnxruntime's CPU GroupNormalization-21 kernel runs (stash_type=1); bfloat16 has none.
 GROUPNORM_DTYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
@@ -82,7 +83,9 @@ class Grouping:
 
     source: str
     groups: int
-    channel_axis: int  # the axis of Z that holds G
+    per_group: int  # C/G
+    axis: int  # where G stands in the layout the norm is read in (C/G right after it)
+    rank: int  # the rank of that layout
     perm_out: tuple[int, ...] | None
 
 
@@ -93,6 +96,7 @@ class Refused:
     anchor: onnx.NodeProto
     centered: bool
     left: Left
+    grouped: bool = False  # a GroupNorm (reported under its pass)
 
 
 @dataclass
@@ -117,24 +121,36 @@ def origin(view: GraphView, tensor: str) -> str:
     return tensor
 
 
+def behind(view: GraphView, tensor: str) -> str:
+    """The tensor behind Identity, float Casts and Transposes (the canonical view reads through them)."""
+    for _ in range(8):
+        tensor = origin(view, tensor)
+        node = view.producer.get(tensor)
+        if not is_op(node, "Transpose"):
+            break
+        tensor = node.input[0]
+    return tensor
+
+
 def _candidates(view: GraphView, reduction: onnx.NodeProto) -> list[str]:
-    """The tensors a reduction may be taking statistics of: its input, or what its input squares
-    (not X - mean(X): normalizing that is a LayerNorm of X, whose own reduction comes first)."""
+    """The tensors a reduction may be taking statistics of: its input, or what its input squares,
+    also behind a Transpose (not X - mean(X): normalizing that is a LayerNorm of X, whose own
+    reduction comes first)."""
     u = origin(view, reduction.input[0])
-    found = [u]
+    found = [behind(view, u), u]
     node = view.producer.get(u)
     if is_op(node, "Pow", "Mul") and len(node.input) == 2:
-        found += [origin(view, t) for t in node.input if not view.is_const(t)]
+        found += [f(view, t) for t in node.input if not view.is_const(t) for f in (behind, origin)]
     return [t for t in dict.fromkeys(found) if not centered(view, t)]
 
 
 def centered(view: GraphView, tensor: str) -> bool:
-    """Whether `tensor` is X - mean(X) (through Casts and Identity)."""
-    sub = view.producer.get(origin(view, tensor))
+    """Whether `tensor` is X - mean(X) (through Casts, Identity and Transposes)."""
+    sub = view.producer.get(behind(view, tensor))
     if not is_op(sub, "Sub"):
         return False
-    mean = view.producer.get(origin(view, sub.input[1]))
-    return is_op(mean, *REDUCTIONS) and origin(view, mean.input[0]) == origin(view, sub.input[0])
+    mean = view.producer.get(behind(view, sub.input[1]))
+    return is_op(mean, *REDUCTIONS) and behind(view, mean.input[0]) == behind(view, sub.input[0])
 
 
 def _downstream(view: GraphView, start: onnx.NodeProto) -> list[str]:
@@ -222,8 +238,11 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
         refusal = None
         for t, form in reversed(forms):  # the furthest first: it includes gamma and beta
             grouped = _grouped(view, cv, reduction, x, t, form)
-            if grouped is not None:
+            if isinstance(grouped, NormSite):
                 return grouped
+            if isinstance(grouped, Left):
+                refusal = refusal or Refused(reduction, True, grouped, grouped=True)
+                continue
             site = _site(view, cv, reduction, x, t, form)
             if isinstance(site, NormSite):
                 return site
@@ -243,51 +262,72 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
 
 
 def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form: NormForm):
-    """The GroupNorm reading of a LayerNorm over Z = Reshape(X1) whose result is reshaped back
-    (Keras 3, tf_keras: X1 is NHWC, Z = [N, H, W, G, C/G], the norm over H, W, C/G), or None.
+    """The GroupNorm reading of a LayerNorm over a grouped view of a tensor, or None:
 
-        X0 ─> [Transpose] ─> X1 ─> Reshape ─> Z ─> LayerNorm over all but N and G ─> Reshape ─> Y
+        X ─> Reshape ─> Z ─> [Transposes anywhere inside] ─> norm over all but N and G ─> Reshape ─> Y
 
-    The Reshapes only split the channel axis and merge it back (checked on the inferred shapes; a
-    dynamic batch is the one unknown, and equal element counts make it equal)."""
+    Z splits the channel axis c of X into (G, C/G); the norm is read in some layout of Z (its leaf
+    Transpose `form.x.perm`: onnxruntime moves Transposes into the moments); the last Reshape merges G
+    and C/G back. Keras 3 / tf_keras (X = Transpose(NCHW) in NHWC, Z = [N, H, W, G, C/G]), their
+    optimized forms and channels-first groupings are all this one reading. The Reshapes are checked on
+    the inferred shapes (a dynamic batch may be the one unknown: equal element counts make it equal).
+    GroupNormalization reads the tensor whose axis 1 holds the channels (through the exporter's
+    Transposes) and one Transpose after it restores the layout the site wrote."""
     split, merge = view.producer.get(z), view.sole_user(y)
-    if not (is_op(split, "Reshape") and is_op(merge, "Reshape") and form.x.perm is None and form.centered):
+    if not (is_op(split, "Reshape") and is_op(merge, "Reshape") and form.centered):
         return None
-    x1, out = split.input[0], merge.output[0]
-    dx, dz, dy = view.dims(x1), view.dims(z), view.dims(out)
-    if dx is None or dz is None or dy is None or len(dz) != len(dx) + 1 or list(dy) != list(dx):
+    x, out = split.input[0], merge.output[0]
+    dx, dz, dout = view.dims(x), view.dims(z), view.dims(out)
+    if dx is None or dz is None or dout is None or len(dz) != len(dx) + 1 or len(dout) != len(dx):
         return None
-    if sum(1 for d in dx if not isinstance(d, int)) > 1 or sum(1 for d in dz if not isinstance(d, int)) > 1:
+    if sum(1 for d in dz if not isinstance(d, int)) > 1:
         return None
-    rank = len(dz)
+    rank, xr = len(dz), len(dx)
+    p = list(form.x.perm or range(rank))  # axis j of the norm's layout is axis p[j] of Z
     axes = {a + rank for a in form.axes}
-    c = next((i for i in range(1, rank - 1) if i not in axes and i + 1 in axes), None)
-    if c is None or axes != set(range(1, rank)) - {c}:
+    c = next((i for i in range(1, rank - 1) if _splits(dx, dz, i) and i + 1 in p and p.index(i + 1) == p.index(i) + 1
+              and p[0] == 0 and axes == set(range(1, rank)) - {p.index(i)}), None)
+    if c is None:
         return None
-    if dz[:c] != dx[:c] or dz[c + 2:] != dx[c + 1:] or not (isinstance(dz[c], int) and isinstance(dz[c + 1], int)
-                                                             and dz[c] * dz[c + 1] == dx[c]):
-        return None
-    for coeff in (form.gamma, form.beta):
-        if coeff is not None and varies_along(coeff, tuple(a - rank for a in range(rank) if a not in (c, c + 1))):
-            return None
-    # GroupNormalization wants channels at axis 1: read X0 where X1 = Transpose(X0) puts them there.
-    xr = len(dx)
+    # From here on it is a GroupNorm: what stops the rewrite is said under the groupnorm pass.
+    jg = p.index(c)
+    for what, coeff in (("gamma", form.gamma), ("beta", form.beta)):
+        if coeff is not None and varies_along(coeff, tuple(a - rank for a in range(rank) if a not in (jg, jg + 1))):
+            return Left("not-per-channel", f"the GroupNorm's {what} of shape {list(coeff.shape)} varies along "
+                                           "axes other than the channels")
+    # Axis k of the site's output is axis q[k] of X (G and C/G merged back into c).
+    merged = p[:jg] + [c] + p[jg + 2:]
+    q = [z_axis if z_axis <= c else z_axis - 1 for z_axis in merged]
+    if any(isinstance(d, int) and d != dx[i] for d, i in zip(dout, q)):
+        return Left("unsupported-axis", f"{label(merge)} does not give back the grouped tensor's layout")
+    # GroupNormalization reads X with c at axis 1; see through the exporter's Transpose in front of X.
     to_first = [0, c] + [i for i in range(1, xr) if i != c]
-    source, perm_out = x1, None
-    if c != 1:
-        transpose = view.producer.get(x1)
-        perm0 = [int(p) for p in attr(transpose, "perm") or []] if is_op(transpose, "Transpose") else []
+    source = x
+    transpose = view.producer.get(x)
+    if to_first != list(range(xr)):
+        perm0 = [int(i) for i in attr(transpose, "perm") or []] if is_op(transpose, "Transpose") else []
         if len(perm0) != xr or [perm0[i] for i in to_first] != list(range(xr)):
-            return None  # channels-last from the start: a Transpose pair would be needed (left to the LN rule)
-        source, perm_out = transpose.input[0], tuple(perm0)
-    nodes = _cone(view, out, {source})
-    if nodes is None or escapes(view, nodes, keep=out) is not None:
-        return None
+            return Left("unsupported-axis", f"the GroupNorm groups axis {c} of {x!r}, which no Transpose from a "
+                                            "channels-first tensor puts there (a Transpose pair would be needed)")
+        source = transpose.input[0]
+    # Output axis k holds X axis q[k], which is axis to_first.index(q[k]) of the op's result.
+    perm_out = tuple(to_first.index(a) for a in q)
+    nodes = _cone(view, out, {x})
+    escaped = None if nodes is None else escapes(view, nodes, keep=out)
+    if nodes is None or escaped is not None:
+        return Left("intermediate-used-elsewhere", f"{escaped!r} inside the GroupNorm is also used outside it")
     dtype = view.elem_type(source)
     if dtype is None or dtype != view.elem_type(out):
-        return None
+        return Left("unsupported-dtype", "the GroupNorm reads and writes different types")
     return NormSite(form, reduction, source, out, nodes, dtype,
-                    grouping=Grouping(source, int(dz[c]), c, perm_out))
+                    grouping=Grouping(source, int(dz[c]), int(dz[c + 1]), jg, rank,
+                                      None if perm_out == tuple(range(xr)) else perm_out))
+
+
+def _splits(dx: list, dz: list, i: int) -> bool:
+    """Whether Z's axes i, i+1 are X's axis i split in two, every other axis the same."""
+    return (dz[:i] == dx[:i] and dz[i + 2:] == dx[i + 1:] and isinstance(dz[i], int) and isinstance(dz[i + 1], int)
+            and dz[i] * dz[i + 1] == dx[i])
 
 
 def _site(view: GraphView, cv: CanonicalView, reduction, x: str, y: str, form: NormForm) -> NormSite | Left:
@@ -392,7 +432,8 @@ class NormRule(Rule):
         if isinstance(found, Unrecognized) or found is None:
             return None  # NormLike reports it, after every other rule had its chance
         centered = found.form.centered if isinstance(found, NormSite) else found.centered
-        if centered != self.centered or (isinstance(found, NormSite) and found.grouping is not None) != self.grouped:
+        grouped = found.grouping is not None if isinstance(found, NormSite) else found.grouped
+        if centered != self.centered or grouped != self.grouped:
             return None
         if isinstance(found, Refused):
             return Match(self.kind, [node], node.output[0], {"left": found.left})
@@ -474,6 +515,15 @@ class LayerNormRule(NormRule):
         return ("LayerNormalization", "")
 
 
+def _per_channel(c: np.ndarray, g: Grouping) -> np.ndarray:
+    """A coefficient of the grouped layout (varying along G and C/G only) as the [C] vector
+    GroupNormalization-21 takes (channel = group * C/G + index)."""
+    full = c.reshape((1,) * (g.rank - c.ndim) + c.shape)  # coefficients are right-aligned
+    pick = tuple(slice(None) if i in (g.axis, g.axis + 1) else 0 for i in range(g.rank))
+    grouped = np.broadcast_to(full[pick] if full.ndim else full, (g.groups, g.per_group))
+    return np.ascontiguousarray(grouped.reshape(-1), dtype=np.float64)
+
+
 class GroupNormRule(NormRule):
     """A LayerNorm over a grouped view of X (see _grouped) becomes one GroupNormalization-21."""
 
@@ -496,16 +546,10 @@ class GroupNormRule(NormRule):
         eps = site.form.stats.eps
         if not (np.isfinite(eps) and eps > 0):
             return Left("invalid-statistics", f"epsilon {eps} is not positive")
-        rank = len(view.dims(site.form.x.name))
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(site.dtype)
-        channels = view.dims(site.form.x.name)[g.channel_axis] * view.dims(site.form.x.name)[g.channel_axis + 1]
         params, rounding = [], 0.0
         for c in (site.form.gamma, site.form.beta if site.form.beta is not None else np.zeros(())):
-            full = c.reshape((1,) * (rank - c.ndim) + c.shape)
-            grouped = np.broadcast_to(full, full.shape[:g.channel_axis] + tuple(view.dims(site.form.x.name)
-                                      [g.channel_axis:g.channel_axis + 2]) + full.shape[g.channel_axis + 2:])
-            exact = grouped.reshape(-1)[:0] if False else np.ascontiguousarray(
-                np.moveaxis(grouped, (g.channel_axis, g.channel_axis + 1), (0, 1)).reshape(channels, -1)[:, 0])
+            exact = _per_channel(c, g)
             stored = exact.astype(np_dtype)
             rounding = max(rounding, float(np.max(np.abs(stored.astype(np.float64) - exact))))
             params.append(stored)
@@ -653,7 +697,22 @@ def emit(view: GraphView, site: NormSite, plan: dict, centered: bool) -> Rewritt
     notes = [site.note] if site.note else []
     if domain:
         notes.append(f"uses {CONTRIB_DOMAIN}.SimplifiedLayerNormalization: the model needs the opset import "
-                     f"{CONTRIB_DOMAIN}:1")
+                     f"{CONTRIB_DOMAIN}:{CONTRIB_VERSION}")
     return Rewritten([n.name for n in created], f"{len(site.nodes)} nodes fused into {where} (axis={-plan['k']}, "
                                                 f"epsilon={plan['eps']:g}{wrapped})", notes=notes,
                      max_rounding=plan["rounding"] if op != "LayerNormalization" or plan["rounding"] else None)
+
+
+def add_contrib_opset_import(model: onnx.ModelProto) -> bool:
+    """Add the `com.microsoft` opset import when a node of the model (or of a subgraph or function)
+    uses that domain and the model does not import it. Returns whether it added one."""
+    if any(imp.domain == CONTRIB_DOMAIN for imp in model.opset_import):
+        return False
+
+    def uses(graph: onnx.GraphProto) -> bool:
+        return any(n.domain == CONTRIB_DOMAIN or any(uses(g) for _, g in subgraphs(n)) for n in graph.node)
+
+    if not (uses(model.graph) or any(n.domain == CONTRIB_DOMAIN for f in model.functions for n in f.node)):
+        return False
+    model.opset_import.append(onnx.helper.make_opsetid(CONTRIB_DOMAIN, CONTRIB_VERSION))
+    return True
