@@ -255,9 +255,11 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
         sub = next((u for u in view.users(reduction.output[0]) if is_op(u, "Sub") and
                     list(u.input) == [reduction.input[0], reduction.output[0]]), None)
         if sub is not None:  # X - mean(X) going on in a way that is no norm we know: say so
+            after = [view.producer[t] for t in _downstream(view, sub)[:12] if t in view.producer]
+            ops = _op_sequence([reduction] + list({id(n): n for n in after}.values()))
             return Unrecognized(reduction, [reduction, sub], sub.output[0], True,
                                 f"{label(reduction)} subtracts a mean like a LayerNorm, but the nodes after it "
-                                "are not a norm normfold can prove")
+                                f"are not a norm normfold can prove ({ops})")
     return unrecognized
 
 

@@ -1,0 +1,313 @@
+"""The norm recognisers (normfold/passes/norms.py) match what a subgraph computes: every spelling
+exporters write is a case here, not a code path. README's spelling list is checked against
+SPELLINGS (test_readme_lists_exactly_the_tested_spellings)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import normfold
+from builders import build, fold_and_compare, ops, run
+
+D = 16
+RNG = np.random.default_rng(11)
+GAMMA = (1 + 0.5 * RNG.standard_normal(D)).astype(np.float32)
+BETA = RNG.standard_normal(D).astype(np.float32)
+CONSTS = dict(gamma=GAMMA, beta=BETA, eps=np.float32(1e-5), two=np.float32(2), half=np.float32(-0.5),
+              one=np.float32(1), n=np.float32(D), inv_n=np.float32(1 / D), zero=np.float32(0), ax=np.array([-1]), ax2=np.array([-2]))
+README = Path(__file__).parents[1] / "README.md"
+
+# name -> (family, graph body computing y from x[2,5,16]); constants from CONSTS.
+SPELLINGS = {
+    "torchscript": ("layernorm", """
+        m = ReduceMean (x, ax)
+        d = Sub (x, m)
+        sq = Pow (d, two)
+        v = ReduceMean (sq, ax)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        nrm = Div (d, sd)
+        g = Mul (nrm, gamma)
+        y = Add (g, beta)"""),
+    "keras-factored": ("layernorm", """
+        m = ReduceMean (x, ax)
+        d = Sub (x, m)
+        sq = Mul (d, d)
+        v = ReduceMean (sq, ax)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        r = Reciprocal (sd)
+        g = Mul (r, gamma)
+        xg = Mul (x, g)
+        nm = Neg (m)
+        mg = Mul (nm, g)
+        sh = Add (mg, beta)
+        y = Add (xg, sh)"""),
+    "keras-moments-stopgradient": ("layernorm", """
+        m = ReduceMean (x, ax)
+        sg = Identity (m)
+        d = Sub (x, sg)
+        sq = Mul (d, d)
+        v = ReduceMean (sq, ax)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        r = Reciprocal (sd)
+        g = Mul (r, gamma)
+        xg = Mul (x, g)
+        nm = Neg (m)
+        mg = Mul (nm, g)
+        sh = Add (beta, mg)
+        y = Add (xg, sh)"""),
+    "keras-no-center": ("layernorm", """
+        m = ReduceMean (x, ax)
+        sg = Identity (m)
+        d = Sub (x, sg)
+        sq = Mul (d, d)
+        v = ReduceMean (sq, ax)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        r = Reciprocal (sd)
+        xr = Mul (x, r)
+        nm = Neg (m)
+        mr = Mul (nm, r)
+        y = Add (xr, mr)"""),
+    "tf-keras-nonfused": ("layernorm", """
+        m = ReduceMean (x, ax)
+        d = Sub (x, m)
+        sq = Mul (d, d)
+        v = ReduceMean (sq, ax)
+        ve = Add (eps, v)
+        sd = Sqrt (ve)
+        r = Reciprocal (sd)
+        g = Mul (gamma, r)
+        xg = Mul (x, g)
+        mg = Mul (m, g)
+        sh = Sub (beta, mg)
+        y = Add (xg, sh)"""),
+    "raw-moments-clamped": ("layernorm", """
+        m = ReduceMean (x, ax)
+        xx = Mul (x, x)
+        ex2 = ReduceMean (xx, ax)
+        mm = Mul (m, m)
+        v0 = Sub (ex2, mm)
+        v = Max (v0, zero)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        d = Sub (x, m)
+        nrm = Div (d, sd)
+        g = Mul (nrm, gamma)
+        y = Add (g, beta)"""),
+    "sums-over-a-count": ("layernorm", """
+        s = ReduceSum (x, ax)
+        m = Div (s, n)
+        d = Sub (x, m)
+        ss = ReduceSumSquare <keepdims=1> (d, ax)
+        v = Mul (ss, inv_n)
+        ve = Add (v, eps)
+        r = Pow (ve, half)
+        nrm = Mul (d, r)
+        g = Mul (gamma, nrm)
+        y = Add (g, beta)"""),
+    "weighted-moments-ones-mask": ("layernorm", """
+        shp = Shape (x)
+        mask = ConstantOfShape <value=float[1] {1.0}> (shp)
+        zl = ConstantOfShape (shp)
+        mx = Mul (mask, x)
+        sx = ReduceSum (mx, ax)
+        w = Add (mask, zl)
+        sw = ReduceSum (w, ax)
+        q = Div (sx, sw)
+        nz = Equal (sw, zero)
+        m = Where (nz, zero, q)
+        d = Sub (x, m)
+        sq = Mul (d, d)
+        wsq = Mul (mask, sq)
+        sv = ReduceSum (wsq, ax)
+        q2 = Div (sv, sw)
+        v = Where (nz, zero, q2)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        r = Div (one, sd)
+        g = Mul (r, gamma)
+        xg = Mul (x, g)
+        mg = Mul (m, g)
+        sh = Sub (beta, mg)
+        y = Add (xg, sh)"""),
+    "llama": ("rmsnorm", """
+        sq = Pow (x, two)
+        ms = ReduceMean (sq, ax)
+        mse = Add (ms, eps)
+        sd = Sqrt (mse)
+        r = Div (one, sd)
+        nrm = Mul (x, r)
+        y = Mul (gamma, nrm)"""),
+    "rms-reduce-sum-square": ("rmsnorm", """
+        ss = ReduceSumSquare <keepdims=1> (x, ax)
+        ms = Div (ss, n)
+        mse = Add (ms, eps)
+        r = Pow (mse, half)
+        nrm = Mul (x, r)
+        y = Mul (nrm, gamma)"""),
+    "gemma-one-plus-weight": ("rmsnorm", """
+        xx = Mul (x, x)
+        ms = ReduceMean (xx, ax)
+        mse = Add (ms, eps)
+        sd = Sqrt (mse)
+        r = Reciprocal (sd)
+        w1 = Add (one, gamma)
+        rg = Mul (r, w1)
+        y = Mul (x, rg)"""),
+}
+
+
+def spelling_model(name: str) -> onnx.ModelProto:
+    _, body = SPELLINGS[name]
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    return build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{{body}\n}}", opset=18, **used)
+
+
+@pytest.mark.parametrize("name", sorted(SPELLINGS))
+def test_every_spelling_is_one_fused_op_with_the_same_outputs(name):
+    family, _ = SPELLINGS[name]
+    model = spelling_model(name)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, target_opset=23)
+    op = {"layernorm": "LayerNormalization", "rmsnorm": "RMSNormalization"}[family]
+    assert ops(folded) == [op], report.to_text(verbose=True)
+    [site] = report.sites
+    assert site.pass_name == family and site.status == "fused"
+
+
+def test_readme_lists_exactly_the_tested_spellings():
+    """README's list of LayerNorm/RMSNorm spellings is this module's SPELLINGS, name for name."""
+    section = README.read_text().split("<!-- spellings -->")[1].split("<!-- /spellings -->")[0]
+    listed = set(re.findall(r"`([a-z0-9-]+)`", section))
+    assert listed == set(SPELLINGS)
+
+
+# ---- spellings composed at random: any mix is the same site ------------------------------------
+MEANS = {"mean": "{o} = ReduceMean ({i}, ax)", "sum": "{o}_s = ReduceSum ({i}, ax)\n{o} = Div ({o}_s, n)",
+         "sum-times": "{o}_s = ReduceSum ({i}, ax)\n{o} = Mul (inv_n, {o}_s)"}
+INVERSE = {"div": "{o}_sd = Sqrt ({i})\n{o} = Div (one, {o}_sd)", "recip": "{o}_sd = Sqrt ({i})\n{o} = Reciprocal ({o}_sd)",
+           "pow": "{o} = Pow ({i}, half)"}
+
+
+@settings(max_examples=60, deadline=None)
+@given(mean=st.sampled_from(sorted(MEANS)), var_mean=st.sampled_from(sorted(MEANS)),
+       square=st.sampled_from(["pow", "mul", "sumsquare"]), inverse=st.sampled_from(sorted(INVERSE)),
+       eps_first=st.booleans(), identity=st.booleans(), shift=st.sampled_from(["sub", "neg-add"]),
+       affine=st.sampled_from(["after", "into-r", "factored"]), beta=st.booleans())
+def test_any_mix_of_spellings_is_one_layernormalization(mean, var_mean, square, inverse, eps_first, identity, shift,
+                                                       affine, beta):
+    lines = [MEANS[mean].format(o="m", i="x")]
+    mm = "m"
+    if identity:
+        lines.append("mi = Identity (m)")
+        mm = "mi"
+    lines.append(f"d = Sub (x, {mm})" if shift == "sub" else f"nm0 = Neg ({mm})\nd = Add (nm0, x)")
+    if square == "sumsquare":
+        lines.append("ss = ReduceSumSquare <keepdims=1> (d, ax)\nv = Div (ss, n)")
+    else:
+        lines.append("sq = Pow (d, two)" if square == "pow" else "sq = Mul (d, d)")
+        lines.append(MEANS[var_mean].format(o="v", i="sq"))
+    lines.append("ve = Add (eps, v)" if eps_first else "ve = Add (v, eps)")
+    lines.append(INVERSE[inverse].format(o="r", i="ve"))
+    tail = "yb" if beta else "y"
+    if affine == "after":
+        lines.append(f"nrm = Mul (d, r)\n{tail} = Mul (nrm, gamma)")
+    elif affine == "into-r":
+        lines.append(f"rg = Mul (gamma, r)\n{tail} = Mul (rg, d)")
+    else:  # x * (r g) + (-m) * (r g)
+        lines.append(f"rg = Mul (r, gamma)\nxg = Mul (x, rg)\nnm = Neg (m)\nmg = Mul (nm, rg)\n{tail} = Add (xg, mg)")
+    if beta:
+        lines.append("y = Add (yb, beta)")
+    body = "\n".join(lines)
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n{body}\n}}", opset=18, **used)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"], report.to_text(verbose=True)
+
+
+# ---- what is not a norm is never fused, and a norm-like computation is never silent -------------
+def _variant(name: str, old: str, new: str, **extra) -> onnx.ModelProto:
+    _, body = SPELLINGS[name]
+    assert old in body
+    body = body.replace(old, new)
+    used = {k: v for k, v in {**CONSTS, **extra}.items() if re.search(rf"\b{k}\b", body)}
+    return build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{{body}\n}}", opset=23, **used)
+
+
+@pytest.mark.parametrize("name, old, new, why", [
+    ("torchscript", "ve = Add (v, eps)", "ve = Max (v, eps)", "max(var, eps) is not var + eps"),
+    ("torchscript", "v = ReduceMean (sq, ax)", "v = ReduceMean (sq, ax2)", "mean and variance over other axes"),
+    ("llama", "sq = Pow (x, two)", "sq = Pow (x, three)", "a mean cube is no mean square"),
+    ("llama", "r = Div (one, sd)", "r = Div (one, mse)", "1 / mean square, not its root"),
+    ("keras-factored", "mg = Mul (nm, g)", "mg = Mul (nm, r)", "the shift without gamma"),
+])
+def test_a_near_norm_is_left_unrecognized_with_its_ops(name, old, new, why):
+    model = _variant(name, old, new, three=np.float32(3))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model), why
+    left = [s for s in report.sites if s.status == "left"]
+    assert [s.reason for s in left] == ["unrecognized-pattern"], (why, report.to_text(verbose=True))
+    assert " -> " in left[0].detail  # the op sequence, for the user
+
+
+def test_a_norm_with_a_non_constant_gamma_is_reported():
+    model = build(f"""g (float[2,5,{D}] x, float[{D}] w) => (float[2,5,{D}] y) {{
+        sq = Pow (x, two)
+        ms = ReduceMean (sq, ax)
+        mse = Add (ms, eps)
+        r = Pow (mse, half)
+        nrm = Mul (x, r)
+        y = Mul (nrm, w)
+    }}""", opset=18, two=CONSTS["two"], eps=CONSTS["eps"], half=CONSTS["half"], ax=CONSTS["ax"])
+    folded, report = normfold.fold(model, normfold.FoldOptions(target_opset=23))
+    # the normalized part is an RMSNorm with gamma 1; the Mul by the graph input w stays after it
+    assert ops(folded) == ["RMSNormalization", "Mul"]
+    assert folded.graph.node[1].input[1] == "w"
+
+
+@pytest.mark.parametrize("axes, fused", [("[2]", False), ("[-1]", True)])
+def test_unknown_rank_fuses_only_axes_known_to_be_trailing(axes, fused):
+    """With X's rank unknown, axis 2 may or may not be the last one: never read as trailing. A
+    negative axis is trailing at any rank."""
+    model = build(f"""g (float[2,5,{D}] x0) => (float[2,5,{D}] y) {{
+        x = Identity (x0)
+        m = ReduceMean <axes={axes}> (x)
+        d = Sub (x, m)
+        sq = Mul (d, d)
+        v = ReduceMean <axes={axes}> (sq)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        nrm = Div (d, sd)
+        y = Mul (nrm, gamma)
+    }}""", opset=17, eps=CONSTS["eps"], gamma=GAMMA)
+    model.graph.ClearField("value_info")
+    # hide X's rank from shape inference: its input declared without a shape
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    folded, report = normfold.fold(model)
+    if fused:
+        assert ops(folded) == ["LayerNormalization"]  # the Identity in front joins the site
+        feeds = {"x0": np.random.default_rng(0).standard_normal((2, 5, D)).astype(np.float32)}
+        np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+    else:
+        assert "LayerNormalization" not in ops(folded)
+        [site] = [s for s in report.sites if s.pass_name == "layernorm"]
+        assert site.status == "left" and site.reason in ("unknown-shape", "unrecognized-pattern")
+
+
+def test_norm_output_read_by_a_second_tensor_stops_the_site_before_it():
+    """y = LN(x) + z with z a graph input: the LayerNorm is fused, the Add of z stays."""
+    _, body = SPELLINGS["torchscript"]
+    body = body.replace("y = Add (g, beta)", "yb = Add (g, beta)\n        y = Add (yb, z)")
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x, float[2,5,{D}] z) => (float[2,5,{D}] y) {{{body}\n}}", opset=18, **used)
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization", "Add"]
