@@ -30,7 +30,8 @@ REASONS: dict[str, str] = {
     "unknown-shape": "a shape or rank the rewrite needs could not be inferred",
     "unsupported-dtype": "the tensor type is not a floating-point type the rewrite handles",
     "excluded": "the user excluded this node (--exclude-node)",
-    "unrecognized-pattern": "it looks like a norm (a mean is subtracted) but the rest is not a spelling normfold knows",
+    "unrecognized-pattern": ("it computes norm statistics (a mean square or variance under an inverse square root, or a "
+                             "mean subtracted) but is not a norm normfold can prove; the detail lists its ops"),
 }
 
 STATUSES = ("folded", "fused", "left")
