@@ -19,7 +19,7 @@ from normfold.io import StagedModel, Transaction, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
 from normfold.paths import Plan, Target, data_name_for, default_output, plan_run
 from normfold.passes.norms import add_contrib_opset_import
-from normfold.prepare import prepare_model
+from normfold.prepare import explain_listed_inputs, prepare_model
 from normfold.report import Report, Verification
 from normfold.shapes import infer_shapes
 from normfold.verify import ModelRun, RunOptions, compare_models, run_reference
@@ -167,6 +167,7 @@ def _run_passes(prepared: _Prepared, options: FoldOptions, report: Report) -> No
     rules = [rule for rule in RULES if rule.name in options.passes]
     report.sites = run_rules(model.graph, rules, prepared.ctx, prepared.shapes)
     report.notes = prepared.notes
+    explain_listed_inputs(model, report.sites)  # every pass's non-constant reason names the option
     add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
     report.opset_after = model_opset(model)
     report.ops_after = count_ops(model.graph)

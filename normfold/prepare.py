@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import onnx
 
-from normfold.graph import subgraphs
+from normfold.graph import label, subgraphs
 from normfold.shapes import light_model
 
 INITIALIZER_INPUTS = ("auto", "constant", "input")
@@ -47,6 +47,29 @@ def initializers_as_constants(model: onnx.ModelProto, mode: str = "auto") -> lis
     else:
         note += " (--initializer-inputs constant)"
     return [note]
+
+
+LISTED_HINT = "--initializer-inputs constant"
+NON_CONSTANT = ("non-constant-parameters", "non-constant-weights")
+
+
+def explain_listed_inputs(model: onnx.ModelProto, sites: list) -> None:
+    """Name the cause and the option in the detail of every site left as non-constant whose nodes
+    read an initializer that is still listed as a graph input (the BN folds say it themselves;
+    this covers every pass). Main graph only: subgraph inputs are parameters, not defaults."""
+    graph = model.graph
+    listed = {i.name for i in graph.input} & {t.name for t in graph.initializer}
+    if not listed:
+        return
+    reads = {label(n): [i for i in n.input if i in listed] for n in graph.node}
+    for site in sites:
+        if site.reason not in NON_CONSTANT or site.graph != "main" or LISTED_HINT in site.detail:
+            continue
+        names = sorted({name for n in site.nodes for name in reads.get(n, [])})
+        if names:
+            shown = ", ".join(repr(n) for n in names[:4]) + (" ..." if len(names) > 4 else "")
+            site.detail += (f" ({shown}: initializer(s) also listed as graph inputs, so a caller may override "
+                            f"them; {LISTED_HINT} treats such initializers as constants)")
 
 
 def _all_value_info(graph: onnx.GraphProto) -> bool:
