@@ -169,6 +169,9 @@ def _in_dump(model, start, other, limit=28):
 
 # Why a model's "expected" is below its ground truth: the issue 15 item its spelling belongs to.
 WHY = [
+    ("hwdyn", "issue 15 item 3/4: GroupNorm on a fully dynamic image (None, None, None, C): every reshape target "
+              "computed from Shape"),
+    ("seq_dyn", "issue 15 item 3/4: dynamic batch and sequence (computed reshape targets around the Dense layers)"),
     ("groupnorm_dyn", "issue 15 item 3/4: GroupNorm with a dynamic batch (computed Reshape target, weighted "
                       "moments, div_no_nan guards)"),
     ("convnext", "issue 15 item 2: channels-first LayerNorm after tf2onnx's transpose push-down"),

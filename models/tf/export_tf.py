@@ -483,6 +483,40 @@ def build_hub_llama(K):
     return _hub("llama"), _tokens(128)
 
 
+def build_groupnorm_hw_dyn(K):
+    """GroupNorm(4 groups) and GroupNorm(groups=-1, i.e. instance norm) on a fully dynamic image
+    (None, None, None, 3): every reshape target comes from Shape."""
+    L = K.layers
+    x = K.Input(shape=(None, None, 3), name="input_1")
+    y = L.Conv2D(16, 3, padding="same", name="conv")(x)
+    y = L.GroupNormalization(groups=4, name="gn")(y)
+    y = L.ReLU()(y)
+    y = L.Conv2D(8, 3, padding="same", name="conv2")(y)
+    y = L.GroupNormalization(groups=-1, epsilon=1e-5, name="gn_instance")(y)
+    return K.Model(x, y), {"input_1": dict(shape=(None, None, None, 3), dtype="float32", feed=(2, 12, 12, 3))}
+
+
+def build_ln_axis1(K, batch=2):
+    """LayerNorm over the sequence axis (axis=1) of [N, T, D]: a non-trailing axis."""
+    return _seq_ln(K, batch=batch, axis=1)
+
+
+def build_bn_dyn(K):
+    """The BN stack with a dynamic batch."""
+    return build_bn_stack(K, batch=None)
+
+
+def build_seq_ln_dyn(K):
+    """Dense -> LayerNorm -> Dense on (None, None, 32): dynamic batch and sequence."""
+    L = K.layers
+    x = K.Input(shape=(None, 32), name="input_1")
+    y = L.Dense(32, name="dense_in")(x)
+    y = L.LayerNormalization(epsilon=1e-6, name="ln")(y)
+    y = L.RMSNormalization(epsilon=1e-6, name="rms")(L.Dense(32, name="dense_mid")(y)) if K is keras else y
+    y = L.Dense(32, name="dense_out")(y)
+    return K.Model(x, y), {"input_1": dict(shape=(None, None, 32), dtype="float32", feed=(2, 8, 32))}
+
+
 # ----------------------------------------------------------------------------------------------
 # Specs: (name, K, builder, opsets, extra)
 # ----------------------------------------------------------------------------------------------
@@ -558,6 +592,20 @@ SPECS = [
     dict(name="keras3_groupnorm_dyn", K=K3, build=build_groupnorm_dyn, opsets=[13, 17, 18]),
     dict(name="keras3_groupnorm_dyn_noopt", K=K3, build=build_groupnorm_dyn, opsets=[17], optimizers={}),
     dict(name="tfkeras_groupnorm_dyn", K=K2, build=build_groupnorm_dyn, opsets=[17, 18]),
+    dict(name="keras3_groupnorm_hwdyn", K=K3, build=build_groupnorm_hw_dyn, opsets=[17, 18]),
+    dict(name="keras3_groupnorm_hwdyn_noopt", K=K3, build=build_groupnorm_hw_dyn, opsets=[17], optimizers={}),
+    dict(name="tfkeras_groupnorm_hwdyn", K=K2, build=build_groupnorm_hw_dyn, opsets=[17]),
+    dict(name="tfkeras_groupnorm_dyn_noopt", K=K2, build=build_groupnorm_dyn, opsets=[17], optimizers={}),
+    dict(name="keras3_seq_dyn", K=K3, build=build_seq_ln_dyn, opsets=[13, 18]),
+    dict(name="keras3_seq_dyn_noopt", K=K3, build=build_seq_ln_dyn, opsets=[18], optimizers={}),
+    dict(name="tfkeras_seq_dyn", K=K2, build=build_seq_ln_dyn, opsets=[17]),
+    dict(name="keras3_ln_axis1", K=K3, build=build_ln_axis1, opsets=[17]),
+    dict(name="keras3_ln_axis1_noopt", K=K3, build=build_ln_axis1, opsets=[17], optimizers={}),
+    dict(name="keras3_bn_dyn", K=K3, build=build_bn_dyn, opsets=[17]),
+    dict(name="tfkeras_bn_dyn_noopt", K=K2, build=build_bn_dyn, opsets=[13], optimizers={}),
+    dict(name="tfkeras_bn_stack_noopt", K=K2, build=build_bn_stack, opsets=[17], optimizers={}),
+    dict(name="keras3_conv_ln_hwc_noopt", K=K3, build=build_conv_ln_hwc, opsets=[17], optimizers={}),
+    dict(name="keras3_ln_2axes_noopt", K=K3, build=build_ln_2axes, opsets=[18], optimizers={}),
     # 12. keras_hub tiny backbones (random weights from configs)
     dict(name="kerashub_gemma", K=K3, build=build_hub_gemma, opsets=[13, 17, 18], deep=True,
          source="keras_hub.models." + HUB_CFG["gemma"]),
@@ -731,6 +779,7 @@ def op_histogram(mp):
 
 def _signature(inputs, as_dict):
     sig = {name: tf.TensorSpec(v["shape"], tf.as_dtype(v["dtype"]), name=name) for name, v in inputs.items()}
+    # (a "feed" entry of an input is the concrete shape fed for its dynamic dims)
     return [sig] if as_dict else list(sig.values())
 
 
@@ -769,7 +818,7 @@ def make_feeds(inputs, seed):
     rng = np.random.default_rng(seed)
     feeds = {}
     for name, v in inputs.items():
-        shape = tuple(FEED_BATCH if d is None else d for d in v["shape"])
+        shape = tuple(v.get("feed") or (FEED_BATCH if d is None else d for d in v["shape"]))
         if "low" in v:
             feeds[name] = rng.integers(v["low"], v["high"], size=shape).astype(v["dtype"])
         else:
@@ -842,7 +891,8 @@ def export_spec(spec):
             ins = {}
             for n in onnx_inputs:
                 v = inputs[n]
-                ins[n] = {"shape": [FEED_BATCH if d is None else d for d in v["shape"]], "dtype": v["dtype"]}
+                ins[n] = {"shape": list(v.get("feed") or (FEED_BATCH if d is None else d for d in v["shape"])),
+                          "dtype": v["dtype"]}
                 if "low" in v:
                     ins[n].update(low=v["low"], high=v["high"])
             entry.update(
