@@ -866,6 +866,18 @@ def build_conv_bn_opset7():
                            "newer IR): every weight and BN parameter is also a graph input, as IR < 4 requires.")
 
 
+def build_levit_bn_dynamo():
+    seeded(71)
+    m = ready(LeViTMlp(), 71)
+    export_and_check(file="levit_linear_bn_dynamo_noopt_op18.onnx", model=m,
+                     source="hand-written nn.Module LeViTMlp (LeViT's Linear_BN) in export_torch.py", exporter=DY,
+                     opset=18, spec={"x": {"shape": [2, 16, 32], "dtype": "float32"}}, seed=71, bn_after_linear=2,
+                     optimize=False, dynamic={"x": {0: "batch"}}, alt_shapes=[{"x": [3, 16, 32]}],
+                     notes="Same module/weights as levit_linear_bn_op13.onnx through the dynamo exporter without its "
+                           "optimizer (optimize=True folds the BNs itself) and with a dynamic batch: the flatten and "
+                           "reshape_as targets are computed.")
+
+
 def build_levit_bn():
     seeded(71)
     m = ready(LeViTMlp(), 71)
@@ -1076,6 +1088,8 @@ BUILDERS = [
     ("conv_bn_op7", build_conv_bn_opset7),
     ("levit_linear_bn_op13", build_levit_bn),
     ("mlp_bn_dropout_dynamo_noopt_op18", build_mlp_bn_dropout),
+    ("hf_t5enc_fp16_op17", lambda: build_t5_fp16(17)),
+    ("levit_linear_bn_dynamo_noopt_op18", build_levit_bn_dynamo),
 ]
 
 
