@@ -843,20 +843,35 @@ def _float64_error(model: onnx.ModelProto, folded: onnx.ModelProto, seed: int) -
     return float(np.max(np.abs(got - want)) / max(np.max(np.abs(want)), 1e-300))
 
 
+def _ulp_sensitivity(model: onnx.ModelProto, seed: int) -> float:
+    """_float64_error of the original against itself with every weight moved by one float64 ulp:
+    how much rounding the model's own conditioning turns into output error (a few seeds draw a
+    stack where dead channels amplify it a thousandfold)."""
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    rng = np.random.default_rng(seed)
+    for t in moved.graph.initializer:
+        if t.name.startswith("w"):
+            w = numpy_helper.to_array(t)
+            t.CopyFrom(numpy_helper.from_array(w * (1 + rng.choice([-1.0, 1.0], w.shape) * 2.0 ** -52), t.name))
+    return _float64_error(model, moved, seed)
+
+
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(["Conv", "Gemm"]), seed=st.integers(0, 2**16))
 def test_deep_net_statistics_fold_exactly_in_float64(kind, seed):
     """16 Conv/Gemm -> BN -> Relu layers in float64: every BN folds and the output agrees to float64
-    rounding (under 1e-10 of the largest output after 16 layers of weight scales 1e-3 .. 1e3; a single
-    layer's folded constants agree with the float64 formula to 1e-13), however large or small the
-    statistics."""
+    rounding (under 1e-10 of the largest output after 16 layers of weight scales 1e-3 .. 1e3, or, for
+    a stack that is that ill-conditioned, within 4x of what moving the original's weights by one
+    ulp does; a single layer's folded constants agree with the float64 formula to 1e-13), however
+    large or small the statistics."""
     model = deep_conv_bn_stack(16, 6, seed) if kind == "Conv" else deep_gemm_bn_stack(16, 8, seed)
     folded, report = normfold.fold(model)
     onnx.checker.check_model(folded, full_check=True)
     assert report.count("folded") == 16 and ops(folded) == [kind, "Relu"] * 16
     error = _float64_error(model, folded, seed)
     event(f"{kind} error 1e{int(np.floor(np.log10(max(error, 1e-30))))}")
-    assert error < 1e-10, error
+    assert error < 1e-10 or error < 4 * _ulp_sensitivity(model, seed), error
     if kind == "Gemm":  # and onnxruntime agrees
         fold_and_compare(model, atol=1e-12, rtol=1e-9, scaled_atol=True)
     c = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
