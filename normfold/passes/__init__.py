@@ -73,13 +73,13 @@ class Rule:
 
 def _rules():
     from normfold.passes.batchnorm import BatchNormFold
-    from normfold.passes.channel_affine import ChannelAffineFold
+    from normfold.passes.channel_affine import ChannelAffineFold, ChannelPairFold
     from normfold.passes.groupnorm import GroupNormFusion
     from normfold.passes.instance_affine import InstanceNormAffine
     from normfold.passes.layernorm import LayerNormFusion
     from normfold.passes.norms import GroupNormRule, LayerNormRule, NormLike, RMSNormRule
 
-    return [BatchNormFold(), ChannelAffineFold(), LayerNormRule(), RMSNormRule(), GroupNormRule(), LayerNormFusion(),
+    return [BatchNormFold(), ChannelAffineFold(), ChannelPairFold(), LayerNormRule(), RMSNormRule(), GroupNormRule(), LayerNormFusion(),
             GroupNormFusion(), InstanceNormAffine(), NormLike(centered=True), NormLike(centered=False)]
 
 

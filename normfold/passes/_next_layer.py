@@ -14,6 +14,11 @@ BN on the model's input). With the BN as x' = s * x + t along axis 1 of x:
     MatMul   x' of rank 2 (BN's axis 1 is then the contracted last axis), W (K, N) constant:
              W' = diag(s) W, bias' = bias + t @ W (an Add is created when the MatMul has none).
 
+The per-channel constant chains that Keras writes for a BatchNorm with no linear layer before it
+(`Mul(C) -> Add(C)`, see channel_affine.py) fold the same way; their channels may reach the layer
+through Transposes (tf2onnx's NHWC -> NCHW before a Conv), and a MatMul takes them along the last
+axis of an input of any rank (the contracted axis): x' @ W = x @ (diag(s) W) + t @ W.
+
 All arithmetic is float64; results are stored in the dtype of the constants they replace.
 """
 
@@ -35,7 +40,7 @@ NEXT_OPS = ("Conv", "Gemm", "MatMul")
 @dataclass
 class NextLayer:
     core: list[onnx.NodeProto]  # [layer] or [MatMul, Add(bias)]
-    through: list[onnx.NodeProto] = field(default_factory=list)  # Identity / inference Dropout before the layer
+    through: list[onnx.NodeProto] = field(default_factory=list)  # Identity / inference Dropout (/ Transpose) before it
 
     @property
     def layer(self) -> onnx.NodeProto:
@@ -50,13 +55,18 @@ class NextLayer:
         return self.core[1] if len(self.core) > 1 else None
 
 
-def find_next_layer(view: GraphView, tensor: str) -> NextLayer | None:
+def _is_transpose(node: onnx.NodeProto | None) -> bool:
+    return node is not None and node.op_type == "Transpose" and node.domain in ("", "ai.onnx")
+
+
+def find_next_layer(view: GraphView, tensor: str, transposes: bool = False) -> NextLayer | None:
     """The Conv/Gemm/MatMul that is the one reader of `tensor` (Shape readers aside, and perhaps
-    behind Identity or inference Dropout nodes), reading it as its data input (by structure only;
-    check_next_layer checks the rest)."""
+    behind Identity or inference Dropout nodes, and with `transposes` Transpose nodes), reading it
+    as its data input (by structure only; check_next_layer checks the rest)."""
     through: list[onnx.NodeProto] = []
     reader = sole_value_reader(view, tensor)
-    while is_passthrough(view, reader) and reader.input[0] == tensor and len(through) < MAX_CHAIN:
+    while ((is_passthrough(view, reader) or (transposes and _is_transpose(reader)))
+           and reader.input[0] == tensor and len(through) < MAX_CHAIN):
         through.append(reader)
         tensor = reader.output[0]
         reader = sole_value_reader(view, tensor)
@@ -85,9 +95,30 @@ def _pads_nothing(node: onnx.NodeProto, kernel: tuple[int, ...]) -> bool:
     return not any(attr(node, "pads", []) or [])
 
 
-def check_next_layer(view: GraphView, layer: NextLayer, site_input: str) -> tuple[int, Left | None]:
-    """(input channel count, refusal or None): can `layer` absorb an affine map along axis 1 of its
-    input `site_input`? The count is 0 when unknown."""
+def layer_axis(view: GraphView, layer: NextLayer, axis: int) -> tuple[int, int] | None:
+    """(position, rank) at the layer's data input of `axis` (counted from the end, negative) of the
+    tensor its `through` nodes read, following the Transposes; None when a rank is unknown."""
+    rank = view.rank(layer.layer.input[0])
+    if rank is None and layer.op == "Conv":
+        weight = view.const_shape(layer.layer.input[1])
+        rank = len(weight) if weight else None
+    if rank is None and layer.op == "Gemm":
+        rank = 2
+    if rank is None or not -rank <= axis < 0:
+        return None
+    pos = axis + rank
+    for node in layer.through:
+        if _is_transpose(node):
+            perm = attr(node, "perm") or list(reversed(range(rank)))
+            if len(perm) != rank:
+                return None
+            pos = list(perm).index(pos)
+    return pos, rank
+
+
+def check_next_layer(view: GraphView, layer: NextLayer, site_input: str, axis: int = 1) -> tuple[int, Left | None]:
+    """(input channel count, refusal or None): can `layer` absorb an affine map along axis `axis`
+    of its input `site_input` (1 for a BatchNormalization)? The count is 0 when unknown."""
     node = layer.layer
     if not view.is_const(node.input[1]):
         return 0, Left("non-constant-weights", f"{layer.op} {label(node)} weight {node.input[1]!r} is not a constant"
@@ -103,6 +134,9 @@ def check_next_layer(view: GraphView, layer: NextLayer, site_input: str) -> tupl
         return 0, Left("unsupported-dtype", f"{layer.op} {label(node)} weight has type "
                                             f"{onnx.TensorProto.DataType.Name(elem)}")
     shape = view.const_shape(node.input[1])
+    if layer.op in ("Conv", "Gemm") and axis != 1:
+        return 0, Left("no-linear-producer", f"the {layer.op} {label(node)} after it reads its channels on axis 1, "
+                                             f"not on axis {axis}, the one the constants scale")
     if layer.op == "Conv":
         if len(shape) < 3:
             return 0, Left("unsupported-attribute", f"Conv {label(node)} weight has rank {len(shape)}")
@@ -116,10 +150,10 @@ def check_next_layer(view: GraphView, layer: NextLayer, site_input: str) -> tupl
                                                  "then the Gemm's output rows, which it cannot scale")
         return (shape[1] if attr(node, "transB", 0) else shape[0]), None
     rank = view.rank(site_input)
-    if len(shape) != 2 or rank != 2:
+    if len(shape) != 2 or rank is None or rank < 2 or axis != rank - 1:
         why = (f"its weight has rank {len(shape)}" if len(shape) != 2 else
-               f"its input has rank {rank if rank is not None else 'unknown'}, so BN's axis 1 is not the "
-               "contracted axis" if rank is not None else "the rank of its input is unknown")
+               f"its input has rank {rank}, so axis {axis} is not the contracted (last) axis" if rank is not None
+               else "the rank of its input is unknown")
         return 0, Left("no-linear-producer" if rank is not None or len(shape) != 2 else "unknown-shape",
                        f"the MatMul {label(node)} after it cannot absorb the BN: {why}")
     return shape[0], None
