@@ -20,8 +20,10 @@ REASONS: dict[str, str] = {
     "non-constant-parameters": "a norm parameter (scale, bias, mean, variance, epsilon) is not a constant",
     "non-constant-weights": "the producer's weight or bias is not a constant",
     "intermediate-used-elsewhere": "a tensor inside the pattern is used outside it or is a graph output",
-    "no-linear-producer": ("the BatchNormalization does not directly follow a Conv, ConvTranspose, Gemm or MatMul, "
-                           "and no Conv without padding, Gemm or MatMul on [N, C] is its one reader"),
+    "no-linear-producer": ("the BatchNormalization, or Keras' per-channel Mul(C) -> Add(C) BatchNorm, does not "
+                           "directly follow a Conv, ConvTranspose, Gemm or MatMul, and no Conv without padding, Gemm "
+                           "or MatMul that takes its channels exactly (on [N, C]; a MatMul along its contracted axis "
+                           "for the Mul/Add form) is its one reader"),
     "not-per-channel": "the constant does not broadcast along the producer's output-channel axis only",
     "unsupported-axis": "the reduction axes are not ones the fused op can express",
     "opset-too-old": "the fused op needs a newer opset than the model's (see --target-opset)",

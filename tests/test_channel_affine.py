@@ -302,11 +302,10 @@ def test_bn_like_chain_folds_forward_when_exact_and_is_reported_otherwise(form, 
 @pytest.mark.parametrize("name", ["keras3_bn_preact_op13.onnx", "keras3_bn_preact_noopt_op17.onnx",
                                   "tfkeras_bn_preact_op13.onnx"])
 def test_real_pre_activation_bn_exports_have_every_bn_folded_or_reported(name, tmp_path):
-    """The outside evaluation's ResNetV2-style exports (tf2onnx 1.17 of Keras 3 / tf_keras, copied as they were
-    written; 4 BatchNorm layers
-    each: on the input, after a shared Conv, after a residual Add, after global pooling). Three fold
-    forward into the Conv / Gemm after them; the one after the shared Conv feeds a Relu and a padded
-    Conv and is left, named. No per-channel Mul -> Add pair is left that no site names."""
+    """The outside evaluation's ResNetV2-style exports (tf2onnx 1.17 of Keras 3 / tf_keras, copied as
+    written), 4 BatchNorm layers each: on the input, after a shared Conv, after a residual Add, after
+    global pooling. Three fold forward into the Conv / Gemm after them; the one after the shared Conv
+    feeds a Relu and a padded Conv and is left, named. No Mul or BN is left that no site names."""
     report = normfold.fold_file(DATA / name, tmp_path / "out.onnx")
     assert report.verification.status == "passed" and report.written
     bn = [s for s in report.sites if s.pass_name == "bn"]
