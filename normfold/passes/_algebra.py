@@ -52,6 +52,12 @@ MAX_DEPTH = 48
 COEFF_RTOL = 1e-6  # two coefficients are equal when they agree this closely (float32 constants' rounding)
 
 
+def close(a, b) -> bool:
+    """Coefficients equal to COEFF_RTOL (broadcasting; np.allclose costs ten times more here)."""
+    a, b = np.asarray(a), np.asarray(b)
+    return bool(np.all(np.abs(a - b) <= COEFF_RTOL * np.abs(b)))
+
+
 # ---- expressions ------------------------------------------------------------------------------
 class Atom:
     key: tuple
@@ -78,7 +84,10 @@ class Leaf(Atom):
 class Mean(Atom):
     def __init__(self, arg: "Expr", axes: tuple[int, ...]):
         self.arg, self.axes = arg, axes
-        self.key = ("mean", axes, arg.key)
+
+    @property
+    def key(self) -> tuple:
+        return ("mean", self.axes, self.arg.key)
 
     def __repr__(self):
         return f"mean{list(self.axes)}({self.arg!r})"
@@ -87,7 +96,10 @@ class Mean(Atom):
 class Root(Atom):
     def __init__(self, base: "Expr", power: Fraction):
         self.base, self.power = base, power
-        self.key = ("root", base.key, (power.numerator, power.denominator))
+
+    @property
+    def key(self) -> tuple:
+        return ("root", self.base.key, (self.power.numerator, self.power.denominator))
 
     def __repr__(self):
         return f"({self.base!r})^{self.power}"
@@ -124,14 +136,33 @@ def _coeff_key(c: np.ndarray) -> tuple:
 
 
 class Expr:
-    """A sum of terms: {signature: coefficient}. Immutable once built."""
+    """A sum of terms: {signature: coefficient}. Immutable once built; its key (for equality of
+    atoms built on it) is computed when first asked for."""
 
-    __slots__ = ("terms", "key")
+    __slots__ = ("terms", "_key", "_leaves")
 
     def __init__(self, terms: dict[Signature, np.ndarray]):
         self.terms = {s: _trim(c) for s, c in terms.items()}
-        self.key = tuple(sorted(((tuple((a.key, (p.numerator, p.denominator)) for a, p in sig), _coeff_key(c))
-                                 for sig, c in terms.items())))
+        self._key = None
+        self._leaves = None
+
+    @property
+    def leaves(self) -> frozenset[str]:
+        """The names of the tensors the expression reads (inside means and roots too)."""
+        if self._leaves is None:
+            names: set[str] = set()
+            for sig in self.terms:
+                for a, _ in sig:
+                    names |= {a.name} if isinstance(a, Leaf) else (a.arg if isinstance(a, Mean) else a.base).leaves
+            self._leaves = frozenset(names)
+        return self._leaves
+
+    @property
+    def key(self) -> tuple:
+        if self._key is None:
+            self._key = tuple(sorted(((tuple((a.key, (p.numerator, p.denominator)) for a, p in sig),
+                                       _coeff_key(c)) for sig, c in self.terms.items())))
+        return self._key
 
     def __repr__(self):
         parts = []
@@ -597,14 +628,14 @@ def variance_of(v: Expr) -> Moments | None:
         if not isinstance(a, Mean):
             return None
         inner = a.arg.single()
-        if inner is None or len(inner[0]) != 1 or not np.allclose(inner[1], 1, rtol=COEFF_RTOL, atol=0):
+        if inner is None or len(inner[0]) != 1 or not close(inner[1], 1):
             return None
         (x, q), = inner[0]
         if not isinstance(x, Leaf):
             return None
-        if q == 2 and p == 1 and np.allclose(c, 1, rtol=COEFF_RTOL, atol=0) and square is None:
+        if q == 2 and p == 1 and close(c, 1) and square is None:
             square = (x, a.axes)
-        elif q == 1 and p == 2 and np.allclose(c, -1, rtol=COEFF_RTOL, atol=0) and centre is None:
+        elif q == 1 and p == 2 and close(c, -1) and centre is None:
             centre = (x, a.axes)
         else:
             return None
@@ -699,6 +730,6 @@ def norm_form(e: Expr) -> NormForm | None:
     axes = _frame(x, stats.moments)
     if axes is None:
         return None
-    if stats.moments.centered and (shift is None or not np.allclose(shift, -gamma, rtol=COEFF_RTOL, atol=0)):
+    if stats.moments.centered and (shift is None or not close(shift, -gamma)):
         return None
     return NormForm(stats, gamma, beta, x, axes)

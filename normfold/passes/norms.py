@@ -153,8 +153,11 @@ def centered(view: GraphView, tensor: str) -> bool:
     return is_op(mean, *REDUCTIONS) and behind(view, mean.input[0]) == behind(view, sub.input[0])
 
 
-def _downstream(view: GraphView, start: onnx.NodeProto) -> list[str]:
-    """Float tensors reachable from `start` through value-flow ops, nearest first (bounded)."""
+def _downstream(view: GraphView, start: onnx.NodeProto, cv: CanonicalView | None = None,
+                x: str | None = None) -> list[str]:
+    """Float tensors reachable from `start` through value-flow ops, nearest first (bounded). With a
+    canonical view, the walk stops at tensors that read anything but `x` (a residual Add after the
+    norm): nothing after them is a norm of x alone."""
     order, seen, frontier = [], {id(start)}, [start]
     for _ in range(MAX_HOPS):
         nxt = []
@@ -162,6 +165,8 @@ def _downstream(view: GraphView, start: onnx.NodeProto) -> list[str]:
             for out in node.output:
                 if out:
                     order.append(out)
+                if cv is not None and not cv.expr(out).leaves <= {x}:
+                    continue
                 for user in view.users(out):
                     if id(user) not in seen and is_op(user, *FLOWS):
                         seen.add(id(user))
@@ -231,12 +236,13 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
     unrecognized = None
     for x in _candidates(view, reduction):
         cv = CanonicalView(view, leaves=frozenset({x}))
-        tensors = _downstream(view, reduction)
-        forms = [(t, norm_form(cv.expr(t))) for t in tensors]
-        forms = [(t, f) for t, f in forms if f is not None and f.x.name == x and not (f.beta is not None
-                                                                                        and not f.centered)]
+        tensors = _downstream(view, reduction, cv, x)
         refusal = None
-        for t, form in reversed(forms):  # the furthest first: it includes gamma and beta
+        for t in reversed(tensors):  # the furthest first: it includes gamma and beta
+            e = cv.expr(t)
+            form = norm_form(e) if e.leaves == {x} else None
+            if form is None or form.x.name != x or (form.beta is not None and not form.centered):
+                continue
             grouped = _grouped(view, cv, reduction, x, t, form)
             if isinstance(grouped, NormSite):
                 return grouped
