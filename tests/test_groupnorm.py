@@ -530,3 +530,14 @@ def test_tf_keras_group_norm_after_another_tool_constant_folded_it(tmp_path):
                                 options=normfold.FoldOptions(target_opset=21))
     assert report.verification.status == "passed"
     assert report.ops_after.get("GroupNormalization") == 1
+
+
+def test_instance_norm_without_an_epsilon_attribute_uses_its_default():
+    """InstanceNormalization's epsilon defaults to 1e-5 when the attribute is absent (issue 13: a fold
+    that took 0 there, or any other value, would still pass a loose check, not this one)."""
+    model = torch_groupnorm(eps=1e-5)
+    inorm = next(n for n in model.graph.node if n.op_type == "InstanceNormalization")
+    del inorm.attribute[:]
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    [fused] = [n for n in folded.graph.node if n.op_type == "GroupNormalization"]
+    assert [a.f for a in fused.attribute if a.name == "epsilon"] == [pytest.approx(1e-5)]

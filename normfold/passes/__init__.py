@@ -93,46 +93,11 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
     With `dry`, sites are matched and checked but nothing is rewritten (sites that only an earlier
     rewrite would create, such as the second BN of Conv -> BN -> BN, are then not seen)."""
     view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset, base_dir=ctx.base_dir)
-    records: list[SiteRecord] = []
-    claimed: set[int] = set()  # nodes of sites reported as left: one report per site
+    walk = _Walk(view, rules, ctx, path, dry)
     for node in list(view.nodes):
-        if view.is_removed(node):
-            continue
-        left_here: list[SiteRecord] = []
-        left_passes: set[str] = set()
-        for rule in rules:
-            if rule.name in left_passes:
-                continue
-            match = rule.match(view, node)
-            if match is None:
-                continue
-            names = [label(n) for n in match.nodes]
-            if ctx.exclude_nodes.intersection(n.name for n in match.nodes):
-                outcome: Left | Any = Left("excluded", "left alone at the user's request (--exclude-node)")
-            else:
-                outcome = rule.check(view, match, ctx)
-            if isinstance(outcome, Left):
-                if rule.recognizer and any(id(n) in claimed for n in match.nodes):
-                    continue  # another rule already reported this site (a recogniser only adds rewrites)
-                left_here.append(SiteRecord(rule.name, match.kind, "left", names, outcome.detail,
-                                            reason=outcome.reason, output=match.output, graph=path))
-                left_passes.add(rule.name)
-                claimed.update(id(n) for n in match.nodes)
-                continue
-            if dry:
-                records.append(SiteRecord(rule.name, match.kind, rule.status, names, "would be rewritten",
-                                          output=match.output, graph=path))
-                left_here.clear()
-                break
-            done = rule.rewrite(view, match, outcome)
-            # A site an earlier rule reported it could not read is moot once this one rewrote it.
-            records = [r for r in records if r.status != "left" or r.graph != path or not set(r.nodes) & set(names)]
-            records.append(SiteRecord(rule.name, match.kind, rule.status, names, done.detail,
-                                      created=done.created, output=match.output, graph=path,
-                                      notes=done.notes, max_rounding=done.max_rounding))
-            left_here.clear()  # another rule's refusal of the same node is moot once it is rewritten
-            break  # the node may be gone now; later rules see the sites after it
-        records.extend(left_here)
+        if not view.is_removed(node):
+            walk.offer(node)
+    records = walk.records
     for node in view.live_nodes():
         for attr_name, sub in subgraphs(node):
             sub_path = f"{path}/{node.name or node.op_type}:{attr_name}"
@@ -140,3 +105,58 @@ def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shape
     if not dry:
         view.commit()
     return records
+
+
+@dataclass
+class _Walk:
+    """One graph's walk: its records so far, and the nodes of sites reported as left (one report
+    per site: a recogniser may still rewrite such a site, but never reports it again)."""
+
+    view: GraphView
+    rules: list[Rule]
+    ctx: FoldContext
+    path: str
+    dry: bool
+    records: list[SiteRecord] = field(default_factory=list)
+    claimed: set[int] = field(default_factory=set)
+
+    def offer(self, node: onnx.NodeProto) -> None:
+        """Offer `node` to every rule in turn; the first that rewrites it ends the turn."""
+        left_here: list[SiteRecord] = []
+        left_passes: set[str] = set()
+        for rule in self.rules:
+            if rule.name in left_passes:
+                continue
+            match = rule.match(self.view, node)
+            if match is None:
+                continue
+            outcome = self._check(rule, match)
+            if not isinstance(outcome, Left):
+                self._rewrite(rule, match, outcome)
+                return  # the node may be gone now; another rule's refusal of it is moot
+            if rule.recognizer and any(id(n) in self.claimed for n in match.nodes):
+                continue
+            left_here.append(self._record(rule, match, "left", outcome.detail, reason=outcome.reason))
+            left_passes.add(rule.name)
+            self.claimed.update(id(n) for n in match.nodes)
+        self.records.extend(left_here)
+
+    def _check(self, rule: Rule, match: Match) -> Left | Any:
+        if self.ctx.exclude_nodes.intersection(n.name for n in match.nodes):
+            return Left("excluded", "left alone at the user's request (--exclude-node)")
+        return rule.check(self.view, match, self.ctx)
+
+    def _rewrite(self, rule: Rule, match: Match, plan: Any) -> None:
+        names = {label(n) for n in match.nodes}
+        # A site an earlier rule reported it could not read is moot once this one rewrites it.
+        self.records = [r for r in self.records if r.status != "left" or not names.intersection(r.nodes)]
+        if self.dry:
+            self.records.append(self._record(rule, match, rule.status, "would be rewritten"))
+            return
+        done = rule.rewrite(self.view, match, plan)
+        self.records.append(self._record(rule, match, rule.status, done.detail, created=done.created,
+                                         notes=done.notes, max_rounding=done.max_rounding))
+
+    def _record(self, rule: Rule, match: Match, status: str, detail: str, **extra) -> SiteRecord:
+        return SiteRecord(rule.name, match.kind, status, [label(n) for n in match.nodes], detail,
+                          output=match.output, graph=self.path, **extra)

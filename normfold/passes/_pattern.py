@@ -67,3 +67,24 @@ def reuse_or_add(view: GraphView, name: str | None, value: np.ndarray, base: str
         if current.shape == value.shape and current.dtype == value.dtype and np.array_equal(current, value):
             return name
     return view.add_initializer(base, np.ascontiguousarray(value))
+
+
+def channel_vector(value: np.ndarray | None, dims: list) -> np.ndarray | None:
+    """A [C] vector when `value` broadcast against X (N, C, *S) varies along the channel axis only
+    (shapes [C,1,..], [1,C,1,..], [1], scalars) and does not widen X's shape; else None."""
+    if value is None or not isinstance(dims[1], int):
+        return None
+    rank, channels = len(dims), dims[1]
+    shape = list(value.shape)
+    if len(shape) > rank:
+        return None
+    padded = [1] * (rank - len(shape)) + shape
+    if any(d != 1 for i, d in enumerate(padded) if i != 1) or padded[1] not in (1, channels):
+        return None
+    return np.broadcast_to(value.reshape(padded[1]), (channels,)).copy()
+
+
+def in_graph_order(view: GraphView, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    ids = {id(n) for n in nodes}
+    ordered = [n for n in view.nodes if id(n) in ids]
+    return ordered if len(ordered) == len(ids) else nodes

@@ -39,7 +39,7 @@ import onnx
 
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._pattern import is_op, other_input, user
+from normfold.passes._pattern import channel_vector, in_graph_order, is_op, other_input, user
 
 MIN_OPSET = 21
 # Element types onnxruntime's CPU GroupNormalization-21 kernel runs (stash_type=1); bfloat16 has none.
@@ -142,7 +142,7 @@ def _match_instance_norm(view: GraphView, reshape: onnx.NodeProto) -> Match | No
             continue
         const = other_input(tail, out)
         value = view.const(const) if const else None
-        if value is None or dims is None or _per_channel(value, dims) is None:
+        if value is None or dims is None or channel_vector(value, dims) is None:
             continue  # not a per-channel constant: it stays after the fused op
         if op == "Mul":
             gamma = const
@@ -151,7 +151,7 @@ def _match_instance_norm(view: GraphView, reshape: onnx.NodeProto) -> Match | No
         nodes.append(tail)
         out = tail.output[0]
     parts = {"x": x, "reshape": reshape, "inorm": inorm, "back": back, "gamma": gamma, "beta": beta}
-    return Match(TORCH_KIND, _in_graph_order(view, nodes), out, parts)
+    return Match(TORCH_KIND, in_graph_order(view, nodes), out, parts)
 
 
 def _check_instance_norm_params(view: GraphView, match: Match) -> Left | None:
@@ -192,8 +192,8 @@ def _check_instance_norm(view: GraphView, match: Match, dims: list):
             return Left("unsupported-axis", f"{label(back)}: the shape {restore if restore is not None else '?'} "
                                             f"does not restore {p['x']!r} to {dims}")
     eps = float(attr(p["inorm"], "epsilon", 1e-5))
-    gamma = _per_channel(view.const(p["gamma"]), dims) if p["gamma"] else None
-    beta = _per_channel(view.const(p["beta"]), dims) if p["beta"] else None
+    gamma = channel_vector(view.const(p["gamma"]), dims) if p["gamma"] else None
+    beta = channel_vector(view.const(p["beta"]), dims) if p["beta"] else None
     return {"groups": groups, "eps": eps, "gamma": gamma, "beta": beta}
 
 
@@ -228,24 +228,3 @@ def _reshape_gives(view: GraphView, node: onnx.NodeProto, target: list[int], wan
         elif want[i] is None or t != want[i]:
             return False
     return True
-
-
-def _per_channel(value: np.ndarray | None, dims: list) -> np.ndarray | None:
-    """A [C] vector when `value` broadcast against X (N, C, *S) varies along the channel axis only
-    (shapes [C,1,..], [1,C,1,..], [1], scalars) and does not widen X's shape; else None."""
-    if value is None or not isinstance(dims[1], int):
-        return None
-    rank, channels = len(dims), dims[1]
-    shape = list(value.shape)
-    if len(shape) > rank:
-        return None
-    padded = [1] * (rank - len(shape)) + shape
-    if any(d != 1 for i, d in enumerate(padded) if i != 1) or padded[1] not in (1, channels):
-        return None
-    return np.broadcast_to(value.reshape(padded[1]), (channels,)).copy()
-
-
-def _in_graph_order(view: GraphView, nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
-    ids = {id(n) for n in nodes}
-    ordered = [n for n in view.nodes if id(n) in ids]
-    return ordered if len(ordered) == len(ids) else nodes

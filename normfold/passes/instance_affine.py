@@ -24,8 +24,7 @@ import onnx
 
 from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._pattern import is_op, other_input
-from normfold.passes.groupnorm import _in_graph_order, _per_channel
+from normfold.passes._pattern import channel_vector, in_graph_order, is_op, other_input
 
 
 class InstanceNormAffine(Rule):
@@ -56,7 +55,7 @@ class InstanceNormAffine(Rule):
             out = tail.output[0]
         if not affine:
             return None
-        nodes = _in_graph_order(view, nodes)
+        nodes = in_graph_order(view, nodes)
         return Match("InstanceNormalization with a per-channel Mul/Add after it", nodes, out,
                      {"inorm": node, "affine": affine})
 
@@ -72,7 +71,7 @@ class InstanceNormAffine(Rule):
         gamma, beta = np.ones(scale.shape), np.zeros(scale.shape)
         for op, name in affine.items():
             value = view.const(name)
-            vector = _per_channel(value, dims)
+            vector = channel_vector(value, dims)
             if vector is None or vector.shape != scale.shape or value.dtype != scale.dtype:
                 return Left("not-per-channel", f"{op} constant of shape {list(value.shape)} does not broadcast "
                                                f"along the {channels} channels of {label(inorm)} only")

@@ -89,22 +89,25 @@ class LayerNormFusion(Rule):
         return Match("LayerNorm (tf_keras fused, through BatchNormalization)", nodes, out, parts)
 
     def _check_moments(self, view, p):
-        """The facts that make _batchnorm_moments a LayerNorm over X's last axis: (eps, k=1) or Left."""
+        """The facts that make _batchnorm_moments a LayerNorm over X's last k axes (tf_keras reshapes
+        X to [1, prod(leading), prod(normalized), 1]): (eps, k) or Left."""
         m, x = p["moments"], p["x"]
         bn = m["bn"]
         dims, xr_dims, out_dims = view.dims(x), view.dims(m["xr"]), view.dims(m["reshape_out"].output[0])
         if not dims or not xr_dims or None in dims or None in xr_dims:
             return Left("unknown-shape", "the shapes around the tf_keras LayerNorm could not be inferred")
-        leading = int(np.prod(dims[:-1]))
-        if list(xr_dims) != [1, leading, dims[-1], 1] or list(out_dims or []) != list(dims):
-            return Left("unsupported-axis", f"the reshape to {xr_dims} does not normalize the last axis of {dims}")
+        k = next((k for k in range(1, len(dims)) if list(xr_dims) == [1, int(np.prod(dims[:-k])),
+                                                                      int(np.prod(dims[-k:])), 1]), None)
+        if k is None or list(out_dims or []) != list(dims):
+            return Left("unsupported-axis", f"the reshape to {xr_dims} does not normalize trailing axes of {dims}")
+        normalized = int(np.prod(dims[-k:]))
         axes = [0, 2, 3]
         gathered = view.const(m["gather"].input[1]) if m["gather"] is not None else axes
         if m["gather"] is None:  # a constant count: the number of values each mean runs over
             count = view.const(m["div"].input[1])
-            if count.size != 1 or float(count.reshape(-1)[0]) != dims[-1]:
+            if count.size != 1 or float(count.reshape(-1)[0]) != normalized:
                 return Left("non-constant-parameters", f"{label(m['div'])}: the divisor {count.reshape(-1)[:4]} is "
-                                                       f"not the count {dims[-1]} of the normalized axis")
+                                                       f"not the count {normalized} of the normalized axes")
         squeezed = view.const(m["squeeze"].input[1]) if len(m["squeeze"].input) > 1 else attr(m["squeeze"], "axes")
         for what, got in (("mean", reduce_axes(view, m["mean"])), ("sum of squares", reduce_axes(view, m["rss"])),
                           ("count", gathered), ("squeeze", squeezed)):
@@ -118,7 +121,7 @@ class LayerNormFusion(Rule):
         eps = float(attr(bn, "epsilon", 1e-5))
         if not eps > 0:
             return Left("invalid-statistics", f"epsilon {eps} is not positive")
-        return eps, 1
+        return eps, k
 
     def _affine_tail(self, view, n, nodes):
         """[Mul(gamma)] then [Add(beta)] after the normalized tensor `n`."""

@@ -36,7 +36,7 @@ the forms (max(var, eps) for var + eps, a second tensor mixed in, a non-constant
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 
 import numpy as np
@@ -73,6 +73,7 @@ class NormSite:
     dtype: int  # the fused op's element type
     note: str = ""
     grouping: "Grouping | None" = None  # set when the norm runs over a grouped view of a tensor: GroupNorm
+    transposed: bool = False  # `input` already is X read through form.x.perm (the model's own Transpose)
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Grouping:
     axis: int  # where G stands in the layout the norm is read in (C/G right after it)
     rank: int  # the rank of that layout
     perm_out: tuple[int, ...] | None
+    transpose_in: tuple[int, ...] | None = None  # a Transpose normfold adds in front (channels-last X)
 
 
 @dataclass
@@ -97,6 +99,7 @@ class Refused:
     centered: bool
     left: Left
     grouped: bool = False  # a GroupNorm (reported under its pass)
+    nodes: list = field(default_factory=list)  # the norm's nodes, so that no other rule reports it again
 
 
 @dataclass
@@ -132,6 +135,17 @@ def behind(view: GraphView, tensor: str) -> str:
     return tensor
 
 
+def _reshaped(view: GraphView, tensor: str) -> list[str]:
+    """`tensor` and what Reshapes, Identities and Transposes of it (one reader each) give."""
+    found = [tensor]
+    for _ in range(4):
+        nxt = [u.output[0] for u in view.users(found[-1]) if is_op(u, "Reshape", "Identity", "Transpose")]
+        if len(nxt) != 1:
+            break
+        found.append(nxt[0])
+    return found
+
+
 def _candidates(view: GraphView, reduction: onnx.NodeProto) -> list[str]:
     """The tensors a reduction may be taking statistics of: its input, or what its input squares,
     also behind a Transpose (not X - mean(X): normalizing that is a LayerNorm of X, whose own
@@ -145,12 +159,16 @@ def _candidates(view: GraphView, reduction: onnx.NodeProto) -> list[str]:
 
 
 def centered(view: GraphView, tensor: str) -> bool:
-    """Whether `tensor` is X - mean(X) (through Casts, Identity and Transposes)."""
+    """Whether `tensor` is X - mean(X), in any spelling of the mean (through Casts, Identity and
+    Transposes): its square is a variance, and the LayerNorm rule owns it."""
     sub = view.producer.get(behind(view, tensor))
-    if not is_op(sub, "Sub"):
+    if not is_op(sub, "Sub", "Add"):
         return False
-    mean = view.producer.get(behind(view, sub.input[1]))
-    return is_op(mean, *REDUCTIONS) and behind(view, mean.input[0]) == behind(view, sub.input[0])
+    for x in dict.fromkeys((behind(view, sub.input[0]), behind(view, sub.input[1]))):
+        e = CanonicalView(view, leaves=frozenset({x})).expr(tensor)
+        if any(isinstance(a, Mean) and a.arg.leaves == {x} for sig in e.terms for a, _ in sig):
+            return True
+    return False
 
 
 def _downstream(view: GraphView, start: onnx.NodeProto, cv: CanonicalView | None = None,
@@ -222,9 +240,10 @@ def escapes(view: GraphView, nodes: list[onnx.NodeProto], keep: str) -> str | No
     return None
 
 
-def _is_x(cv: CanonicalView, tensor: str, x: str) -> bool:
+def _is_x(cv: CanonicalView, tensor: str, x: str, perm: tuple[int, ...] | None = None) -> bool:
+    """Whether `tensor` is X itself (through Casts), or with `perm` X read through that Transpose."""
     e = cv.expr(tensor).single()
-    return e is not None and e[0] == ((Leaf(x), Fraction(1)),) and np.all(e[1] == 1)
+    return e is not None and e[0] == ((Leaf(x, perm), Fraction(1)),) and np.all(e[1] == 1)
 
 
 def _op_sequence(nodes: list[onnx.NodeProto]) -> str:
@@ -233,37 +252,38 @@ def _op_sequence(nodes: list[onnx.NodeProto]) -> str:
 
 def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused | Unrecognized | None:
     """The norm whose statistics `reduction` computes, if any (see the module docstring)."""
-    unrecognized = None
+    unrecognized = refusal = None
     for x in _candidates(view, reduction):
         cv = CanonicalView(view, leaves=frozenset({x}))
         tensors = _downstream(view, reduction, cv, x)
-        refusal = None
         for t in reversed(tensors):  # the furthest first: it includes gamma and beta
             e = cv.expr(t)
             form = norm_form(e) if e.leaves == {x} else None
             if form is None or form.x.name != x or (form.beta is not None and not form.centered):
                 continue
+            cone = _cone(view, t, {x}) or [reduction]
             grouped = _grouped(view, cv, reduction, x, t, form)
             if isinstance(grouped, NormSite):
                 return grouped
             if isinstance(grouped, Left):
-                refusal = refusal or Refused(reduction, True, grouped, grouped=True)
+                refusal = refusal or Refused(reduction, True, grouped, grouped=True, nodes=cone)
                 continue
             site = _site(view, cv, reduction, x, t, form)
             if isinstance(site, NormSite):
                 return site
-            refusal = refusal or Refused(reduction, form.centered, site)
-        if refusal is not None:
-            return refusal
+            refusal = refusal or Refused(reduction, form.centered, site, nodes=cone)
         if unrecognized is None:
             unrecognized = _norm_like(view, cv, reduction, tensors, x)
+    if refusal is not None:  # another candidate tensor may have worked; none did
+        return refusal
     if unrecognized is None and is_op(reduction, "ReduceMean", "GlobalAveragePool"):
-        sub = next((u for u in view.users(reduction.output[0]) if is_op(u, "Sub") and
-                    list(u.input) == [reduction.input[0], reduction.output[0]]), None)
+        sub = next((u for t in _reshaped(view, reduction.output[0]) for u in view.users(t) if is_op(u, "Sub")
+                    and u.input[1] == t and behind(view, u.input[0]) == behind(view, reduction.input[0])), None)
         if sub is not None:  # X - mean(X) going on in a way that is no norm we know: say so
-            after = [view.producer[t] for t in _downstream(view, sub)[:12] if t in view.producer]
-            ops = _op_sequence([reduction] + list({id(n): n for n in after}.values()))
-            return Unrecognized(reduction, [reduction, sub], sub.output[0], True,
+            after = list({id(n): n for t in _downstream(view, sub)[:12] if t in view.producer
+                          for n in [view.producer[t]] if n is not sub}.values())
+            ops = _op_sequence([reduction, sub] + after)
+            return Unrecognized(reduction, [reduction, sub] + after, sub.output[0], True,
                                 f"{label(reduction)} subtracts a mean like a LayerNorm, but the nodes after it "
                                 f"are not a norm normfold can prove ({ops})")
     return unrecognized
@@ -292,9 +312,7 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
         return None
     rank, xr = len(dz), len(dx)
     p = list(form.x.perm or range(rank))  # axis j of the norm's layout is axis p[j] of Z
-    axes = {a + rank for a in form.axes}
-    c = next((i for i in range(1, rank - 1) if _splits(dx, dz, i) and i + 1 in p and p.index(i + 1) == p.index(i) + 1
-              and p[0] == 0 and axes == set(range(1, rank)) - {p.index(i)}), None)
+    c = _group_axis(dx, dz, p, {a + rank for a in form.axes})
     if c is None:
         return None
     # From here on it is a GroupNorm: what stops the rewrite is said under the groupnorm pass.
@@ -308,16 +326,11 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     q = [z_axis if z_axis <= c else z_axis - 1 for z_axis in merged]
     if any(isinstance(d, int) and d != dx[i] for d, i in zip(dout, q)):
         return Left("unsupported-axis", f"{label(merge)} does not give back the grouped tensor's layout")
-    # GroupNormalization reads X with c at axis 1; see through the exporter's Transpose in front of X.
     to_first = [0, c] + [i for i in range(1, xr) if i != c]
-    source = x
-    transpose = view.producer.get(x)
-    if to_first != list(range(xr)):
-        perm0 = [int(i) for i in attr(transpose, "perm") or []] if is_op(transpose, "Transpose") else []
-        if len(perm0) != xr or [perm0[i] for i in to_first] != list(range(xr)):
-            return Left("unsupported-axis", f"the GroupNorm groups axis {c} of {x!r}, which no Transpose from a "
-                                            "channels-first tensor puts there (a Transpose pair would be needed)")
-        source = transpose.input[0]
+    source = _channels_first(view, x, to_first)
+    transpose_in = None
+    if source is None:  # channels-last from the start: a Transpose in front (with --allow-transpose)
+        source, transpose_in = x, tuple(to_first)
     # Output axis k holds X axis q[k], which is axis to_first.index(q[k]) of the op's result.
     perm_out = tuple(to_first.index(a) for a in q)
     nodes = _cone(view, out, {x})
@@ -329,7 +342,30 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
         return Left("unsupported-dtype", "the GroupNorm reads and writes different types")
     return NormSite(form, reduction, source, out, nodes, dtype,
                     grouping=Grouping(source, int(dz[c]), int(dz[c + 1]), jg, rank,
-                                      None if perm_out == tuple(range(xr)) else perm_out))
+                                      None if perm_out == tuple(range(xr)) else perm_out, transpose_in))
+
+
+def _group_axis(dx: list, dz: list, p: list[int], axes: set[int]) -> int | None:
+    """The axis c of Z that holds G when Z splits X's axis c into (G, C/G), the norm's layout keeps
+    G and C/G together, and the norm runs over every axis but N and G; else None."""
+    rank = len(dz)
+    for c in range(1, rank - 1):
+        if (_splits(dx, dz, c) and c + 1 in p and p.index(c + 1) == p.index(c) + 1 and p[0] == 0
+                and axes == set(range(1, rank)) - {p.index(c)}):
+            return c
+    return None
+
+
+def _channels_first(view: GraphView, x: str, to_first: list[int]) -> str | None:
+    """The tensor GroupNormalization reads: x when its channels are at axis 1, else what the
+    exporter's Transpose in front of x reads, when that puts the channels there."""
+    if to_first == list(range(len(to_first))):
+        return x
+    transpose = view.producer.get(x)
+    perm0 = [int(i) for i in attr(transpose, "perm") or []] if is_op(transpose, "Transpose") else []
+    if len(perm0) == len(to_first) and [perm0[i] for i in to_first] == list(range(len(to_first))):
+        return transpose.input[0]
+    return None
 
 
 def _splits(dx: list, dz: list, i: int) -> bool:
@@ -347,8 +383,9 @@ def _site(view: GraphView, cv: CanonicalView, reduction, x: str, y: str, form: N
         escaped = escapes(view, nodes, keep=y)
         if escaped is None:
             break
-        # A Cast of X read elsewhere too (the residual of an fp32 Llama) stays; the norm reads it.
-        if not _is_x(cv, escaped, x):
+        # A Cast of X read elsewhere too (the residual of an fp32 Llama) stays, and so does the
+        # Transpose of X the result is built on (Keras over H, W, C, with a residual): the norm reads it.
+        if not (_is_x(cv, escaped, x) or (form.x.perm and _is_x(cv, escaped, x, form.x.perm))):
             return Left("intermediate-used-elsewhere", f"{escaped!r} inside the norm is also used outside it")
         stops.add(escaped)
     else:
@@ -356,7 +393,10 @@ def _site(view: GraphView, cv: CanonicalView, reduction, x: str, y: str, form: N
     inputs = sorted(stops - {x}) or [x]
     if len(inputs) > 1:
         return Left("intermediate-used-elsewhere", f"{inputs!r} inside the norm are also used outside it")
-    return _precision(view, cv, reduction, form, inputs[0], y, nodes, x)
+    site = _precision(view, cv, reduction, form, inputs[0], y, nodes, x)
+    if isinstance(site, NormSite) and form.x.perm and _is_x(cv, site.input, x, form.x.perm):
+        site.transposed = True
+    return site
 
 
 def _precision(view, cv, reduction, form: NormForm, source: str, y: str, nodes, x: str) -> NormSite | Left:
@@ -444,7 +484,7 @@ class NormRule(Rule):
         if centered != self.centered or grouped != self.grouped:
             return None
         if isinstance(found, Refused):
-            return Match(self.kind, [node], node.output[0], {"left": found.left})
+            return Match(self.kind, found.nodes or [node], node.output[0], {"left": found.left})
         return Match(self.kind, found.nodes, found.output, {"site": found})
 
     def check(self, view: GraphView, match: Match, ctx: FoldContext):
@@ -523,7 +563,7 @@ class LayerNormRule(NormRule):
         return ("LayerNormalization", "")
 
 
-def _per_channel(c: np.ndarray, g: Grouping) -> np.ndarray:
+def _channels_of(c: np.ndarray, g: Grouping) -> np.ndarray:
     """A coefficient of the grouped layout (varying along G and C/G only) as the [C] vector
     GroupNormalization-21 takes (channel = group * C/G + index)."""
     full = c.reshape((1,) * (g.rank - c.ndim) + c.shape)  # coefficients are right-aligned
@@ -545,6 +585,10 @@ class GroupNormRule(NormRule):
             return match.parts["left"]
         site: NormSite = match.parts["site"]
         g = site.grouping
+        if g.transpose_in is not None and not ctx.allow_transpose:
+            return Left("unsupported-axis", f"the GroupNorm groups the last axis of {site.input!r}, which no "
+                                            "Transpose from a channels-first tensor puts there (--allow-transpose "
+                                            "wraps GroupNormalization in a Transpose pair)")
         if ctx.opset < 21:
             return Left("opset-too-old", f"GroupNormalization with per-channel scale needs opset 21; the model has "
                                          f"opset {ctx.opset} (rerun with --target-opset 21)")
@@ -557,7 +601,7 @@ class GroupNormRule(NormRule):
         np_dtype = onnx.helper.tensor_dtype_to_np_dtype(site.dtype)
         params, rounding = [], 0.0
         for c in (site.form.gamma, site.form.beta if site.form.beta is not None else np.zeros(())):
-            exact = _per_channel(c, g)
+            exact = _channels_of(c, g)
             stored = exact.astype(np_dtype)
             rounding = max(rounding, float(np.max(np.abs(stored.astype(np.float64) - exact))))
             params.append(stored)
@@ -571,7 +615,12 @@ class GroupNormRule(NormRule):
         scale = view.add_initializer(f"{prefix}.scale", plan["scale"])
         bias = view.add_initializer(f"{prefix}.bias", plan["bias"])
         out = site.output if g.perm_out is None else view.unique_name(f"{prefix}/GroupNormalization_output_0")
-        created = [onnx.helper.make_node("GroupNormalization", [g.source, scale, bias], [out],
+        source, created = g.source, []
+        if g.transpose_in is not None:
+            source = view.unique_name(f"{prefix}/Transpose_in_output")
+            created.append(onnx.helper.make_node("Transpose", [g.source], [source], perm=list(g.transpose_in),
+                                                 name=view.unique_name(f"{prefix}/Transpose_in")))
+        created += [onnx.helper.make_node("GroupNormalization", [source, scale, bias], [out],
                                          name=view.unique_name(f"{prefix}/GroupNormalization"),
                                          num_groups=g.groups, epsilon=plan["eps"], stash_type=1)]
         if g.perm_out is not None:
@@ -635,7 +684,7 @@ def _normalized(view: GraphView, site: NormSite, allow_transpose: bool):
         reduced = [a + rank for a in axes]
         perm = [i for i in range(rank) if i not in reduced] + reduced
     dims = view.dims(site.input)
-    if dims is not None and x.perm is not None:
+    if dims is not None and x.perm is not None and not site.transposed:
         dims = [dims[i] for i in x.perm]
     if dims is not None:
         dims = [dims[i] for i in perm] if perm is not None else dims
@@ -673,7 +722,7 @@ def emit(view: GraphView, site: NormSite, plan: dict, centered: bool) -> Rewritt
     if plan["beta"] is not None:
         inputs.append(reuse_or_add(view, None, plan["beta"], f"{prefix}.bias"))
     created = []
-    moved = site.form.x.perm
+    moved = None if site.transposed else site.form.x.perm
     if moved is not None:  # the statistics read X, the rest Transpose(X): the op reads a Transpose(X)
         inputs[0] = view.unique_name(f"{prefix}/Transpose_output")
         created.append(onnx.helper.make_node("Transpose", [site.input], [inputs[0]], perm=list(moved),
