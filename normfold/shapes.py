@@ -136,8 +136,11 @@ def _fill_reshape_targets(graph: onnx.GraphProto, shapes: Shapes) -> bool:
         if node.op_type == "Reshape":
             allow_zero = any(a.name == "allowzero" and a.i for a in node.attribute)
             target = None if allow_zero and not all(isinstance(t, int) for t in target) else \
-                values.reshape_target(node.input[0], target)
-        if target is None or not all(isinstance(t, int) for t in target):
+                values.reshape_target(node.input[0], target) or target
+        if target is not None and not all(isinstance(t, int) for t in target):
+            changed |= _annotate(graph, node, target, shapes)
+            continue
+        if target is None:
             continue
         name = f"{node.input[at]}__normfold_shape"
         if not any(t.name == name for t in graph.initializer):
@@ -145,3 +148,22 @@ def _fill_reshape_targets(graph: onnx.GraphProto, shapes: Shapes) -> bool:
         node.input[at] = name
         changed = True
     return changed
+
+
+def _annotate(graph: onnx.GraphProto, node: onnx.NodeProto, target: list, shapes: Shapes) -> bool:
+    """A shape with symbols for an output whose target holds dynamic dimensions of other tensors
+    (["input:0", "input:1", 32] after a Tensordot): written as value_info with dim_params in the
+    light copy, so inference keeps the rank and the static sizes downstream."""
+    if node.op_type == "ConstantOfShape":
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        elem = value.data_type if value is not None else onnx.TensorProto.FLOAT
+    else:
+        info = shapes.get(node.input[0])
+        elem = info[0] if info is not None else None
+    if elem is None or any(isinstance(t, int) and t < 0 for t in target):
+        return False
+    if node.op_type == "Reshape" and any(t == 0 for t in target):
+        return False  # 0 copies an input dimension: leave it to inference
+    dims = [t if isinstance(t, int) else str(t) for t in target]
+    graph.value_info.append(onnx.helper.make_tensor_value_info(node.output[0], elem, dims))
+    return True

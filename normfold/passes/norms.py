@@ -51,7 +51,8 @@ from normfold.passes._pattern import is_op, reuse_or_add
 REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
 # Ops a norm's value flows through between its statistics and its output.
 FLOWS = frozenset({"Add", "Sub", "Mul", "Div", "Neg", "Pow", "Sqrt", "Reciprocal", "Cast", "Identity", "Reshape",
-                   "Transpose", "Max", "Where", "ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool"})
+                   "Transpose", "Max", "Where", "ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool",
+                   "Squeeze", "Unsqueeze"})
 MAX_HOPS = 24
 LN_OPSET, RMS_OPSET = 17, 23
 CONTRIB_DOMAIN = "com.microsoft"
@@ -135,15 +136,23 @@ def behind(view: GraphView, tensor: str) -> str:
     return tensor
 
 
-def _reshaped(view: GraphView, tensor: str) -> list[str]:
-    """`tensor` and what Reshapes, Identities and Transposes of it (one reader each) give."""
-    found = [tensor]
-    for _ in range(4):
-        nxt = [u.output[0] for u in view.users(found[-1]) if is_op(u, "Reshape", "Identity", "Transpose")]
-        if len(nxt) != 1:
-            break
-        found.append(nxt[0])
-    return found
+def _centering(view: GraphView, reduction: onnx.NodeProto) -> Unrecognized | None:
+    """X - (a statistic of X computed from this reduction) that no norm explains: said, with the ops
+    after it (a mean reshaped, guarded by div_no_nan, or over a dynamic count)."""
+    if not is_op(reduction, "ReduceMean", "ReduceSum", "GlobalAveragePool"):
+        return None
+    xs = {behind(view, reduction.input[0])} | {behind(view, t) for t in _candidates(view, reduction)}
+    downstream = _downstream(view, reduction)[:24]
+    reached = set(downstream)
+    sub = next((u for t in downstream for u in view.users(t) if is_op(u, "Sub") and u.input[1] in reached
+                and behind(view, u.input[0]) in xs), None)
+    if sub is None:
+        return None
+    after = list({id(n): n for t in _downstream(view, sub)[:12] if t in view.producer
+                  for n in [view.producer[t]] if n is not sub}.values())
+    return Unrecognized(reduction, [reduction, sub] + after, sub.output[0], True,
+                        f"{label(reduction)} subtracts a mean like a LayerNorm, but the nodes after it are not a "
+                        f"norm normfold can prove ({_op_sequence([reduction, sub] + after)})")
 
 
 def _candidates(view: GraphView, reduction: onnx.NodeProto) -> list[str]:
@@ -276,16 +285,8 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
             unrecognized = _norm_like(view, cv, reduction, tensors, x)
     if refusal is not None:  # another candidate tensor may have worked; none did
         return refusal
-    if unrecognized is None and is_op(reduction, "ReduceMean", "GlobalAveragePool"):
-        sub = next((u for t in _reshaped(view, reduction.output[0]) for u in view.users(t) if is_op(u, "Sub")
-                    and u.input[1] == t and behind(view, u.input[0]) == behind(view, reduction.input[0])), None)
-        if sub is not None:  # X - mean(X) going on in a way that is no norm we know: say so
-            after = list({id(n): n for t in _downstream(view, sub)[:12] if t in view.producer
-                          for n in [view.producer[t]] if n is not sub}.values())
-            ops = _op_sequence([reduction, sub] + after)
-            return Unrecognized(reduction, [reduction, sub] + after, sub.output[0], True,
-                                f"{label(reduction)} subtracts a mean like a LayerNorm, but the nodes after it "
-                                f"are not a norm normfold can prove ({ops})")
+    if unrecognized is None:
+        unrecognized = _centering(view, reduction)
     return unrecognized
 
 
