@@ -112,12 +112,16 @@ def infer_shapes(model: onnx.ModelProto) -> Shapes:
     return shapes
 
 
-_SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1}
+# The int input that decides each op's output shape (a Reshape target, reduction axes), by position.
+_SHAPE_INPUT = {"Reshape": 1, "Expand": 1, "ConstantOfShape": 0, "Tile": 1, "Squeeze": 1, "Unsqueeze": 1,
+                **{op: 1 for op in ("ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax", "ReduceMin",
+                                    "ReduceProd", "ReduceL1", "ReduceL2")}}
 
 
 def _fill_reshape_targets(graph: onnx.GraphProto, shapes: Shapes) -> bool:
-    """Give every Reshape/Expand/ConstantOfShape/Tile whose output lost its rank a constant target
-    (in the light copy only). Returns whether it changed any."""
+    """Give every Reshape/Expand/ConstantOfShape/Tile/Squeeze/Unsqueeze/Reduce* whose output lost its
+    shape a constant shape input (a target, axes) where the graph computes it (in the light copy
+    only). Returns whether it changed any."""
     from normfold.shape_values import ShapeValues  # small; only for graphs that need it
 
     values = None

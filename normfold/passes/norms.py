@@ -309,10 +309,14 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     dx, dz, dout = view.dims(x), view.dims(z), view.dims(out)
     if dx is None or dz is None or dout is None or len(dz) != len(dx) + 1 or len(dout) != len(dx):
         return None
-    if sum(1 for d in dz if not isinstance(d, int)) > 1:
-        return None
     rank, xr = len(dz), len(dx)
     p = list(form.x.perm or range(rank))  # axis j of the norm's layout is axis p[j] of Z
+    if sum(1 for d in dz if not isinstance(d, int)) > 1:
+        # Several dynamic sizes: equal unknowns prove nothing, so the split cannot be checked.
+        if isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == rank - 2:
+            return Left("unknown-shape", f"{label(split)} groups a tensor with several dynamic dimensions "
+                                         f"({dx}); normfold cannot prove it splits only the channels")
+        return None
     c = _group_axis(dx, dz, p, {a + rank for a in form.axes})
     if c is None:
         return None
