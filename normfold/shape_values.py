@@ -18,6 +18,13 @@ from normfold.graph import attr, constant_node_value
 
 Value = list  # of int | str
 
+BROADCAST = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Equal", "Where"})
+REDUCE = frozenset({"ReduceSum", "ReduceMean", "ReduceSumSquare", "ReduceMax", "ReduceMin", "ReduceProd"})
+# Ops whose output has their first input's shape.
+SAME_SHAPE = frozenset({"Identity", "Cast", "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Neg", "Abs", "Erf", "Exp", "Sqrt",
+                        "Softplus", "Elu", "Selu", "HardSigmoid", "HardSwish", "Gelu", "Clip", "Dropout", "Softmax",
+                        "LogSoftmax", "Not", "Floor", "Ceil", "Round", "Reciprocal", "Sign", "Mish", "Celu"})
+
 
 class ShapeValues:
     def __init__(self, graph: onnx.GraphProto, shapes: dict):
@@ -43,10 +50,9 @@ class ShapeValues:
             value = constant_node_value(node)
             return None if value is None else _ints(value)
         if op == "Shape":
-            info = self.shapes.get(node.input[0])
-            if info is None or info[1] is None:
+            dims = self.dims_of(node.input[0])
+            if dims is None:
                 return None
-            dims = [d if isinstance(d, int) else f"{node.input[0]}:{i}" for i, d in enumerate(info[1])]
             start, end = attr(node, "start", 0), attr(node, "end", None)
             return dims[start:end]
         ins = [self.value(i, depth + 1) if i else None for i in node.input]
@@ -78,18 +84,95 @@ class ShapeValues:
             return [_arith(op, x, y) for x, y in zip(a, b)]
         return None
 
+    def dims_of(self, name: str, depth: int = 0) -> Value | None:
+        """The dimensions of a tensor, a dynamic one as a symbol named after the tensor it first
+        appears in: through Transposes and ops that keep their input's shape, a dimension keeps
+        its symbol, so two tensors' dynamic sizes compare equal when they are the same size."""
+        info = self.shapes.get(name)
+        if info is None or info[1] is None:
+            return None
+        dims = list(info[1])
+        if all(isinstance(d, int) for d in dims):
+            return dims
+        node = self.producer.get(name)
+        inner = None
+        if node is not None and node.domain in ("", "ai.onnx") and depth < 32:
+            if node.op_type == "Transpose":
+                base = self.dims_of(node.input[0], depth + 1)
+                perm = attr(node, "perm") or list(reversed(range(len(dims))))
+                inner = [base[p] for p in perm] if base is not None and len(base) == len(dims) else None
+            elif node.op_type in SAME_SHAPE:
+                inner = self.dims_of(node.input[0], depth + 1)
+            elif node.op_type in BROADCAST:
+                inner = self._broadcast(node, len(dims), depth)
+            elif node.op_type in REDUCE and attr(node, "keepdims", 1) == 1:
+                inner = self._reduced(node, dims, depth)
+            elif node.op_type == "ConstantOfShape":
+                inner = self.value(node.input[0], depth + 1)
+            elif node.op_type == "Reshape" and len(node.input) > 1:
+                inner = self._reshaped(node, len(dims), depth)
+        if inner is not None and len(inner) == len(dims):
+            return [d if isinstance(d, int) else inner[i] for i, d in enumerate(dims)]
+        return [d if isinstance(d, int) else f"{name}:{i}" for i, d in enumerate(dims)]
+
+    def _reshaped(self, node: onnx.NodeProto, rank: int, depth: int) -> Value | None:
+        """A Reshape's output dimensions from its target: 0 copies the input's, one -1 in front is
+        the input's first dimension when every other entry matches the input's (element counts)."""
+        target = self.value(node.input[1], depth + 1)
+        source = self.dims_of(node.input[0], depth + 1)
+        if target is None or source is None or len(target) != rank:
+            return None
+        out = [source[i] if t == 0 and i < len(source) else t for i, t in enumerate(target)]
+        if out.count(-1) == 1 and out[0] == -1 and out[1:] and source[1:] and \
+                _product(out[1:]) is not None and _product(out[1:]) == _product(source[1:]):
+            out[0] = source[0]
+        return None if any(isinstance(t, int) and t < 0 for t in out) else out
+
+    def _broadcast(self, node: onnx.NodeProto, rank: int, depth: int) -> Value | None:
+        """An elementwise op's output dimensions from its inputs' (right-aligned broadcasting)."""
+        sides = [self.dims_of(i, depth + 1) for i in node.input if i]
+        if not sides or any(d is None or len(d) > rank for d in sides):
+            return None
+        out = []
+        for column in zip(*([1] * (rank - len(d)) + list(d) for d in sides)):
+            wide = {d for d in column if d != 1}
+            out.append(wide.pop() if len(wide) == 1 else 1 if not wide else None)
+        return None if None in out else out
+
+    def _reduced(self, node: onnx.NodeProto, dims: list, depth: int) -> Value | None:
+        """A keepdims reduction's output dimensions: its input's, with the reduced axes 1."""
+        source = self.dims_of(node.input[0], depth + 1)
+        axes = attr(node, "axes")
+        if axes is None and len(node.input) > 1 and node.input[1]:
+            axes = self.value(node.input[1], depth + 1)
+        if source is None or len(source) != len(dims) or not axes or not all(isinstance(a, int) for a in axes):
+            return None
+        reduced = {a % len(dims) for a in axes}
+        return [1 if i in reduced else d for i, d in enumerate(source)]
+
     def reshape_target(self, data: str, target: Value) -> list[int] | None:
         """The target with symbols replaced for inference: 0 ("copy the input's dimension") where the
         symbol is the input's own dimension at the same index, else -1 (at most one)."""
+        own = self.dims_of(data) or []
         out: list[int] = []
         for i, t in enumerate(target):
             if isinstance(t, int):
                 out.append(t)
-            elif t == f"{data}:{i}":
+            elif i < len(own) and t == own[i]:
                 out.append(0)
             else:
                 out.append(-1)
         return out if out.count(-1) <= 1 else None
+
+
+def _product(dims: Value):
+    """The product of int dimensions, or None when a symbol stands among them."""
+    out = 1
+    for d in dims:
+        if not isinstance(d, int):
+            return None
+        out *= d
+    return out
 
 
 def _ints(array: np.ndarray) -> Value | None:

@@ -120,6 +120,19 @@ def make_mean(arg: "Expr", axes: tuple[int, ...]) -> Mean:
     return Mean(arg, axes)
 
 
+class Count(Atom):
+    """How many values a reduction over dynamic sizes sums: a positive number only known at run time,
+    named by the (symbolic) sizes it multiplies, so that ReduceSum(mask * x) / ReduceSum(mask) over
+    the same sizes cancels to a mean."""
+
+    def __init__(self, dims: tuple):
+        self.dims = dims
+        self.key = ("count", tuple(str(d) for d in dims))
+
+    def __repr__(self):
+        return f"N{list(self.dims)}"
+
+
 Signature = tuple  # sorted ((atom, Fraction power), ...)
 
 
@@ -153,7 +166,10 @@ class Expr:
             names: set[str] = set()
             for sig in self.terms:
                 for a, _ in sig:
-                    names |= {a.name} if isinstance(a, Leaf) else (a.arg if isinstance(a, Mean) else a.base).leaves
+                    if isinstance(a, Leaf):
+                        names.add(a.name)
+                    elif isinstance(a, (Mean, Root)):
+                        names |= (a.arg if isinstance(a, Mean) else a.base).leaves
             self._leaves = frozenset(names)
         return self._leaves
 
@@ -280,6 +296,8 @@ def varies_along(c: np.ndarray, axes: tuple[int, ...]) -> bool:
 
 
 def _atom_constant_along(a: Atom, axes: tuple[int, ...]) -> bool:
+    if isinstance(a, Count):
+        return True
     if isinstance(a, Mean):
         return set(axes) <= set(a.axes)
     if isinstance(a, Root):
@@ -348,6 +366,8 @@ def _transpose_atom(x: Atom, perm: tuple[int, ...], inverse: list[int]) -> Atom 
     if isinstance(x, Root):
         base = transpose(x.base, perm)
         return None if base is None else Root(base, x.power)
+    if isinstance(x, Count):
+        return x
     return None
 
 
@@ -452,6 +472,17 @@ class CanonicalView:
             return None
         return tuple(sorted(set(int(a) for a in axes)))
 
+    def dynamic_count(self, tensor: str, axes: tuple[int, ...]) -> Count | None:
+        """The count of a reduction over sizes some of which are dynamic, by their symbols."""
+        from normfold.shape_values import ShapeValues
+
+        values = self.view.__dict__.setdefault("_shape_values", ShapeValues(self.view.graph, self.view.shapes))
+        dims = values.dims_of(tensor)
+        if dims is None or any(-len(dims) > a for a in axes):
+            return None
+        picked = tuple(dims[len(dims) + a] for a in axes)
+        return Count(tuple(sorted(picked, key=str)))
+
     def count(self, tensor: str, axes: tuple[int, ...]) -> float | None:
         """How many values a reduction over `axes` of `tensor` sums."""
         dims = self.view.dims(tensor)
@@ -512,12 +543,15 @@ def _reduce_sum(square: bool):
     def read(cv: CanonicalView, node):
         axes = cv.reduce_axes(node)
         n = None if axes is None else cv.count(node.input[0], axes)
-        if n is None:
+        dynamic = None if n is not None or axes is None else cv.dynamic_count(node.input[0], axes)
+        if n is None and dynamic is None:
             return None
         e = cv.expr(node.input[0])
         e = power(e, Fraction(2)) if square else e
         m = e and mean(e, axes)
-        return m and scale(m, n)
+        if m is None:
+            return None
+        return scale(m, n) if n is not None else mul(m, Expr.atom(dynamic))
     return read
 
 
@@ -585,10 +619,17 @@ def _where(cv: CanonicalView, node):
     if zero.constant() is None or np.any(zero.constant() != 0):
         return None
     count = n.constant()
+    if count is None and _positive_count(n):
+        count = np.ones(())  # a count of run-time sizes: never 0 where the tensor has values at all
     then = cv.expr(node.input[1]).constant()
     if count is None or np.any(count == 0) or then is None or np.any(then != 0):
         return None
     return cv.expr(node.input[2])
+
+
+def _positive_count(e: Expr) -> bool:
+    one = e.single()
+    return one is not None and np.all(one[1] > 0) and all(isinstance(a, Count) and p > 0 for a, p in one[0])
 
 
 def _constant_of_shape(cv: CanonicalView, node):

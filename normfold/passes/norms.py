@@ -312,11 +312,15 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     rank, xr = len(dz), len(dx)
     p = list(form.x.perm or range(rank))  # axis j of the norm's layout is axis p[j] of Z
     if sum(1 for d in dz if not isinstance(d, int)) > 1:
-        # Several dynamic sizes: equal unknowns prove nothing, so the split cannot be checked.
-        if isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == rank - 2:
-            return Left("unknown-shape", f"{label(split)} groups a tensor with several dynamic dimensions "
-                                         f"({dx}); normfold cannot prove it splits only the channels")
-        return None
+        # Several dynamic sizes: equal unknowns prove nothing. Compare them by what the graph computes
+        # them from (the Reshapes' targets against X's own dimensions, symbol for symbol).
+        proven = _symbolic_dims(view, split, merge, x)
+        if proven is None:
+            if isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == rank - 2:
+                return Left("unknown-shape", f"{label(split)} groups a tensor with several dynamic dimensions "
+                                             f"({dx}); normfold cannot prove it splits only the channels")
+            return None
+        dx, dz, dout = proven
     c = _group_axis(dx, dz, p, {a + rank for a in form.axes})
     if c is None:
         return None
@@ -329,7 +333,7 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     # Axis k of the site's output is axis q[k] of X (G and C/G merged back into c).
     merged = p[:jg] + [c] + p[jg + 2:]
     q = [z_axis if z_axis <= c else z_axis - 1 for z_axis in merged]
-    if any(isinstance(d, int) and d != dx[i] for d, i in zip(dout, q)):
+    if any(d is not None and d != dx[i] for d, i in zip(dout, q)):
         return Left("unsupported-axis", f"{label(merge)} does not give back the grouped tensor's layout")
     to_first = [0, c] + [i for i in range(1, xr) if i != c]
     source = _channels_first(view, x, to_first)
@@ -348,6 +352,29 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     return NormSite(form, reduction, source, out, nodes, dtype,
                     grouping=Grouping(source, int(dz[c]), int(dz[c + 1]), jg, rank,
                                       None if perm_out == tuple(range(xr)) else perm_out, transpose_in))
+
+
+def _symbolic_dims(view: GraphView, split, merge, x: str):
+    """X's, Z's and the output's dimensions with a dynamic size as the symbol of the dimension it
+    is (shape_values.ShapeValues), or None when a target has an entry that is neither."""
+    from normfold.shape_values import ShapeValues
+
+    values = view.__dict__.setdefault("_shape_values", ShapeValues(view.graph, view.shapes))
+    dx = values.dims_of(x)
+    targets = [values.value(node.input[1]) for node in (split, merge)]
+    if dx is None or any(t is None for t in targets):
+        return None
+    resolved = []
+    for target, source in zip(targets, (dx, None)):
+        out = [source[i] if t == 0 and source is not None and i < len(source) else t for i, t in enumerate(target)]
+        # A -1 in front stands for the batch: every other entry is checked equal, so the element
+        # counts make it X's first dimension.
+        if out and out[0] == -1 and out.count(-1) == 1:
+            out[0] = dx[0]
+        if any(isinstance(t, int) and t < 0 for t in out) or (source is None and 0 in out):
+            return None
+        resolved.append(out)
+    return dx, resolved[0], resolved[1]
 
 
 def _group_axis(dx: list, dz: list, p: list[int], axes: set[int]) -> int | None:
