@@ -36,6 +36,7 @@ the forms (max(var, eps) for var + eps, a second tensor mixed in, a non-constant
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from fractions import Fraction
 
@@ -306,21 +307,12 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     if not (is_op(split, "Reshape") and is_op(merge, "Reshape") and form.centered):
         return None
     x, out = split.input[0], merge.output[0]
-    dx, dz, dout = view.dims(x), view.dims(z), view.dims(out)
-    if dx is None or dz is None or dout is None or len(dz) != len(dx) + 1 or len(dout) != len(dx):
-        return None
-    rank, xr = len(dz), len(dx)
+    dims = _grouping_dims(view, split, merge, form)
+    if dims is None or isinstance(dims, Left):
+        return dims
+    dx, dz, dout = dims
+    rank = len(dz)
     p = list(form.x.perm or range(rank))  # axis j of the norm's layout is axis p[j] of Z
-    if sum(1 for d in dz if not isinstance(d, int)) > 1:
-        # Several dynamic sizes: equal unknowns prove nothing. Compare them by what the graph computes
-        # them from (the Reshapes' targets against X's own dimensions, symbol for symbol).
-        proven = _symbolic_dims(view, split, merge, x)
-        if proven is None:
-            if isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == rank - 2:
-                return Left("unknown-shape", f"{label(split)} groups a tensor with several dynamic dimensions "
-                                             f"({dx}); normfold cannot prove it splits only the channels")
-            return None
-        dx, dz, dout = proven
     c = _group_axis(dx, dz, p, {a + rank for a in form.axes})
     if c is None:
         return None
@@ -335,6 +327,14 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     q = [z_axis if z_axis <= c else z_axis - 1 for z_axis in merged]
     if any(d is not None and d != dx[i] for d, i in zip(dout, q)):
         return Left("unsupported-axis", f"{label(merge)} does not give back the grouped tensor's layout")
+    return _groupnorm_site(view, reduction, form, x, out, c, q, Grouping("", int(dz[c]), int(dz[c + 1]), jg, rank, None))
+
+
+def _groupnorm_site(view: GraphView, reduction, form: NormForm, x: str, out: str, c: int, q: list[int],
+                    g: Grouping) -> NormSite | Left:
+    """The site once the grouping is proven: what GroupNormalization reads (channels at axis 1, through
+    the exporter's Transpose, or a Transpose normfold adds), the Transpose after it, the nodes."""
+    xr = len(q)
     to_first = [0, c] + [i for i in range(1, xr) if i != c]
     source = _channels_first(view, x, to_first)
     transpose_in = None
@@ -349,9 +349,26 @@ def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form
     dtype = view.elem_type(source)
     if dtype is None or dtype != view.elem_type(out):
         return Left("unsupported-dtype", "the GroupNorm reads and writes different types")
-    return NormSite(form, reduction, source, out, nodes, dtype,
-                    grouping=Grouping(source, int(dz[c]), int(dz[c + 1]), jg, rank,
-                                      None if perm_out == tuple(range(xr)) else perm_out, transpose_in))
+    grouping = dataclasses.replace(g, source=source, transpose_in=transpose_in,
+                                   perm_out=None if perm_out == tuple(range(xr)) else perm_out)
+    return NormSite(form, reduction, source, out, nodes, dtype, grouping=grouping)
+
+
+def _grouping_dims(view: GraphView, split, merge, form: NormForm):
+    """The dimensions of X, Z and the site's output, checkable against each other: inferred ones,
+    or, where several sizes are dynamic (equal unknowns prove nothing), each named by what the graph
+    computes it from (the Reshapes' targets against X's own dimensions, symbol for symbol)."""
+    x, z, out = split.input[0], split.output[0], merge.output[0]
+    dx, dz, dout = view.dims(x), view.dims(z), view.dims(out)
+    if dx is None or dz is None or dout is None or len(dz) != len(dx) + 1 or len(dout) != len(dx):
+        return None
+    if sum(1 for d in dz if not isinstance(d, int)) <= 1:
+        return dx, dz, dout
+    proven = _symbolic_dims(view, split, merge, x)
+    if proven is None and isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == len(dz) - 2:
+        return Left("unknown-shape", f"{label(split)} groups a tensor with several dynamic dimensions ({dx}); "
+                                     "normfold cannot prove it splits only the channels")
+    return proven
 
 
 def _symbolic_dims(view: GraphView, split, merge, x: str):
