@@ -150,14 +150,41 @@ def summarise(module: str, work: Path) -> dict:
             "other": {n: results[n] for n in other}, "score": score}
 
 
+def _where(work: Path, name: str, diff: str) -> tuple[str, str]:
+    """file:line of a mutant and its one-line change, from `mutmut show`'s diff of the function."""
+    module, _, function = name.rpartition("__mutmut_")[0].partition(".x")
+    path = Path(*module.split(".")).with_suffix(".py")
+    function = function.lstrip("_").split("ǁ")[-1] if "ǁ" in function else function[1:]
+    source = (work / path).read_text().splitlines()
+    start = next((i for i, line in enumerate(source) if re.match(rf"\s*def {re.escape(function)}\(", line)), 0)
+    offset, old, new, line_no = 0, "", "", None
+    for line in diff.splitlines():
+        hunk = re.match(r"@@ -(\d+)", line)
+        if hunk:
+            offset = int(hunk.group(1)) - 1
+            continue
+        if line.startswith(("---", "+++")) or offset is None:
+            continue
+        if line.startswith("-") and not old:
+            old, line_no = line[1:].strip(), start + offset + 1
+        elif line.startswith("+") and not new:
+            new = line[1:].strip()
+        if not line.startswith("+"):
+            offset += 1
+    return f"{path.as_posix()}:{line_no}", f"`{old}` -> `{new}`".replace("|", "\\|")
+
+
 def show_survivors(work: Path, names: list[str], out: Path) -> None:
-    """The diff of every survivor, for SURVIVORS.md (mutmut show, run in the scratch copy)."""
-    texts = []
+    """The diff of every survivor (mutmut show, run in the scratch copy), and SURVIVORS.md rows."""
+    texts, rows = [], []
     for name in names:
         shown = subprocess.run([sys.executable, "-m", "mutmut", "show", name], cwd=work,
-                               capture_output=True, text=True)
-        texts.append(f"## {name}\n{shown.stdout.strip()}\n")
+                               capture_output=True, text=True).stdout.strip()
+        texts.append(f"## {name}\n{shown}\n")
+        where, change = _where(work, name, shown)
+        rows.append(f"| `{name}` | {where} | {change} | open: no test kills it yet |")
     out.write_text("\n".join(texts))
+    out.with_name("survivors.md").write_text("\n".join(rows) + "\n")
 
 
 def run_bounded(command: list[str], cwd: Path, env: dict, out, minutes: float | None):
@@ -236,7 +263,7 @@ def main() -> int:
     print(f"{'total':24} {total['mutants']:8} {total['unchecked']:6} {total['killed']:7} {total['survived']:9} "
           f"{total['equivalent']:6} {score:6.1f}%")
     print("score = killed / (mutants - unrun - equivalent); a timeout counts as killed")
-    print(f"diffs of the survivors: {SCRATCH}/<module>/survivors.txt")
+    print(f"diffs of the survivors: {SCRATCH}/<module>/survivors.txt, rows for SURVIVORS.md in survivors.md")
     return 0
 
 
