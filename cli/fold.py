@@ -25,8 +25,11 @@ from normfold.report import Report, document_json, worst_exit_code
 @report_option
 @fold_options
 @verification_options
-@click.option("--verify", "verify_mode", type=click.Choice(["outputs", "sites"]), default="outputs", show_default=True,
-              help="sites: also compare every rewritten site's output tensor, to name the one that differs.")
+@click.option("--verify", "verify_mode", type=click.Choice(["auto", "outputs", "sites", "local"]), default="auto",
+              show_default=True,
+              help="outputs: run both whole models; sites: also compare every rewritten site's output tensor, to "
+                   "name the one that differs; local: check each rewritten site on its own (memory of the largest "
+                   "site); auto: outputs, or local when one session of the model would not fit in memory.")
 @click.option("--no-verify", is_flag=True, help="Write without running onnxruntime.")
 @click.option("--allow-unverified", is_flag=True, help="Write even when onnxruntime cannot run the model.")
 @click.option("--benchmark", is_flag=True, help="Time both models in onnxruntime (session creation, median latency).")
@@ -47,7 +50,8 @@ def fold(models, output, in_place, report_path, verify_mode, no_verify, allow_un
     """
     options = fold_options_from(groups)
     verify = verify_options(groups, enabled=not no_verify, allow_unverified=allow_unverified,
-                            sites=verify_mode == "sites", benchmark=benchmark)
+                            sites=verify_mode == "sites", benchmark=benchmark,
+                            local={"auto": None, "local": True}.get(verify_mode, False))
     try:
         job_list = find_models(models, output, in_place)
         if options.external_data and len(job_list) > 1:

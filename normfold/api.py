@@ -20,7 +20,7 @@ from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
 from normfold.paths import Plan, Target, data_name_for, default_output, plan_run
 from normfold.passes.norms import add_contrib_opset_import
 from normfold.prepare import explain_listed_inputs, prepare_model
-from normfold.report import Report, Verification
+from normfold.report import Report, SiteRecord, Verification
 from normfold.shapes import infer_shapes
 from normfold.verify import ModelRun, RunOptions, compare_models, run_reference
 from normfold.watchdog import run_in_child
@@ -66,6 +66,10 @@ class VerifyOptions:
     sites: bool = False  # also compare every rewritten site's output tensor
     benchmark: bool = False  # time both models in onnxruntime
     timeout: float | None = None  # seconds one verification may take (then exit 3, nothing written)
+    # Check every rewritten site on its own instead of the whole model (normfold.verify_local):
+    # True (--verify local), False (whole model, --verify outputs/sites), None: by itself when one
+    # onnxruntime session of the model would not fit in the memory available.
+    local: bool | None = None
 
     def run_options(self) -> RunOptions:
         return RunOptions(self.seed, self.shapes, self.dims, self.int_ranges, list(self.input_files), self.batches,
@@ -113,6 +117,19 @@ class VerifyOptions:
             deadline = time.monotonic() + self.timeout
         original = self.reference(reference, sites, deadline=deadline)
         return original, self.compare(reference, candidate, reference_run=original, deadline=deadline)
+
+
+    def verify_local(self, reference, candidate, sites: list[SiteRecord]) -> Verification:
+        """normfold.verify_local.verify_locally with these options, in a child process."""
+        from normfold.verify_local import verify_locally
+
+        try:
+            return run_in_child(verify_locally, reference, candidate, sites, timeout=self.timeout, seed=self.seed,
+                                atol=self.atol, rtol=self.rtol)
+        except VerificationTimeout:
+            raise
+        except VerificationUnavailable as exc:
+            return Verification("unavailable", seed=self.seed, detail=str(exc), mode="local")
 
 
 def _remaining(deadline: float | None, timeout: float | None) -> float | None:
@@ -290,12 +307,24 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
         if verify.enabled:
             t = time.perf_counter()
             sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
-            report.verification, report.conversion = _verified_with_conversion(
-                verify, src, staged.path, sites, converted and (lambda: _stage_conversion(
-                    src, dest, staging, options, external_files, base_dir)))
+            local, why = verify.local, ""
+            if local is None:
+                from normfold.verify_local import whole_model_too_big
+
+                local, why = whole_model_too_big(src)
+            if local:
+                report.verification = _verified_locally(verify, src, staged.path, report.sites)
+                if why:
+                    report.verification.notes.insert(0, why + ": verified each rewritten site on its own "
+                                                              "(as --verify local)")
+            else:
+                report.verification, report.conversion = _verified_with_conversion(
+                    verify, src, staged.path, sites, converted and (lambda: _stage_conversion(
+                        src, dest, staging, options, external_files, base_dir)))
             errors = {c.name: c.max_abs_error for c in report.verification.sites}
             for site in report.sites:
-                site.max_abs_error = errors.get(site.output) if site.status != "left" else None
+                error = errors.get(site.id if local else site.output)
+                site.max_abs_error = error if site.status != "left" else None
             timings["verify"] = time.perf_counter() - t
         else:
             report.verification = Verification("skipped", detail="--no-verify")
@@ -342,6 +371,13 @@ def _verified_with_conversion(verify: VerifyOptions, reference, candidate, sites
     except VerificationTimeout as exc:
         return Verification("unavailable", seed=verify.seed, detail=_TIMED_OUT + str(exc)), conversion
     return result, conversion
+
+
+def _verified_locally(verify: VerifyOptions, reference, candidate, sites: list[SiteRecord]) -> Verification:
+    try:
+        return verify.verify_local(reference, candidate, sites)
+    except VerificationTimeout as exc:
+        return Verification("unavailable", seed=verify.seed, detail=_TIMED_OUT + str(exc), mode="local")
 
 
 def _stage_conversion(src: Path, dest: Path, staging, options: FoldOptions, external_files: list[str],
