@@ -1,0 +1,146 @@
+"""Memory and time of `normfold fold` with verification against its floor, on one large model.
+
+    python bench/verify_memory.py MODEL.onnx [--target-opset 23] [--work DIR] [--repeat 1] [--no-floor] [--fold-args '...']
+
+Runs, each in a fresh process and one after the other:
+  floor (original): one onnxruntime session (optimizations off, as normfold verifies) + one run
+  fold:             normfold fold MODEL -o DIR/folded.onnx [--target-opset N] (verification on)
+  floor (result):   the same single session + run on the folded model
+(--no-floor: only the fold, for a model whose one session would not fit in memory)
+and prints the peak memory of each process tree (sum of PSS over the process and its children,
+sampled every 20 ms: the fold's verification runs in child processes; PSS counts pages a fork
+shares once) and the wall time, then the ratios the issue asks for:
+  memory: fold / max(floor original, floor result)         (target <= 1.15)
+  time:   fold / (floor original + floor result)            (target <= 1.25)
+Also printed: the fold's own timings (load, convert, fold, save, verify) from its JSON report.
+Writes only inside --work (default: beside MODEL, in folder 'bench-verify'); deletes the folded
+model afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FLOOR = r"""
+import sys, time
+import numpy as np, onnxruntime as ort
+t = time.perf_counter()
+o = ort.SessionOptions(); o.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+o.intra_op_num_threads = 1; o.log_severity_level = 4
+s = ort.InferenceSession(sys.argv[1], o, providers=["CPUExecutionProvider"])
+feeds = {}
+for i in s.get_inputs():
+    shape = [d if isinstance(d, int) and d > 0 else 1 for d in i.shape]
+    feeds[i.name] = np.zeros(shape, np.int64) if "int" in i.type else np.random.default_rng(0).standard_normal(shape).astype(np.float16 if "16" in i.type else np.float32)
+s.run(None, feeds)
+"""
+
+
+def _tree(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, stack = [], [pid]
+    while stack:
+        p = stack.pop()
+        out.append(p)
+        stack.extend(children.get(p, []))
+    return out
+
+
+def _pss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure(command: list[str]) -> tuple[float, int, int]:
+    """(wall seconds, peak tree PSS bytes, exit code) of a command."""
+    t = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, sum(_pss(p) for p in _tree(process.pid)))
+        time.sleep(0.02)
+    wall = time.perf_counter() - t
+    err = process.stderr.read().decode()
+    if process.returncode:
+        print(f"  {' '.join(command[:4])}...: exit {process.returncode}: {err.strip()[-300:]}", file=sys.stderr)
+    return wall, peak, process.returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--target-opset", type=int)
+    parser.add_argument("--work")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--no-floor", action="store_true",
+                        help="only the fold (a model one onnxruntime session of which would not fit in memory)")
+    parser.add_argument("--fold-args", default="", help="more arguments for normfold fold, e.g. '--verify outputs'")
+    args = parser.parse_args()
+    model = Path(args.model).resolve()
+    work = Path(args.work or model.parent / "bench-verify")
+    work.mkdir(parents=True, exist_ok=True)
+    out = work / "folded.onnx"
+    normfold = [str(Path(sys.executable).with_name("normfold"))]
+    fold_cmd = normfold + ["fold", str(model), "-o", str(out), "--report", str(work / "report.json"), "-q"]
+    if args.target_opset:
+        fold_cmd += ["--target-opset", str(args.target_opset)]
+    fold_cmd += args.fold_args.split()
+    gib = 2**30
+    print(f"{model}: {sum(f.stat().st_size for f in model.parent.glob(model.name + '*')) / gib:.2f} GiB; "
+          f"{platform.node()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / gib:.1f} GiB, "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    rows = []
+    for r in range(args.repeat):
+        for f in work.glob("folded.onnx*"):
+            f.unlink()
+        skip = (float("nan"), 0, 0)
+        floor_orig = skip if args.no_floor else measure([sys.executable, "-c", FLOOR, str(model)])
+        fold = measure(fold_cmd)
+        floor_res = skip if args.no_floor or not out.exists() else measure([sys.executable, "-c", FLOOR, str(out)])
+        report = json.loads((work / "report.json").read_text())["models"][0] if (work / "report.json").exists() else {}
+        rows.append((floor_orig, fold, floor_res, report))
+        print(f"run {r + 1}: floor original {floor_orig[0]:.1f} s / {floor_orig[1] / gib:.2f} GiB; "
+              f"fold {fold[0]:.1f} s / {fold[1] / gib:.2f} GiB (exit {fold[2]}); "
+              f"floor result {floor_res[0]:.1f} s / {floor_res[1] / gib:.2f} GiB")
+        if report:
+            v = report.get("verification") or {}
+            print(f"  fold timings {report.get('timings')}; verification {v.get('status')} ({v.get('mode')}), "
+                  f"sites {sum(s['status'] != 'left' for s in report.get('sites', []))}")
+            for note in v.get("notes", []):
+                print(f"  note: {note}")
+        if args.no_floor:
+            continue
+        mem = fold[1] / max(floor_orig[1], floor_res[1])
+        wall = fold[0] / (floor_orig[0] + floor_res[0])
+        verify_time = report.get("timings", {}).get("verify", float("nan"))
+        print(f"  ratios: memory {mem:.2f}x (target <= 1.15), time {wall:.2f}x (target <= 1.25); "
+              f"verification phase alone {verify_time / (floor_orig[0] + floor_res[0]):.2f}x")
+    for f in work.glob("folded.onnx*"):
+        f.unlink()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
