@@ -56,12 +56,17 @@ def _committed() -> bool:
     return bool(staging is not None and staging.COMMITTED)
 
 
+class Interrupted(BaseException):
+    """Raised by the signal handler. Not a KeyboardInterrupt: Click would print a blank line on
+    that before our one interrupt line."""
+
+
 def _interrupt(signum, frame) -> None:
     """Ctrl-C and SIGTERM: stop where we are (staged files are removed on the way out), unless the
     run's files are already in place; then let it finish (printing is all that is left)."""
     if _committed():
         return
-    raise KeyboardInterrupt
+    raise Interrupted
 
 
 def _write_stderr(text: str) -> None:
@@ -92,7 +97,7 @@ def run() -> None:
     signal.signal(signal.SIGINT, _interrupt)
     try:
         code = _run()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Interrupted):
         code = _interrupted()
     _exit(code)
 
@@ -125,7 +130,7 @@ def _run() -> int:
         hint = f" (see 'normfold {exc.ctx.info_name} --help')" if getattr(exc, "ctx", None) and exc.ctx.parent else ""
         echo_error(f"{exc.format_message()}{hint}")
         return exit_codes.BAD_INPUT
-    except (click.exceptions.Abort, KeyboardInterrupt):  # Click turns Ctrl-C into Abort
+    except (click.exceptions.Abort, KeyboardInterrupt, Interrupted):  # Click turns Ctrl-C into Abort
         return _interrupted()
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)

@@ -8,7 +8,7 @@ import time
 import click
 
 from normfold import exit_codes
-from normfold.api import benchmark_files
+from normfold.api import benchmark_files, check_input_files
 from normfold.cli.options import (EXIT_CODES_HELP, echo_error, pass_errors, report_option, verification_options,
                                   verify_options, write_report)
 from normfold.cli.render import colour
@@ -37,6 +37,7 @@ def verify(original, candidate, site_names, benchmark, report_path, quiet, verbo
     started = time.perf_counter()
     options = verify_options(groups)
     models = [read_model(path, lazy=True)[0] for path in (original, candidate)]  # one-line errors for bad files
+    check_input_files(models[0], options.input_files)
     sites = None
     if site_names == "*":
         sites = _common_tensors(*models)

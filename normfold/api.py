@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx import version_converter
 
@@ -182,7 +183,10 @@ def _prepare(model: onnx.ModelProto, options: FoldOptions, base_dir: str | os.Pa
 def _run_passes(prepared: _Prepared, options: FoldOptions, report: Report) -> None:
     model = prepared.model
     rules = [rule for rule in RULES if rule.name in options.passes]
-    report.sites = run_rules(model.graph, rules, prepared.ctx, prepared.shapes)
+    # Overflow to inf or a 0 divisor in a fold is caught by its checks (the site is left with a
+    # reason); numpy's RuntimeWarnings about it would only be noise on stderr of a good run.
+    with np.errstate(all="ignore"):
+        report.sites = run_rules(model.graph, rules, prepared.ctx, prepared.shapes)
     report.notes = prepared.notes
     explain_listed_inputs(model, report.sites)  # every pass's non-constant reason names the option
     add_contrib_opset_import(model)  # only when a rewrite used com.microsoft (--allow-contrib)
@@ -281,6 +285,8 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
     model, external_files = read_model(src, lazy=True)  # external weights stay in their files until needed
     if plan is not None:
         plan.add_external_data(target, external_files)
+    if verify.enabled:
+        check_input_files(model, verify.input_files)
     base_dir = str(src.resolve().parent)
     timings = {"load": time.perf_counter() - t}
     external = True if external_files or options.external_data is not None else None
@@ -399,6 +405,37 @@ def _finish(report: Report, timings: dict[str, float], started: float) -> Report
     timings["total"] = time.perf_counter() - started
     report.timings = {k: round(v, 4) for k, v in timings.items()}
     return report
+
+
+def check_input_files(model: onnx.ModelProto, files: list[str]) -> None:
+    """--inputs must fit the model's inputs: the element type and every fixed dimension (a bad
+    file is a usage error, exit 2, not a model onnxruntime cannot run)."""
+    if not files:
+        return
+    from normfold.errors import show_path
+    from normfold.verify import load_input_file
+
+    initializers = {t.name for t in model.graph.initializer}
+    specs = [vi for vi in model.graph.input if vi.name not in initializers]
+    for path in files:
+        feeds = load_input_file(path, [vi.name for vi in specs])
+        for vi in specs:
+            array, tt = np.asarray(feeds[vi.name]), vi.type.tensor_type
+            if not vi.type.HasField("tensor_type"):
+                continue
+            try:
+                expected = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)
+            except Exception:
+                continue
+            if array.dtype != expected:
+                raise NormfoldError(f"--inputs {show_path(path)}: {vi.name!r} is {array.dtype}, the model's input is "
+                                    f"{np.dtype(expected).name}")
+            if tt.HasField("shape"):
+                dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+                if len(dims) != array.ndim or any(d is not None and d != n for d, n in zip(dims, array.shape)):
+                    shown = ["?" if d is None else d for d in dims]
+                    raise NormfoldError(f"--inputs {show_path(path)}: {vi.name!r} has shape {list(array.shape)}, the "
+                                        f"model's input is {shown}")
 
 
 def benchmark_files(original, candidate, verify: VerifyOptions) -> dict:

@@ -51,6 +51,40 @@ def free_names(graph: onnx.GraphProto) -> set[str]:
     return used - defined
 
 
+def _initializer_names(graph: onnx.GraphProto) -> set[str]:
+    """The initializer names of `graph` and of every graph nested in it."""
+    names = {t.name for t in graph.initializer} | {t.values.name for t in graph.sparse_initializer}
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            names |= _initializer_names(sub)
+    return names
+
+
+def shadowing_initializers(graph: onnx.GraphProto, visible: frozenset[str] = frozenset()) -> set[str]:
+    """Names that a subgraph initializer shares with a value visible from an enclosing scope."""
+    local = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    local |= {n for node in graph.node for n in node.output if n}
+    scope = visible | local
+    found: set[str] = set()
+    for node in graph.node:
+        for _, sub in subgraphs(node):
+            found |= {t.name for t in sub.initializer} & scope
+            found |= shadowing_initializers(sub, frozenset(scope))
+    return found
+
+
+def all_names(graph: onnx.GraphProto) -> set[str]:
+    """Every value and node name of `graph` and of the graphs nested in it."""
+    names = {i.name for i in graph.input} | {o.name for o in graph.output} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        names.update(n for n in node.output if n)
+        if node.name:
+            names.add(node.name)
+        for _, sub in subgraphs(node):
+            names |= all_names(sub)
+    return names
+
+
 def label(node: onnx.NodeProto) -> str:
     """How reports name a node: its name, or `Op(output)` for the many unnamed nodes exporters write."""
     return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
@@ -87,7 +121,18 @@ def count_ops(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 class GraphView:
-    """Index of one graph. `outer` is the view of the enclosing graph for If/Loop/Scan bodies."""
+    """Index of one graph. `outer` is the view of the enclosing graph for If/Loop/Scan bodies.
+
+    Names resolve by scope: a subgraph's own inputs, initializers and node outputs first, then the
+    enclosing graphs'. One case is ambiguous in practice: a subgraph initializer with the name of a
+    value visible from an outer scope. onnx's checker accepts it, but onnxruntime and onnx's
+    reference evaluator both read the *outer* value there, against the scoping rule. Such a
+    shadowing name is therefore never a constant, nor of known shape, inside the subgraph (its
+    sites stay as they were). Nor is the outer value of that name: onnxruntime drops an outer
+    initializer that no node of its own graph reads, and then the subgraph reads its own, so
+    rewriting either side could change what the other computes. The outer graph also counts every
+    subgraph initializer name as read by the node holding the subgraph.
+    New names are unique across the whole model, so a rewrite never creates such a clash."""
 
     def __init__(self, graph: onnx.GraphProto, path: str = "main", outer: "GraphView | None" = None,
                  shapes: dict[str, tuple[int, list]] | None = None, opset: int | None = None,
@@ -109,17 +154,29 @@ class GraphView:
         self.output_names = {o.name for o in graph.output}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
-        self._names: set[str] = set(self.initializers) | self.input_names | self.output_names
+        # One set for the whole model (every scope): a new name never shadows, nor is shadowed by, another.
+        self._names: set[str] = outer._names if outer is not None else all_names(graph)
+        self._names |= set(self.initializers) | self.input_names | self.output_names
         self._dropped_tensors: set[str] = set()
         self._maybe_dead: set[str] = set()  # tensors whose readers a rewrite removed or redirected
         for node in self.nodes:
             self._index(node)
+        local = set(self.initializers) | self.input_names | set(self.producer)
+        self.shadowed: set[str] = {n for n in local if outer is not None and outer.visible(n)}
+        # names that are ambiguous in every scope (see the class docstring)
+        self.ambiguous: set[str] = outer.ambiguous if outer is not None else shadowing_initializers(graph)
+
+    def visible(self, name: str) -> bool:
+        """Whether `name` is a value of this graph or of an enclosing one."""
+        return (name in self.initializers or name in self.input_names or name in self.producer
+                or (self.outer is not None and self.outer.visible(name)))
 
     # ---- index -------------------------------------------------------------------------------
     def _reads(self, node: onnx.NodeProto) -> list[str]:
         names = [n for n in node.input if n]
         for _, sub in subgraphs(node):
-            names.extend(sorted(free_names(sub)))
+            # a subgraph initializer named like an outer value may be read as that value (see the class)
+            names.extend(sorted(free_names(sub) | _initializer_names(sub)))
         return names
 
     def _index(self, node: onnx.NodeProto) -> None:
@@ -192,7 +249,7 @@ class GraphView:
 
     def _const(self, name: str, depth: int) -> np.ndarray | None:
         if name in self.initializers:
-            if name in self.input_names:
+            if name in self.input_names or name in self.shadowed or name in self.ambiguous:
                 return None
             return numpy_helper.to_array(self.initializers[name], self.base_dir)
         node = self.producer.get(name)
@@ -221,12 +278,13 @@ class GraphView:
     def is_const(self, name: str) -> bool:
         """Like `const(name) is not None`, without decoding a weight initializer (the common case)."""
         if name in self.initializers and name not in self._const_cache:
-            return name not in self.input_names
+            return name not in self.input_names and name not in self.shadowed and name not in self.ambiguous
         return self.const(name) is not None
 
     def const_shape(self, name: str) -> tuple[int, ...] | None:
         """The shape of a constant, from an initializer's header when it is one (no decoding)."""
-        if name in self.initializers and name not in self.input_names:
+        if (name in self.initializers and name not in self.input_names and name not in self.shadowed
+                and name not in self.ambiguous):
             return tuple(self.initializers[name].dims)
         value = self.const(name)
         return None if value is None else value.shape
@@ -236,6 +294,8 @@ class GraphView:
         return None if dims is None else len(dims)
 
     def dims(self, name: str) -> list | None:
+        if name in self.shadowed:  # the shapes table holds the outer value's
+            return None
         info = self.shapes.get(name)
         if info is not None:
             return info[1]
@@ -245,6 +305,8 @@ class GraphView:
         return None
 
     def elem_type(self, name: str) -> int | None:
+        if name in self.shadowed:
+            return None
         info = self.shapes.get(name)
         if info is not None:
             return info[0]

@@ -34,6 +34,7 @@ REASONS: dict[str, str] = {
     "excluded": "the user excluded this node (--exclude-node)",
     "unrecognized-pattern": ("it computes norm statistics (a mean square or variance under an inverse square root, or a "
                              "mean subtracted) but is not a norm normfold can prove; the detail lists its ops"),
+    "inconsistent-constants": "a constant's shape contradicts the ops that read it (a bias of the wrong length)",
 }
 
 STATUSES = ("folded", "fused", "left")

@@ -58,7 +58,9 @@ def _light_graph(graph: onnx.GraphProto, dest: onnx.GraphProto) -> None:
             dest.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
 
 
-def _collect(graph: onnx.GraphProto, out: Shapes) -> None:
+def _collect(graph: onnx.GraphProto, out: Shapes, nested: bool = False) -> None:
+    """Shapes by name. A subgraph's entries never replace an enclosing graph's: a name a subgraph
+    shadows is looked up as unknown there (GraphView.dims), and the outer value keeps its own."""
     for vi in list(graph.input) + list(graph.output) + list(graph.value_info):
         if not vi.type.HasField("tensor_type"):
             continue
@@ -66,12 +68,15 @@ def _collect(graph: onnx.GraphProto, out: Shapes) -> None:
         dims = None
         if tt.HasField("shape"):
             dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
-        out[vi.name] = (tt.elem_type, dims)
+        if nested:
+            out.setdefault(vi.name, (tt.elem_type, dims))
+        else:
+            out[vi.name] = (tt.elem_type, dims)
     for t in graph.initializer:
         out.setdefault(t.name, (t.data_type, list(t.dims)))
     for node in graph.node:
         for _, sub in subgraphs(node):
-            _collect(sub, out)
+            _collect(sub, out, nested=True)
 
 
 def light_model(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -146,6 +146,8 @@ def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
         raise NormfoldError(f"{show_path(path)}: not a readable ONNX model ({one_line(exc)})") from None
     if not model.HasField("graph") or (not model.graph.node and not model.graph.output):
         raise NormfoldError(f"{show_path(path)}: not an ONNX model (no graph)")
+    if not model.graph.output:
+        raise NormfoldError(f"{show_path(path)}: invalid model: the graph has no outputs (nothing to compute or compare)")
     if not model.opset_import:
         raise NormfoldError(f"{show_path(path)}: not an ONNX model (no opset import)")
     _check_strings(path, model)

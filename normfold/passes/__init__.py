@@ -87,6 +87,18 @@ RULES: list[Rule] = _rules()
 PASS_NAMES: tuple[str, ...] = tuple(dict.fromkeys(rule.name for rule in RULES))
 
 
+def _checked(rule: Rule, view: GraphView, match, ctx: FoldContext):
+    """rule.check, but constants whose shapes contradict the ops that read them (a Conv bias of
+    the wrong length, two initializers swapped: onnx's checker accepts both) leave the site as it
+    was with a reason, never an internal error. The check only computes; nothing is rewritten yet."""
+    try:
+        return rule.check(view, match, ctx)
+    except (ValueError, IndexError, TypeError, ArithmeticError) as exc:
+        text = " ".join(str(exc).split())[:160] or type(exc).__name__
+        return Left("inconsistent-constants", f"{label(match.nodes[0])}: its constants do not fit the ops that read "
+                                              f"them ({text}); left as it was")
+
+
 def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shapes: dict,
               path: str = "main", outer: GraphView | None = None, dry: bool = False) -> list[SiteRecord]:
     """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site.
@@ -144,7 +156,7 @@ class _Walk:
     def _check(self, rule: Rule, match: Match) -> Left | Any:
         if self.ctx.exclude_nodes.intersection(n.name for n in match.nodes):
             return Left("excluded", "left alone at the user's request (--exclude-node)")
-        return rule.check(self.view, match, self.ctx)
+        return _checked(rule, self.view, match, self.ctx)
 
     def _rewrite(self, rule: Rule, match: Match, plan: Any) -> None:
         names = {label(n) for n in match.nodes}
