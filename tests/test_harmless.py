@@ -521,3 +521,56 @@ def test_batch_exit_code_is_the_most_severe(tmp_path):
                           "--atol", "0", "--rtol", "0")
     assert result.returncode == 1, result.stderr
     assert sorted(files_under(tmp_path)) == ["a_differs.onnx", "b_unverifiable.onnx"]
+
+
+# ---------------------------------------------------------------------------------------------
+# bounded fuzz of the paths of a run: seeded choices of -o, --report and --external-data among the
+# run's own files and new names. Whatever the choice: exit 0 or 2, one error line, every input
+# byte-identical, and nothing written unless the run succeeded.
+
+PATH_FUZZ_CASES = 40
+
+
+def _path_fuzz_case(index: int, d: Path) -> list[str]:
+    import random
+
+    rng = random.Random(index)
+    model = with_external_data(d, "m.onnx") if rng.random() < 0.5 else net(d, "m.onnx")
+    names = ["m.onnx", "m.onnx.data", "out.onnx", "out.onnx.data", "r.json", "w.bin", "m.folded.onnx",
+             "m.folded.onnx.data"]
+    args = ["fold", str(model)]
+    if rng.random() < 0.7:
+        args += ["-o", str(d / rng.choice(names))]
+    if rng.random() < 0.6:
+        args += ["--report", str(d / rng.choice(names))]
+    if rng.random() < 0.4:
+        args += ["--external-data", rng.choice(names)]
+    if rng.random() < 0.3:
+        args += ["--no-verify"]
+    return args
+
+
+def test_path_fuzz_never_damages_an_input(tmp_path):
+    from normfold.cli.main import main
+
+    codes = {}
+    for index in range(PATH_FUZZ_CASES):
+        d = tmp_path / f"case{index}"
+        d.mkdir()
+        args = _path_fuzz_case(index, d)
+        before = files_under(d)
+        result = CliRunner().invoke(main, args)
+        label = f"case {index}: normfold {' '.join(a.replace(str(d) + '/', '') for a in args[1:])}"
+        codes[result.exit_code] = codes.get(result.exit_code, 0) + 1
+        assert result.exit_code in (0, 2), f"{label}: exit {result.exit_code}: {result.output}"
+        assert "Traceback" not in result.output, label
+        after = files_under(d)
+        assert {k: v for k, v in after.items() if k in before} == before, \
+            f"{label}: an input changed: {[k for k in before if after.get(k) != before[k]]}"
+        if result.exit_code != 0:
+            assert after == before, f"{label}: exit {result.exit_code} but wrote {sorted(after.keys() - before.keys())}"
+            errors = [line for line in result.output.splitlines() if line.startswith("normfold: error: ")]
+            assert len(errors) == 1, f"{label}: {result.output!r}"
+        else:
+            assert not [k for k in after if ".normfold-staging-" in k], label
+    assert codes.get(0, 0) >= 5 and codes.get(2, 0) >= 5, codes  # both outcomes are reached

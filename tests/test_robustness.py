@@ -411,7 +411,7 @@ def fold_mutant_in_process(index: int, folder: Path) -> tuple[int, str | None]:
     src.write_bytes(data)
     label = f"mutant {index} of {name} ({', '.join(edits)})"
     try:
-        code = fold_file(src, out).exit_code
+        code = _fold_keeping_input(src, out, data, label)
     except NormfoldError as exc:
         code = 2
         if "\n" in str(exc) or not str(exc).strip():
@@ -425,6 +425,13 @@ def fold_mutant_in_process(index: int, folder: Path) -> tuple[int, str | None]:
     if leftovers:
         failure = failure or f"{label}: left {leftovers}"
     return code, failure
+
+
+def _fold_keeping_input(src: Path, out: Path, data: bytes, label: str) -> int:
+    try:
+        return fold_file(src, out).exit_code
+    finally:
+        assert src.read_bytes() == data, f"{label}: the input was changed"
 
 
 def check_written(out: Path, code: int, label: str) -> str | None:
@@ -462,6 +469,8 @@ def test_fuzz_mutated_models(tmp_path):
     for index, name, edits, folder, result in runs:
         label = f"CLI mutant {index} of {name} ({', '.join(edits)})"
         cli_codes[result.returncode] += 1
+        if (folder / "m.onnx").read_bytes() != mutant(index)[1]:
+            failures.append(f"{label}: the input was changed")
         written += (folder / "out.onnx").exists()
         if result.returncode not in FUZZ_EXIT_CODES or "Traceback" in result.stderr:
             failures.append(f"{label}: exit {result.returncode}: {result.stderr.strip()[-300:]}")
