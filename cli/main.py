@@ -18,6 +18,8 @@ import os
 import signal
 import sys
 
+from normfold.errors import Interrupted, note_interrupt  # noqa: E402 - light: no onnx, no numpy
+
 _INTERRUPTED_LINE = "normfold: error: interrupted; nothing written\n"
 _main = None
 
@@ -56,17 +58,12 @@ def _committed() -> bool:
     return bool(staging is not None and staging.COMMITTED)
 
 
-class Interrupted(BaseException):
-    """Raised by the signal handler. Not a KeyboardInterrupt: Click would print a blank line on
-    that before our one interrupt line."""
-
-
 def _interrupt(signum, frame) -> None:
     """Ctrl-C and SIGTERM: stop where we are (staged files are removed on the way out), unless the
     run's files are already in place; then let it finish (printing is all that is left)."""
     if _committed():
         return
-    raise Interrupted
+    note_interrupt()
 
 
 def _write_stderr(text: str) -> None:

@@ -13,6 +13,28 @@ class VerificationUnavailable(NormfoldError):
     """onnxruntime could not run a model, so equivalence could not be checked."""
 
 
+class Interrupted(BaseException):
+    """Ctrl-C or SIGTERM (raised by the command's signal handler, see `note_interrupt`). Not a
+    KeyboardInterrupt: Click would print a blank line on that before the one interrupt line."""
+
+
+_interrupted = False
+
+
+def note_interrupt() -> None:
+    """Record an interrupt and raise Interrupted. The record outlives the exception: an import
+    that was running when the signal came may swallow it (pybind turns it into an ImportError),
+    and `check_interrupted` then raises it again before anything is committed."""
+    global _interrupted
+    _interrupted = True
+    raise Interrupted
+
+
+def check_interrupted() -> None:
+    if _interrupted:
+        raise Interrupted
+
+
 class VerificationTimeout(VerificationUnavailable):
     """Verification did not finish within --timeout seconds."""
 

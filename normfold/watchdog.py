@@ -16,7 +16,7 @@ import pickle
 import signal
 import time
 
-from normfold.errors import VerificationTimeout, VerificationUnavailable, one_line
+from normfold.errors import VerificationTimeout, VerificationUnavailable, check_interrupted, one_line
 
 _CHILDREN: set[int] = set()  # process groups of running children, killed on an interrupt
 
@@ -70,6 +70,7 @@ def run_in_child(func, *args, timeout: float | None = None, what: str = "verific
     import multiprocessing
 
     silence_onnxruntime()  # also imports onnxruntime once here, not in every child
+    check_interrupted()  # an interrupt an import swallowed
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, func, args, kwargs, recv), daemon=False)
@@ -93,6 +94,7 @@ def run_in_child(func, *args, timeout: float | None = None, what: str = "verific
             if not process.is_alive() and not recv.poll(0):
                 ok, value = False, None
                 break
+            check_interrupted()
             if deadline is not None and time.monotonic() >= deadline:
                 raise VerificationTimeout(f"{what} did not finish within --timeout {timeout:g} s; stopped")
     finally:

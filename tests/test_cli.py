@@ -315,3 +315,40 @@ def test_external_data_model_with_opset_conversion(tmp_path):
     assert report.ops_after["LayerNormalization"] == 5
     assert (tmp_path / "out.onnx.data").stat().st_size > 50_000  # the weights, moved file to file
     onnx.checker.check_model(str(tmp_path / "out.onnx"), full_check=True)
+
+
+# One sample value per option of the shared groups. A new option must be added here, and then
+# it must change the options the command builds: an option parsed but never used fails.
+GROUP_SAMPLES = {
+    "--target-opset": ["17"], "--allow-contrib": [], "--allow-transpose": [], "--passes": ["bn"],
+    "--skip": ["bn"], "--exclude-node": ["n1"], "--initializer-inputs": ["constant"], "--external-data": ["w.bin"],
+    "--shape": ["x:1x3"], "--dim": ["batch=2"], "--int-range": ["ids:0:5"], "--inputs": ["@npz"],
+    "--batches": ["3"], "--seed": ["7"], "--atol": ["0.5"], "--rtol": ["0.5"], "--ort-opt-level": ["all"],
+    "--timeout": ["9"],
+}
+
+
+@pytest.mark.parametrize("group", ["fold", "verify"])
+def test_every_group_option_reaches_the_options(group, tmp_path):
+    import click
+
+    from normfold.cli import options as o
+
+    decorate, build_options = ((o.fold_options, o.fold_options_from) if group == "fold"
+                               else (o.verification_options, o.verify_options))
+    captured = {}
+
+    @click.command()
+    @decorate
+    def command(**kwargs):
+        captured["options"] = build_options(dict(kwargs))
+
+    names = [p.opts[0] for p in command.params if p.opts[0].startswith("--")]
+    assert set(names) <= set(GROUP_SAMPLES), f"add a sample for {sorted(set(names) - set(GROUP_SAMPLES))}"
+    np.savez(tmp_path / "in.npz", x=np.zeros(1, np.float32))
+    CliRunner().invoke(command, [], catch_exceptions=False)
+    default = captured["options"]
+    for name in names:
+        values = [str(tmp_path / "in.npz") if v == "@npz" else v for v in GROUP_SAMPLES[name]]
+        CliRunner().invoke(command, [name, *values], catch_exceptions=False)
+        assert captured["options"] != default, f"{name} {' '.join(values)} changed nothing"

@@ -574,3 +574,22 @@ def test_path_fuzz_never_damages_an_input(tmp_path):
         else:
             assert not [k for k in after if ".normfold-staging-" in k], label
     assert codes.get(0, 0) >= 5 and codes.get(2, 0) >= 5, codes  # both outcomes are reached
+
+
+BERT = Path(__file__).parents[1] / "models" / "torch" / "hf_bert_op14.onnx"
+
+
+@pytest.mark.parametrize("delay", [0.03, 0.07, 0.11])
+def test_sigterm_while_onnxruntime_is_first_imported_is_not_lost(tmp_path, delay):
+    """Right after the opset-converted model is staged, the command imports onnxruntime; a
+    SIGTERM then used to be swallowed by that import (pybind turned it into an ImportError) and
+    the run went on to write its output with exit 0."""
+    out = tmp_path / "o.onnx"
+    process = _start(["fold", BERT, "-o", out, "--target-opset", "17", "--batches", "1000",
+                      "--shape", "input_ids:8x32"], tmp_path)
+    _wait_for_staging(tmp_path, process, pattern="*/*/o.onnx")
+    time.sleep(delay)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert (process.returncode, stderr) == (130, "normfold: error: interrupted; nothing written\n")
+    assert list(tmp_path.iterdir()) == []

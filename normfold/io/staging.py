@@ -19,7 +19,7 @@ from pathlib import Path
 
 import onnx
 
-from normfold.errors import NormfoldError, one_line, show_path
+from normfold.errors import NormfoldError, check_interrupted, one_line, show_path
 from normfold.io.external import approximate_size, write_external_data
 from normfold.io.protobuf import write_model
 
@@ -200,6 +200,7 @@ class Transaction:
         if main:
             signal.pthread_sigmask(signal.SIG_BLOCK, blocked)  # an interrupt waits until all are moved
         try:
+            check_interrupted()  # never commit after an interrupt, even one some library swallowed
             for staged, dest in self.moves:
                 os.chmod(staged, mode)
                 os.replace(staged, dest)
