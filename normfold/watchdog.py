@@ -59,8 +59,12 @@ def _child(send, func, args, kwargs, recv=None) -> None:
     except Exception as exc:
         data = pickle.dumps((False, RuntimeError(f"{type(message[1]).__name__}: {one_line(message[1])}"
                                                  if not message[0] else f"unpicklable result: {one_line(exc)}")))
-    send.send_bytes(data)
-    send.close()
+    try:
+        send.send_bytes(data)
+        send.close()
+    except OSError:  # the parent stopped waiting (interrupted, timed out): nobody to tell
+        pass
+    os._exit(0)  # no exit handlers, no traceback printed by multiprocessing: the parent decides
 
 
 def run_in_child(func, *args, timeout: float | None = None, what: str = "verification", **kwargs):
