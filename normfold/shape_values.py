@@ -165,6 +165,14 @@ class ShapeValues:
         return out if out.count(-1) <= 1 else None
 
 
+def shape_values(view) -> ShapeValues:
+    """The ShapeValues of a GraphView, built once per view (it indexes every node)."""
+    found = view.__dict__.get("_shape_values")
+    if found is None:
+        found = view.__dict__["_shape_values"] = ShapeValues(view.graph, view.shapes)
+    return found
+
+
 def _product(dims: Value):
     """The product of int dimensions, or None when a symbol stands among them."""
     out = 1

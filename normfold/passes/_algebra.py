@@ -474,9 +474,9 @@ class CanonicalView:
 
     def dynamic_count(self, tensor: str, axes: tuple[int, ...]) -> Count | None:
         """The count of a reduction over sizes some of which are dynamic, by their symbols."""
-        from normfold.shape_values import ShapeValues
+        from normfold.shape_values import shape_values
 
-        values = self.view.__dict__.setdefault("_shape_values", ShapeValues(self.view.graph, self.view.shapes))
+        values = shape_values(self.view)
         dims = values.dims_of(tensor)
         if dims is None or any(-len(dims) > a for a in axes):
             return None

@@ -374,9 +374,9 @@ def _grouping_dims(view: GraphView, split, merge, form: NormForm):
 def _symbolic_dims(view: GraphView, split, merge, x: str):
     """X's, Z's and the output's dimensions with a dynamic size as the symbol of the dimension it
     is (shape_values.ShapeValues), or None when a target has an entry that is neither."""
-    from normfold.shape_values import ShapeValues
+    from normfold.shape_values import shape_values
 
-    values = view.__dict__.setdefault("_shape_values", ShapeValues(view.graph, view.shapes))
+    values = shape_values(view)
     dx = values.dims_of(x)
     targets = [values.value(node.input[1]) for node in (split, merge)]
     if dx is None or any(t is None for t in targets):
