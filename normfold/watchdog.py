@@ -71,10 +71,27 @@ def run_in_child(func, *args, timeout: float | None = None, what: str = "verific
     """func(*args, **kwargs) in a forked child; its return value, or its exception raised here.
     Past `timeout` seconds the child is killed and VerificationTimeout raised; an interrupt here
     kills it too. A child that dies (a crash inside onnxruntime) gives VerificationUnavailable."""
-    import multiprocessing
-
     silence_onnxruntime()  # also imports onnxruntime once here, not in every child
     check_interrupted()  # an interrupt an import swallowed
+    process, recv = _start_child(func, args, kwargs)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        ok, value = _wait_for_result(process, recv, deadline, what, timeout)
+    finally:
+        _stop_child(process, recv)
+    if ok:
+        return value
+    if value is None:
+        code = process.exitcode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        raise VerificationUnavailable(f"the {what} process ended without a result ({how}; onnxruntime crashed?)")
+    raise value
+
+
+def _start_child(func, args, kwargs):
+    """The forked child running func, in its own process group, and the read end of its pipe."""
+    import multiprocessing
+
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, func, args, kwargs, recv), daemon=False)
@@ -85,36 +102,34 @@ def run_in_child(func, *args, timeout: float | None = None, what: str = "verific
     except OSError:
         pass
     _CHILDREN.add(process.pid)
-    deadline = None if timeout is None else time.monotonic() + timeout
+    return process, recv
+
+
+def _wait_for_result(process, recv, deadline: float | None, what: str, timeout: float | None) -> tuple[bool, object]:
+    """(ok, value) the child sent, or (False, None) when it died without sending. Polls in short
+    steps so that an interrupt or the deadline (VerificationTimeout) is seen at once."""
+    while True:
+        step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+        if recv.poll(step):
+            try:
+                return pickle.loads(recv.recv_bytes())
+            except EOFError:
+                return False, None
+        if not process.is_alive() and not recv.poll(0):
+            return False, None
+        check_interrupted()
+        if deadline is not None and time.monotonic() >= deadline:
+            raise VerificationTimeout(f"{what} did not finish within --timeout {timeout:g} s; stopped")
+
+
+def _stop_child(process, recv) -> None:
+    """Kill the child's whole group (whatever onnxruntime started too), reap it, close the pipe."""
     try:
-        while True:
-            step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
-            if recv.poll(step):
-                try:
-                    ok, value = pickle.loads(recv.recv_bytes())
-                except EOFError:
-                    ok, value = False, None
-                break
-            if not process.is_alive() and not recv.poll(0):
-                ok, value = False, None
-                break
-            check_interrupted()
-            if deadline is not None and time.monotonic() >= deadline:
-                raise VerificationTimeout(f"{what} did not finish within --timeout {timeout:g} s; stopped")
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except OSError:
-            pass
-        if process.is_alive():
-            process.kill()
-        _CHILDREN.discard(process.pid)
-        process.join()
-        recv.close()
-    if ok:
-        return value
-    if value is None:
-        code = process.exitcode
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        raise VerificationUnavailable(f"the {what} process ended without a result ({how}; onnxruntime crashed?)")
-    raise value
+        os.killpg(process.pid, signal.SIGKILL)
+    except OSError:
+        pass
+    if process.is_alive():
+        process.kill()
+    _CHILDREN.discard(process.pid)
+    process.join()
+    recv.close()

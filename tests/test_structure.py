@@ -18,7 +18,6 @@ KNOWN_LONG: dict[str, int] = {
     "normfold/io/validate.py read_model": 55,
     "normfold/verify.py make_inputs": 53,
     "normfold/report.py Report.to_text": 52,
-    "normfold/watchdog.py run_in_child": 51,
 }
 
 
