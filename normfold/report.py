@@ -145,16 +145,28 @@ class Report:
         return document_json(command, [self])
 
     def to_text(self, verbose: bool = False) -> str:
-        lines: list[str] = []
+        lines = self._summary_lines() + self._site_lines(verbose)
+        for label, v in (("opset conversion", self.conversion), ("verification", self.verification)):
+            if v is None or (label == "opset conversion" and v.status == "passed"):
+                continue
+            lines += _verification_lines(label, v, verbose)
+        return "\n".join(lines + self._outcome_lines())
+
+    def _summary_lines(self) -> list[str]:
+        """The counts and node totals (or, for `verify`, which two models), the opset, the notes."""
         if self.nodes_before or self.sites:
             folded, fused, left = self.count("folded"), self.count("fused"), self.count("left")
-            lines.append(f"{self.input}: {folded} folded, {fused} fused, {left} left; "
-                         f"nodes {self.nodes_before} -> {self.nodes_after}")
+            lines = [f"{self.input}: {folded} folded, {fused} fused, {left} left; "
+                     f"nodes {self.nodes_before} -> {self.nodes_after}"]
         else:
-            lines.append(f"{self.input} vs {self.output}:")
+            lines = [f"{self.input} vs {self.output}:"]
         if self.opset_before != self.opset_after:
             lines.append(f"  opset {self.opset_before} -> {self.opset_after}")
-        lines.extend(f"  note: {note}" for note in self.notes)
+        return lines + [f"  note: {note}" for note in self.notes]
+
+    def _site_lines(self, verbose: bool) -> list[str]:
+        """Every site left (and with `verbose` every site), then the largest rounding of a fold."""
+        lines = []
         for site in self.sites:
             if site.status == "left" or verbose:
                 where = "" if site.graph == "main" else f" [{site.graph}]"
@@ -163,26 +175,11 @@ class Report:
         rounding = [s.max_rounding for s in self.sites if s.max_rounding]
         if rounding and verbose:
             lines.append(f"  largest rounding change written by a fold: {max(rounding):.3g}")
-        for label, v in (("opset conversion", self.conversion), ("verification", self.verification)):
-            if v is None or (label == "opset conversion" and v.status == "passed"):
-                continue
-            lines.extend(f"  note: {note}" for note in v.notes)
-            if v.status in ("passed", "failed"):
-                for out in v.outputs:
-                    lines.append("  " + _comparison_line(out))
-                if v.sites:
-                    shown = v.sites if verbose else v.sites[:5]
-                    lines.append(f"  sites, worst first ({len(shown)} of {len(v.sites)}):")
-                    lines.extend("    " + _comparison_line(c) for c in shown)
-                if v.removed_sites:
-                    lines.append(f"  removed by the rewrite (not compared): {len(v.removed_sites)} site tensor(s): "
-                                 + ", ".join(v.removed_sites[:5]) + (" ..." if len(v.removed_sites) > 5 else ""))
-                if v.first_failing_site:
-                    lines.append(f"  first site that differs, in graph order: {v.first_failing_site}")
-                if v.status == "failed" and label == "opset conversion":
-                    lines.append(f"  {v.detail}")
-            else:
-                lines.append(f"  {label} {v.status}: {v.detail}")
+        return lines
+
+    def _outcome_lines(self) -> list[str]:
+        """The benchmark, whether the model was written, the time taken."""
+        lines = []
         if self.benchmark:
             for model, levels in self.benchmark.items():
                 cells = ", ".join(f"{level}: {m['latency_ms']:.3f} ms (session {m['session_s']:.3f} s)"
@@ -195,7 +192,28 @@ class Report:
         total = self.timings.get("total")
         if total is not None:
             lines.append(f"  time {total:.2f}s")
-        return "\n".join(lines)
+        return lines
+
+
+def _verification_lines(label: str, v: Verification, verbose: bool) -> list[str]:
+    """One comparison (the opset conversion's or the verification's): its notes, then a line per
+    output and the worst sites when it ran, else its status and why."""
+    lines = [f"  note: {note}" for note in v.notes]
+    if v.status not in ("passed", "failed"):
+        return lines + [f"  {label} {v.status}: {v.detail}"]
+    lines += ["  " + _comparison_line(out) for out in v.outputs]
+    if v.sites:
+        shown = v.sites if verbose else v.sites[:5]
+        lines.append(f"  sites, worst first ({len(shown)} of {len(v.sites)}):")
+        lines.extend("    " + _comparison_line(c) for c in shown)
+    if v.removed_sites:
+        lines.append(f"  removed by the rewrite (not compared): {len(v.removed_sites)} site tensor(s): "
+                     + ", ".join(v.removed_sites[:5]) + (" ..." if len(v.removed_sites) > 5 else ""))
+    if v.first_failing_site:
+        lines.append(f"  first site that differs, in graph order: {v.first_failing_site}")
+    if v.status == "failed" and label == "opset conversion":
+        lines.append(f"  {v.detail}")
+    return lines
 
 
 def _comparison_line(out: OutputComparison) -> str:

@@ -17,7 +17,6 @@ KNOWN_LONG: dict[str, int] = {
     "normfold/accuracy.py _evaluator_ops": 57,
     "normfold/io/validate.py read_model": 55,
     "normfold/verify.py make_inputs": 53,
-    "normfold/report.py Report.to_text": 52,
 }
 
 
