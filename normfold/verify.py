@@ -168,30 +168,12 @@ def make_inputs(session: Session, seed: int = 0, shapes: dict[str, list[int]] | 
     symbol; a symbol also takes its value from a shape given for another input), else the free
     value: `free` = (value, value on the leading axis or None for the same)."""
     shapes, dims, int_ranges = shapes or {}, dims or {}, int_ranges or {}
+    specs = session.session.get_inputs()
+    _check_input_names(specs, shapes, int_ranges)
+    free_dim = _free_dims(specs, shapes, dims, free)
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
-    known = {i.name for i in session.session.get_inputs()}
-    for flag, names in (("--shape", shapes), ("--int-range", int_ranges)):
-        unknown = sorted(set(names) - known)
-        if unknown:
-            raise NormfoldError(f"{flag} names {unknown} that are not model inputs (inputs: {sorted(known)})")
-    # A shape given for one input names the dynamic dimensions it shares with the others.
-    dims = dict(dims)
-    for spec in session.session.get_inputs():
-        if spec.name in shapes and len(shapes[spec.name]) == len(spec.shape):
-            for symbol, value in zip(spec.shape, shapes[spec.name]):
-                if isinstance(symbol, str):
-                    dims.setdefault(symbol, value)
-    value, leading = free
-    leading = value if leading is None else leading
-    leading_symbols = {spec.shape[0] for spec in session.session.get_inputs() if spec.shape and isinstance(spec.shape[0], str)}
-
-    def free_dim(axis: int, d) -> int:
-        if isinstance(d, str):
-            return dims.get(d, leading if d in leading_symbols else value)
-        return leading if axis == 0 else value
-
-    for spec in session.session.get_inputs():
+    for spec in specs:
         dtype = _numpy_type(spec.type)
         if dtype is None:
             raise VerificationUnavailable(f"input {spec.name!r} has type {spec.type}, which normfold cannot generate")
@@ -205,14 +187,47 @@ def make_inputs(session: Session, seed: int = 0, shapes: dict[str, list[int]] | 
         if size > MAX_INPUT_BYTES:
             raise VerificationUnavailable(f"input {spec.name!r} of shape {shape} would take {size / 2**30:.1f} GiB; "
                                           "give smaller dimensions with --shape or --dim")
-        kind = np.dtype(dtype).kind if dtype is not np.bool_ else "b"
-        if kind == "f" or str(np.dtype(dtype)) == "bfloat16":
-            feeds[spec.name] = rng.standard_normal(shape).astype(dtype)
-        elif kind == "b":
-            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
-        else:
-            feeds[spec.name] = rng.integers(*int_ranges.get(spec.name, DEFAULT_INT_RANGE), size=shape).astype(dtype)
+        feeds[spec.name] = _random_array(rng, shape, dtype, int_ranges.get(spec.name, DEFAULT_INT_RANGE))
     return feeds
+
+
+def _check_input_names(specs, shapes: dict, int_ranges: dict) -> None:
+    known = {i.name for i in specs}
+    for flag, names in (("--shape", shapes), ("--int-range", int_ranges)):
+        unknown = sorted(set(names) - known)
+        if unknown:
+            raise NormfoldError(f"{flag} names {unknown} that are not model inputs (inputs: {sorted(known)})")
+
+
+def _free_dims(specs, shapes: dict, dims: dict, free: tuple[int, int | None]):
+    """free_dim(axis, d): the value of a dimension that is not a known size (see make_inputs)."""
+    # A shape given for one input names the dynamic dimensions it shares with the others.
+    dims = dict(dims)
+    for spec in specs:
+        if spec.name in shapes and len(shapes[spec.name]) == len(spec.shape):
+            for symbol, value in zip(spec.shape, shapes[spec.name]):
+                if isinstance(symbol, str):
+                    dims.setdefault(symbol, value)
+    value, leading = free
+    leading = value if leading is None else leading
+    leading_symbols = {spec.shape[0] for spec in specs if spec.shape and isinstance(spec.shape[0], str)}
+
+    def free_dim(axis: int, d) -> int:
+        if isinstance(d, str):
+            return dims.get(d, leading if d in leading_symbols else value)
+        return leading if axis == 0 else value
+
+    return free_dim
+
+
+def _random_array(rng: np.random.Generator, shape: list[int], dtype, int_range: tuple[int, int]) -> np.ndarray:
+    """Floats ~ N(0, 1), booleans 0 or 1, other integers in [int_range)."""
+    kind = np.dtype(dtype).kind if dtype is not np.bool_ else "b"
+    if kind == "f" or str(np.dtype(dtype)) == "bfloat16":
+        return rng.standard_normal(shape).astype(dtype)
+    if kind == "b":
+        return rng.integers(0, 2, size=shape).astype(np.bool_)
+    return rng.integers(*int_range, size=shape).astype(dtype)
 
 
 def _run(session: Session, feeds: dict[str, np.ndarray], names: list[str] | None = None) -> dict[str, np.ndarray]:

@@ -16,7 +16,6 @@ KNOWN_LONG: dict[str, int] = {
     "normfold/passes/_linear.py plan_fold": 59,
     "normfold/accuracy.py _evaluator_ops": 57,
     "normfold/io/validate.py read_model": 55,
-    "normfold/verify.py make_inputs": 53,
 }
 
 
