@@ -133,6 +133,30 @@ def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
     `lazy`, external weights are checked (location, size) but left in their files: a caller then
     reads them with numpy_helper.to_array(tensor, base_dir) and StagedModel copies them over."""
     path = Path(path)
+    model = _parse(path)
+    _check_strings(path, model)
+    _check_opsets(path, model)
+    _check_types(path, model)
+    _check_tensor_headers(path, model)
+    base = path.resolve().parent
+    locations = list(dict.fromkeys(external_locations(model)))
+    for location in locations:
+        _check_external_location(path, base, location)
+    _check_with_onnx(path, model, bool(locations))
+    if locations and lazy:
+        _check_external_extents(path, base, model)
+    elif locations:
+        try:
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except Exception as exc:  # OSError, ValueError (bad offset/length, short file), ...
+            raise NormfoldError(f"{show_path(path)}: cannot read external data: {one_line(exc)}") from None
+    _check_tensor_data(path, model)
+    return model, locations
+
+
+def _parse(path: Path) -> onnx.ModelProto:
+    """The model in a regular, non-empty file, without its external data, refused unless it has a
+    graph with outputs and an opset import."""
     problem = regular_file_problem(path)
     if problem:
         raise NormfoldError(f"{show_path(path)}: {problem}")
@@ -150,20 +174,17 @@ def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
         raise NormfoldError(f"{show_path(path)}: invalid model: the graph has no outputs (nothing to compute or compare)")
     if not model.opset_import:
         raise NormfoldError(f"{show_path(path)}: not an ONNX model (no opset import)")
-    _check_strings(path, model)
-    _check_opsets(path, model)
-    _check_types(path, model)
-    _check_tensor_headers(path, model)
-    base = path.resolve().parent
-    locations = list(dict.fromkeys(external_locations(model)))
-    for location in locations:
-        _check_external_location(path, base, location)
+    return model
+
+
+def _check_with_onnx(path: Path, model: onnx.ModelProto, external: bool) -> None:
+    """onnx's full check, run before external weights are read in."""
     try:
-        # The checker sees the graph before external weights are read in. With external data it
-        # must be given the path, so that it resolves data locations against the model's folder.
-        # full_check adds strict shape inference: a model whose recorded shapes and types contradict
-        # what its ops compute is refused here, so that every model normfold writes passes it too.
-        if locations:
+        # With external data the checker must be given the path, so that it resolves data
+        # locations against the model's folder. full_check adds strict shape inference: a model
+        # whose recorded shapes and types contradict what its ops compute is refused here, so that
+        # every model normfold writes passes it too.
+        if external:
             onnx.checker.check_model(str(path), full_check=True)
         else:
             # On a copy whose large weights are typed inputs: the checks are the same (only small
@@ -174,14 +195,3 @@ def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
         # value_info that contradicts inference is annotation, not error: fold() drops it (prepare.py)
         if not checks_without_contradicting_value_info(model):
             raise NormfoldError(f"{show_path(path)}: invalid model: {one_line(exc)}") from None
-    if locations and lazy:
-        _check_external_extents(path, base, model)
-    elif locations:
-        try:
-            external_data_helper.load_external_data_for_model(model, str(base))
-        except Exception as exc:  # OSError, ValueError (bad offset/length, short file), ...
-            raise NormfoldError(f"{show_path(path)}: cannot read external data: {one_line(exc)}") from None
-    _check_tensor_data(path, model)
-    return model, locations
-
-
