@@ -133,38 +133,7 @@ def _evaluator_ops():
 
         def _run(self, X, W, B=None, auto_pad=None, dilations=None, group=None, kernel_shape=None, pads=None,
                  strides=None):
-            rank = X.ndim - 2
-            kernel = list(W.shape[2:])
-            dilations = list(dilations or [1] * rank)
-            strides = list(strides or [1] * rank)
-            group = group or 1
-            extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
-            auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
-            if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-                total = [max(0, (-(-size // s) - 1) * s + e - size) for size, s, e in zip(X.shape[2:], strides, extent)]
-                small = [t // 2 for t in total]
-                begin = small if auto_pad == "SAME_UPPER" else [t - s for t, s in zip(total, small)]
-                pads = begin + [t - b for t, b in zip(total, begin)]
-            elif auto_pad == "VALID":
-                pads = [0] * (2 * rank)
-            pads = list(pads or [0] * (2 * rank))
-            x = np.pad(X, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
-            windows = np.lib.stride_tricks.sliding_window_view(x, extent, axis=tuple(range(2, 2 + rank)))
-            index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
-                + tuple(slice(None, None, d) for d in dilations)
-            windows = windows[index]  # [N, C, *out, *kernel]
-            n, c = X.shape[:2]
-            m = W.shape[0]
-            out_shape = windows.shape[2:2 + rank]
-            letters = "hijk"[:rank]
-            kletters = "pqrs"[:rank]
-            grouped = windows.reshape((n, group, c // group) + windows.shape[2:])
-            weights = W.reshape((group, m // group) + W.shape[1:])
-            y = np.einsum(f"ngc{letters}{kletters},gmc{kletters}->ngm{letters}", grouped, weights, optimize=True)
-            y = y.reshape((n, m) + tuple(out_shape))
-            if B is not None:
-                y = y + B.reshape((1, m) + (1,) * rank)
-            return (y.astype(X.dtype),)
+            return (_conv(X, W, B, auto_pad, dilations, group, pads, strides),)
 
     class BatchNormalization(OpRun):
         """Inference mode, whatever the opset: onnx's evaluator applies `momentum` (which it fills
@@ -180,6 +149,48 @@ def _evaluator_ops():
             return (y.astype(x.dtype),)
 
     return [Conv, BatchNormalization]
+
+
+def _conv(X, W, B, auto_pad, dilations, group, pads, strides) -> np.ndarray:
+    """ONNX Conv (attributes as the evaluator passes them, None when absent) as one einsum over the
+    input's windows, per group."""
+    rank = X.ndim - 2
+    dilations = list(dilations or [1] * rank)
+    strides = list(strides or [1] * rank)
+    group = group or 1
+    windows = _conv_windows(X, list(W.shape[2:]), auto_pad, dilations, pads, strides)  # [N, C, *out, *kernel]
+    n, c = X.shape[:2]
+    m = W.shape[0]
+    out_shape = windows.shape[2:2 + rank]
+    letters = "hijk"[:rank]
+    kletters = "pqrs"[:rank]
+    grouped = windows.reshape((n, group, c // group) + windows.shape[2:])
+    weights = W.reshape((group, m // group) + W.shape[1:])
+    y = np.einsum(f"ngc{letters}{kletters},gmc{kletters}->ngm{letters}", grouped, weights, optimize=True)
+    y = y.reshape((n, m) + tuple(out_shape))
+    if B is not None:
+        y = y + B.reshape((1, m) + (1,) * rank)
+    return y.astype(X.dtype)
+
+
+def _conv_windows(X, kernel: list[int], auto_pad, dilations: list[int], pads, strides: list[int]) -> np.ndarray:
+    """A view of the padded input: for each output position, the dilated kernel's window of it."""
+    rank = X.ndim - 2
+    extent = [(k - 1) * d + 1 for k, d in zip(kernel, dilations)]
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else (auto_pad or "NOTSET")
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        total = [max(0, (-(-size // s) - 1) * s + e - size) for size, s, e in zip(X.shape[2:], strides, extent)]
+        small = [t // 2 for t in total]
+        begin = small if auto_pad == "SAME_UPPER" else [t - s for t, s in zip(total, small)]
+        pads = begin + [t - b for t, b in zip(total, begin)]
+    elif auto_pad == "VALID":
+        pads = [0] * (2 * rank)
+    pads = list(pads or [0] * (2 * rank))
+    x = np.pad(X, [(0, 0), (0, 0)] + [(pads[i], pads[i + rank]) for i in range(rank)])
+    windows = np.lib.stride_tricks.sliding_window_view(x, extent, axis=tuple(range(2, 2 + rank)))
+    index = (slice(None), slice(None)) + tuple(slice(None, None, s) for s in strides) \
+        + tuple(slice(None, None, d) for d in dilations)
+    return windows[index]
 
 
 def _run_float64(reference, feeds: list[dict[str, np.ndarray]], names: list[str]) -> tuple[list[dict], str]:

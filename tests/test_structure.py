@@ -14,7 +14,6 @@ LIMIT = 50
 KNOWN_LONG: dict[str, int] = {
     "normfold/api.py fold_job": 80,
     "normfold/passes/_linear.py plan_fold": 59,
-    "normfold/accuracy.py _evaluator_ops": 57,
 }
 
 
