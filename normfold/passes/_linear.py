@@ -334,7 +334,7 @@ def _scaled(operand: np.ndarray, factor: np.ndarray, dtype) -> np.ndarray:
         end = min(start + rows, operand.shape[0])
         part = block[: end - start]
         np.multiply(operand[start:end], factor[start:end] if per_row else factor, out=part, dtype=np.float64)
-        with np.errstate(over="ignore"):  # an overflow is refused by plan_fold, by name
+        with np.errstate(over="ignore"):  # an overflow is refused by finish_plan, by name
             out[start:end] = part
     return out
 
@@ -344,34 +344,47 @@ def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.
     """Compute, in float64, the constants that fold `y' = scale * y + shift` into `layer`, stored
     in the dtype of the constants they replace. Refuses when a stored value would not be finite
     (e.g. a tiny variance that overflows float16 weights)."""
-    node = layer.layer
     scale = np.broadcast_to(np.asarray(scale, np.float64), (channels,))
     shift = np.broadcast_to(np.asarray(shift, np.float64), (channels,))
-    weight = view.const(node.input[1])
-    dtype = weight.dtype
+    weight = view.const(layer.layer.input[1])
     exact: list[tuple[np.ndarray, np.ndarray]] = []  # (stored, exact) pairs
+    new_w = None if np.all(scale == 1.0) else _scaled_weight(layer, weight, scale, exact)
+    new_b, reset_beta = _shifted_bias(view, layer, scale, shift, channels, weight.dtype, exact)
+    return finish_plan(layer.op, layer.layer, exact, new_w, new_b, reset_beta)
 
-    new_w = None
-    if not np.all(scale == 1.0):
-        if layer.op == "Conv":
-            operand, factor = weight, scale.reshape((-1,) + (1,) * (weight.ndim - 1))
-        elif layer.op == "ConvTranspose":
-            group = int(attr(node, "group", 1))
-            operand = weight.reshape((group, weight.shape[0] // group) + weight.shape[1:])
-            factor = scale.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
-        elif layer.op == "Gemm":
-            operand, factor = weight, scale[:, None] if attr(node, "transB", 0) else scale[None, :]
-        else:  # MatMul
-            operand, factor = weight, scale[None, :]
-        if dtype.itemsize <= 2:  # keep the float64 product: the rounding report compares with it
-            w = np.multiply(operand, factor, dtype=np.float64)
-            with np.errstate(over="ignore"):  # an overflow is refused below, by name
-                new_w = w.astype(dtype).reshape(weight.shape)
-            exact.append((new_w, w.reshape(weight.shape)))
-        else:
-            new_w = _scaled(operand, factor, dtype).reshape(weight.shape)
-            exact.append((new_w, new_w))  # checked for overflow only
 
+def _scaled_weight(layer: LinearLayer, weight: np.ndarray, scale: np.ndarray,
+                   exact: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """The weight with each output channel multiplied by its scale, in the weight's dtype; the
+    (stored, exact) pair is appended to `exact`."""
+    node, dtype = layer.layer, weight.dtype
+    if layer.op == "Conv":
+        operand, factor = weight, scale.reshape((-1,) + (1,) * (weight.ndim - 1))
+    elif layer.op == "ConvTranspose":
+        group = int(attr(node, "group", 1))
+        operand = weight.reshape((group, weight.shape[0] // group) + weight.shape[1:])
+        factor = scale.reshape((group, 1, weight.shape[1]) + (1,) * (weight.ndim - 2))
+    elif layer.op == "Gemm":
+        operand, factor = weight, scale[:, None] if attr(node, "transB", 0) else scale[None, :]
+    else:  # MatMul
+        operand, factor = weight, scale[None, :]
+    if dtype.itemsize <= 2:  # keep the float64 product: the rounding report compares with it
+        w = np.multiply(operand, factor, dtype=np.float64)
+        with np.errstate(over="ignore"):  # an overflow is refused by finish_plan, by name
+            new_w = w.astype(dtype).reshape(weight.shape)
+        exact.append((new_w, w.reshape(weight.shape)))
+    else:
+        new_w = _scaled(operand, factor, dtype).reshape(weight.shape)
+        exact.append((new_w, new_w))  # checked for overflow only
+    return new_w
+
+
+def _shifted_bias(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.ndarray, channels: int,
+                  dtype, exact: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray | None, bool]:
+    """The new bias (`bias * scale + shift`: Conv's B, Gemm's C, a MatMul's bias Add or the Add to
+    create), or None when none is needed; and whether Gemm's beta must be reset to 1 (it was
+    multiplied into C). The (stored, exact) pair is appended to `exact`."""
+    node = layer.layer
     bias_name = _bias_name(layer)
     new_b, reset_beta = None, False
     if layer.op in ("Conv", "ConvTranspose"):
@@ -396,8 +409,7 @@ def plan_fold(view: GraphView, layer: LinearLayer, scale: np.ndarray, shift: np.
     elif np.any(shift != 0):  # MatMul without bias: an Add will be created
         new_b = shift.astype(dtype)
         exact.append((new_b, shift))
-
-    return finish_plan(layer.op, node, exact, new_w, new_b, reset_beta)
+    return new_b, reset_beta
 
 
 def finish_plan(op: str, node: onnx.NodeProto, exact: list[tuple[np.ndarray, np.ndarray]],
