@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
-from normfold.errors import VerificationUnavailable
+from normfold.errors import VerificationUnavailable, one_line
 from normfold.report import OutputComparison, Verification
 
 ACCURACY_FACTOR = 2.0
@@ -217,15 +217,15 @@ def _run_float64(reference, feeds: list[dict[str, np.ndarray]], names: list[str]
         session = open_session(up.SerializeToString(), "float64 original")
         return [dict(zip(names, session.session.run(names, f))) for f in wide], "onnxruntime"
     except Exception as exc:  # noqa: BLE001 - no double kernel for some op: the evaluator has them all
-        first = str(exc)
+        first = exc
     from onnx.reference import ReferenceEvaluator
 
     try:
         evaluator = ReferenceEvaluator(up, new_ops=_evaluator_ops())
         return [dict(zip(names, (np.asarray(v) for v in evaluator.run(names, f)))) for f in wide], "onnx.reference"
     except Exception as exc:  # noqa: BLE001
-        raise VerificationUnavailable(f"no float64 run of the original: onnxruntime: {first[:150]}; "
-                                      f"onnx.reference: {' '.join(str(exc).split())[:150]}") from None
+        raise VerificationUnavailable(f"no float64 run of the original: onnxruntime: {one_line(first, 150)}; "
+                                      f"onnx.reference: {one_line(exc, 150)}") from None
 
 
 def _available_memory() -> int | None:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from normfold.errors import NormfoldError, VerificationUnavailable
+from normfold.errors import NormfoldError, VerificationUnavailable, one_line
 from normfold.report import OutputComparison, Verification
 
 if TYPE_CHECKING:
@@ -101,7 +101,7 @@ def load_input_file(path: str | os.PathLike, input_names: list[str]) -> dict[str
     try:
         data = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as exc:
-        raise NormfoldError(f"--inputs {path}: cannot read ({exc})") from None
+        raise NormfoldError(f"--inputs {path}: cannot read ({one_line(exc)})") from None
     if isinstance(data, np.ndarray):
         if len(input_names) != 1:
             raise NormfoldError(f"--inputs {path}: a .npy file fits a model with one input; this one has "
@@ -143,13 +143,8 @@ def open_session(model: str | os.PathLike | bytes, label: str, optimize: bool | 
     try:
         session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise VerificationUnavailable(f"onnxruntime cannot load the {label} model: {_one_line(exc)}") from None
+        raise VerificationUnavailable(f"onnxruntime cannot load the {label} model: {one_line(exc)}") from None
     return Session(label, session)
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text[:300] + ("..." if len(text) > 300 else "")
 
 
 def _numpy_type(ort_type: str):
@@ -235,7 +230,7 @@ def _run(session: Session, feeds: dict[str, np.ndarray], names: list[str] | None
     try:
         values = session.session.run(names, feeds)
     except Exception as exc:
-        raise VerificationUnavailable(f"onnxruntime failed to run the {session.label} model: {_one_line(exc)}") from None
+        raise VerificationUnavailable(f"onnxruntime failed to run the {session.label} model: {one_line(exc)}") from None
     return dict(zip(names, values))
 
 
@@ -464,7 +459,7 @@ def _run_model(model, label: str, options: RunOptions, feeds, expose: list[str],
             proto = (onnx.load_from_string(model) if isinstance(model, bytes)
                      else onnx.load(os.fspath(model), load_external_data=False))
         except Exception as exc:
-            raise VerificationUnavailable(f"cannot read the {label} model: {_one_line(exc)}") from None
+            raise VerificationUnavailable(f"cannot read the {label} model: {one_line(exc)}") from None
         shapes = infer_shapes(proto)
         outputs = [o.name for o in proto.graph.output]
         if expose:

@@ -63,3 +63,36 @@ def test_the_measure_sees_a_long_function(tmp_path):
     lengths = function_lengths(tmp_path)
     assert lengths["normfold/m.py C.long"] == (LIMIT + 1, 3)  # the decorator on line 2 is not counted
     assert lengths["normfold/m.py short"] == (2, 55)
+
+
+def one_line_formatters(root: Path = ROOT) -> list[str]:
+    """Places outside normfold/errors.py that flatten a message themselves: a function named like
+    one_line, or `" ".join(<something>.split())`. Every one-line error goes through errors.one_line,
+    so that all of them escape, cut and name an empty exception the same way."""
+    found = []
+    for folder in ("normfold", "cli"):
+        for file in sorted((root / folder).rglob("*.py")):
+            path = file.relative_to(root).as_posix()
+            if path == "normfold/errors.py":
+                continue
+            for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and "one_line" in node.name:
+                    found.append(f"{path}:{node.lineno} def {node.name}")
+                elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "join"
+                      and len(node.args) == 1 and isinstance(node.args[0], ast.Call)
+                      and isinstance(node.args[0].func, ast.Attribute) and node.args[0].func.attr == "split"
+                      and not node.args[0].args):
+                    found.append(f"{path}:{node.lineno} {ast.unparse(node)}")
+    return found
+
+
+def test_one_line_messages_have_one_formatter():
+    assert not one_line_formatters(), "use normfold.errors.one_line:\n" + "\n".join(one_line_formatters())
+
+
+def test_the_formatter_check_sees_a_second_formatter(tmp_path):
+    (tmp_path / "normfold").mkdir()
+    (tmp_path / "cli").mkdir()
+    (tmp_path / "normfold" / "m.py").write_text(
+        "def _one_line(e):\n    return e\n\nx = ' '.join(str(1).split())[:10]\ny = ' '.join(['a', 'b'])\n")
+    assert one_line_formatters(tmp_path) == ["normfold/m.py:1 def _one_line", "normfold/m.py:4 ' '.join(str(1).split())"]

@@ -194,3 +194,26 @@ def test_accuracy_never_passes_what_the_magnitude_bound_refuses():
     ok = OutputComparison("y", "float32", [2], b, 1.0, 1e-4, 1e-4, False, 0.0, tolerance_dtype="float32")
     normfold.accuracy._by_accuracy(ok, [original], [np.array([b, -b / 2], np.float32)], [exact])
     assert ok.passed
+
+
+def test_no_float64_run_is_said_on_one_line(monkeypatch):
+    """Both runners' errors (onnxruntime's and onnx.reference's, often several lines) are flattened
+    and cut by the one formatter, errors.one_line."""
+    import onnx.reference
+
+    import normfold.verify
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("first line\n  second line " + "x" * 400)
+
+    monkeypatch.setattr(normfold.verify, "open_session", fails)
+    monkeypatch.setattr(onnx.reference, "ReferenceEvaluator", fails)
+    identity = onnx.parser.parse_model('<ir_version: 8, opset_import: ["" : 17]> g (float[2] x) => (float[2] y) '
+                                       '{ y = Identity(x) }')
+    with pytest.raises(VerificationUnavailable) as caught:
+        normfold.accuracy._run_float64(identity.SerializeToString(), [{"x": np.zeros(2, np.float32)}], ["y"])
+    message = str(caught.value)
+    assert "\n" not in message and message.count("first line second line x") == 2
+    onnxruntime_part, reference_part = message.split("; onnx.reference: ")
+    assert len(onnxruntime_part.split("onnxruntime: ", 1)[1]) == 150 and len(reference_part) == 150
+    assert reference_part.endswith("...")

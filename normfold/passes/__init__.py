@@ -20,6 +20,7 @@ from typing import Any
 
 import onnx
 
+from normfold.errors import one_line
 from normfold.graph import GraphView, label, subgraphs
 from normfold.report import SiteRecord
 
@@ -94,9 +95,8 @@ def _checked(rule: Rule, view: GraphView, match, ctx: FoldContext):
     try:
         return rule.check(view, match, ctx)
     except (ValueError, IndexError, TypeError, ArithmeticError) as exc:
-        text = " ".join(str(exc).split())[:160] or type(exc).__name__
         return Left("inconsistent-constants", f"{label(match.nodes[0])}: its constants do not fit the ops that read "
-                                              f"them ({text}); left as it was")
+                                              f"them ({one_line(exc, 160)}); left as it was")
 
 
 def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shapes: dict,
