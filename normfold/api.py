@@ -24,7 +24,7 @@ from normfold.prepare import explain_listed_inputs, prepare_model
 from normfold.report import Report, SiteRecord, Verification
 from normfold.shapes import infer_shapes
 from normfold.verify import ModelRun, RunOptions, compare_models, run_reference
-from normfold.watchdog import run_in_child
+from normfold.watchdog import Child, run_in_child, start_in_child
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -76,13 +76,19 @@ class VerifyOptions:
         return RunOptions(self.seed, self.shapes, self.dims, self.int_ranges, list(self.input_files), self.batches,
                           self.opt_level)
 
-    def reference(self, reference, sites: list[str] | None = None, *,
-                  deadline: float | None = None) -> ModelRun | Verification:
+    def start_reference(self, reference, sites: list[str] | None = None) -> Child:
+        """The original's run (normfold.verify.run_reference) started in a child process, so that
+        the caller can write the result meanwhile; `reference(..., pending=)` collects it."""
+        return start_in_child(run_reference, reference, self.run_options(), sites=sites, isolate=False)
+
+    def reference(self, reference, sites: list[str] | None = None, *, deadline: float | None = None,
+                  pending: Child | None = None) -> ModelRun | Verification:
         """The original's run, reused by every comparison with it (normfold.verify.run_reference),
-        in a child process; or an 'unavailable' verification. VerificationTimeout is raised."""
+        in a child process (`pending`: one start_reference began); or an 'unavailable'
+        verification. VerificationTimeout is raised."""
         try:
-            return run_in_child(run_reference, reference, self.run_options(), sites=sites, isolate=False,
-                                timeout=_remaining(deadline, self.timeout))
+            child = pending or self.start_reference(reference, sites)
+            return child.result(_remaining(deadline, self.timeout))
         except VerificationTimeout:
             raise
         except VerificationUnavailable as exc:
@@ -109,14 +115,14 @@ class VerifyOptions:
             return Verification("unavailable", seed=self.seed, detail=str(exc))
 
 
-    def verify(self, reference, candidate, sites: list[str] | None = None, *,
-               deadline: float | None = None) -> tuple[ModelRun | Verification, Verification]:
-        """The original's run and the comparison of `candidate` with it: each side in its own
-        child process, so at most one onnxruntime session exists at a time. VerificationTimeout
-        is raised past --timeout (counted over both)."""
+    def verify(self, reference, candidate, sites: list[str] | None = None, *, deadline: float | None = None,
+               pending: Child | None = None) -> tuple[ModelRun | Verification, Verification]:
+        """The original's run (`pending`: already started) and the comparison of `candidate` with
+        it: each side in its own child process, so at most one onnxruntime session exists at a
+        time. VerificationTimeout is raised past --timeout (counted over both)."""
         if deadline is None and self.timeout is not None:
             deadline = time.monotonic() + self.timeout
-        original = self.reference(reference, sites, deadline=deadline)
+        original = self.reference(reference, sites, deadline=deadline, pending=pending)
         return original, self.compare(reference, candidate, reference_run=original, deadline=deadline)
 
 
@@ -282,89 +288,143 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
     _check_passes(options)
     src, dest = target.source, target.dest
     t = time.perf_counter()
-    model, external_files = read_model(src, lazy=True)  # external weights stay in their files until needed
-    if plan is not None:
-        plan.add_external_data(target, external_files)
-    if verify.enabled:
-        check_input_files(model, verify.input_files)
+    model, external_files = _load(target, plan, verify)
     base_dir = str(src.resolve().parent)
     timings = {"load": time.perf_counter() - t}
     external = True if external_files or options.external_data is not None else None
-
-    report = Report(input=str(src), output=str(dest), opset_before=model_opset(model))
-    report.ops_before = count_ops(model.graph)
-    report.nodes_before = sum(report.ops_before.values())
-    t = time.perf_counter()
-    prepared = _prepare(model, options, base_dir)
-    converted = prepared.converted
-    if converted:
-        timings["convert"] = time.perf_counter() - t
+    report = _new_report(src, dest, model)
+    prepared = _fold_prepared(model, options, base_dir, report, timings)
     del model
-    t = time.perf_counter()
-    _run_passes(prepared, options, report)
-    timings["fold"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    staged = StagedModel(prepared.model, dest, staging, external_data=external, data_name=target.data_name,
-                         consume=True, source_dir=base_dir)
-    del prepared  # verification loads both models in onnxruntime; do not hold a third copy
-    timings["save"] = time.perf_counter() - t
+    check = _Check(verify, src, report)  # the original starts running while the result is written
     try:
+        t = time.perf_counter()
+        staged = StagedModel(prepared.model, dest, staging, external_data=external, data_name=target.data_name,
+                             consume=True, source_dir=base_dir)
+        converted = prepared.converted
+        del prepared  # verification loads both models in onnxruntime; do not hold a third copy
+        timings["save"] = time.perf_counter() - t
+    except BaseException:
+        check.cancel()
+        raise
+    try:
+        t = time.perf_counter()
+        check.finish(staged.path, converted and (lambda: _stage_conversion(
+            src, dest, staging, options, external_files, base_dir)))
         if verify.enabled:
-            t = time.perf_counter()
-            sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
-            local, why = verify.local, ""
-            if local is None:
-                from normfold.verify_local import whole_model_too_big
-
-                local, why = whole_model_too_big(src)
-            if local:
-                report.verification = _verified_locally(verify, src, staged.path, report.sites)
-                if why:
-                    report.verification.notes.insert(0, why + ": verified each rewritten site on its own "
-                                                              "(as --verify local)")
-            else:
-                report.verification, report.conversion = _verified_with_conversion(
-                    verify, src, staged.path, sites, converted and (lambda: _stage_conversion(
-                        src, dest, staging, options, external_files, base_dir)))
-            errors = {c.name: c.max_abs_error for c in report.verification.sites}
-            for site in report.sites:
-                error = errors.get(site.id if local else site.output)
-                site.max_abs_error = error if site.status != "left" else None
             timings["verify"] = time.perf_counter() - t
-        else:
-            report.verification = Verification("skipped", detail="--no-verify")
-        status = report.verification.status
-        if verify.benchmark and status != "unavailable":
+        if verify.benchmark and report.verification.status != "unavailable":
             t = time.perf_counter()
-            report.benchmark = benchmark_files(src, staged.path, verify)
-            timings["benchmark"] = time.perf_counter() - t
-        if status == "failed":
-            report.exit_code = exit_codes.OUTPUTS_DIFFER
-        elif status == "unavailable" and (_timed_out(report.verification) or not verify.allow_unverified):
-            report.exit_code = exit_codes.UNVERIFIED
-        else:
-            report.exit_code = exit_codes.OK
+            report.benchmark, timings["benchmark"] = benchmark_files(src, staged.path, verify), time.perf_counter() - t
+        report.exit_code = _exit_code(report.verification, verify)
+        if report.exit_code == exit_codes.OK:
             return _finish(report, timings, started), staged.moves()
     except BaseException:
+        check.cancel()
         staged.discard()
         raise
     staged.discard()
     return _finish(report, timings, started), []
 
 
+def _load(target: Target, plan: Plan | None, verify: VerifyOptions) -> tuple[onnx.ModelProto, list[str]]:
+    """The model, its external weights left in their files until needed (and those files, checked
+    against the run's writes when there is a plan)."""
+    model, external_files = read_model(target.source, lazy=True)
+    if plan is not None:
+        plan.add_external_data(target, external_files)
+    if verify.enabled:
+        check_input_files(model, verify.input_files)
+    return model, external_files
+
+
+def _new_report(src: Path, dest: Path, model: onnx.ModelProto) -> Report:
+    report = Report(input=str(src), output=str(dest), opset_before=model_opset(model))
+    report.ops_before = count_ops(model.graph)
+    report.nodes_before = sum(report.ops_before.values())
+    return report
+
+
+def _fold_prepared(model: onnx.ModelProto, options: FoldOptions, base_dir: str, report: Report,
+                   timings: dict[str, float]) -> _Prepared:
+    """The model converted to the target opset (timings["convert"]) and folded (timings["fold"])."""
+    t = time.perf_counter()
+    prepared = _prepare(model, options, base_dir)
+    if prepared.converted:
+        timings["convert"] = time.perf_counter() - t
+    t = time.perf_counter()
+    _run_passes(prepared, options, report)
+    timings["fold"] = time.perf_counter() - t
+    return prepared
+
+
+class _Check:
+    """The verification of one fold_job. Begun before the result is written: the original's run
+    (a child process) overlaps the writing, which on a multi-GB model costs as much as a run.
+    Still at most one onnxruntime session at a time: the result runs once the original is done."""
+
+    def __init__(self, verify: VerifyOptions, src: Path, report: Report):
+        self.verify, self.src, self.report = verify, src, report
+        self.pending: Child | None = None
+        self.local, self.why = verify.local, ""
+        self.sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
+        if not verify.enabled:
+            return
+        if self.local is None:
+            from normfold.verify_local import whole_model_too_big
+
+            self.local, self.why = whole_model_too_big(src)
+        if not self.local:
+            self.pending = verify.start_reference(src, self.sites)
+
+    def finish(self, candidate: Path, stage_conversion) -> None:
+        """report.verification (and report.conversion), and each site's max_abs_error."""
+        verify, report = self.verify, self.report
+        if not verify.enabled:
+            report.verification = Verification("skipped", detail="--no-verify")
+            return
+        if self.local:
+            report.verification = _verified_locally(verify, self.src, candidate, report.sites)
+            if self.why:
+                report.verification.notes.insert(0, self.why + ": verified each rewritten site on its own "
+                                                               "(as --verify local)")
+        else:
+            pending, self.pending = self.pending, None
+            report.verification, report.conversion = _verified_with_conversion(
+                verify, self.src, candidate, self.sites, stage_conversion, pending=pending)
+        errors = {c.name: c.max_abs_error for c in report.verification.sites}
+        for site in report.sites:
+            error = errors.get(site.id if self.local else site.output)
+            site.max_abs_error = error if site.status != "left" else None
+
+    def cancel(self) -> None:
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+
+
+def _exit_code(verification: Verification, verify: VerifyOptions) -> int:
+    status = verification.status
+    if status == "failed":
+        return exit_codes.OUTPUTS_DIFFER
+    if status == "unavailable" and (_timed_out(verification) or not verify.allow_unverified):
+        return exit_codes.UNVERIFIED
+    return exit_codes.OK
+
+
 _TIMED_OUT = "timed out: "
 
 
 def _verified_with_conversion(verify: VerifyOptions, reference, candidate, sites: list[str] | None,
-                              stage_conversion) -> tuple[Verification, Verification | None]:
+                              stage_conversion, pending: Child | None = None) -> tuple[Verification, Verification | None]:
     """The result's verification and, only when it failed and the opset was converted, the
-    conversion's alone (to name a converter fault as such). The original runs once: its outputs
-    serve both comparisons. One onnxruntime session at a time, each in its own child process."""
+    conversion's alone (to name a converter fault as such). The original runs once (`pending`:
+    already started): its outputs serve both comparisons. One onnxruntime session at a time,
+    each in its own child process. --timeout counts from here: time spent writing the result
+    while the original ran is not charged to verification."""
     deadline = None if verify.timeout is None else time.monotonic() + verify.timeout
     conversion = None
     try:
-        original, result = verify.verify(reference, candidate, sites, deadline=deadline)
+        original, result = verify.verify(reference, candidate, sites, deadline=deadline, pending=pending)
         if stage_conversion and result.status == "failed":
             staged = stage_conversion()
             try:

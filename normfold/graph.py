@@ -264,16 +264,31 @@ class GraphView:
                 if value is not None and target is not None:
                     return value.astype(onnx.helper.tensor_dtype_to_np_dtype(target))
             if node.op_type in EVALUABLE_OPS and depth < MAX_EVAL_DEPTH and len(node.output) == 1:
-                inputs = [self.const(i, depth + 1) if i else None for i in node.input]
-                if any(v is None for i, v in zip(node.input, inputs) if i):
-                    return None
-                if sum(v.size for v in inputs if v is not None) > MAX_EVAL_ELEMENTS:
-                    return None
-                return evaluate_node(node, inputs, self.opset)
+                inputs = self._evaluable_inputs(node, depth)
+                return None if inputs is None else evaluate_node(node, inputs, self.opset)
             return None
         if self.outer is not None and name not in self.input_names:
             return self.outer.const(name)
         return None
+
+    def _evaluable_inputs(self, node: onnx.NodeProto, depth: int) -> list | None:
+        """The values of `node`'s inputs when all are constants small enough to evaluate, else None.
+        Weights are judged by their headers and decoded last: asking whether Gather(embedding, ids)
+        or Mul(gamma, x) is constant must not read the weight from its external file when the other
+        input is not (on a 2.75 GB Llama that read 2.6 s of weights in a fold of 2.7 s)."""
+        names = [n for n in node.input if n]
+        weights = [n for n in names if n in self.initializers and n not in self._const_cache]
+        if not all(self.is_const(n) for n in weights):
+            return None
+        if sum(int(np.prod(self.initializers[n].dims)) for n in weights) > MAX_EVAL_ELEMENTS:
+            return None
+        values = {n: self.const(n, depth + 1) for n in names if n not in weights}
+        if any(v is None for v in values.values()):
+            return None
+        values.update((n, self.const(n, depth + 1)) for n in weights)
+        if sum(v.size for v in values.values()) > MAX_EVAL_ELEMENTS:
+            return None
+        return [values[n] if n else None for n in node.input]
 
     def is_const(self, name: str) -> bool:
         """Like `const(name) is not None`, without decoding a weight initializer (the common case)."""

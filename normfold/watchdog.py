@@ -71,27 +71,16 @@ def run_in_child(func, *args, timeout: float | None = None, what: str = "verific
     """func(*args, **kwargs) in a forked child; its return value, or its exception raised here.
     Past `timeout` seconds the child is killed and VerificationTimeout raised; an interrupt here
     kills it too. A child that dies (a crash inside onnxruntime) gives VerificationUnavailable."""
-    silence_onnxruntime()  # also imports onnxruntime once here, not in every child
-    check_interrupted()  # an interrupt an import swallowed
-    process, recv = _start_child(func, args, kwargs)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        ok, value = _wait_for_result(process, recv, deadline, what, timeout)
-    finally:
-        _stop_child(process, recv)
-    if ok:
-        return value
-    if value is None:
-        code = process.exitcode
-        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
-        raise VerificationUnavailable(f"the {what} process ended without a result ({how}; onnxruntime crashed?)")
-    raise value
+    return start_in_child(func, *args, what=what, **kwargs).result(timeout)
 
 
-def _start_child(func, args, kwargs):
-    """The forked child running func, in its own process group, and the read end of its pipe."""
+def start_in_child(func, *args, what: str = "verification", **kwargs) -> "Child":
+    """func(*args, **kwargs) started in a forked child, while this process goes on (fold_job
+    writes the result while the original runs); `.result()` waits for it, `.cancel()` kills it."""
     import multiprocessing
 
+    silence_onnxruntime()  # also imports onnxruntime once here, not in every child
+    check_interrupted()  # an interrupt an import swallowed
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=_child, args=(send, func, args, kwargs, recv), daemon=False)
@@ -102,34 +91,58 @@ def _start_child(func, args, kwargs):
     except OSError:
         pass
     _CHILDREN.add(process.pid)
-    return process, recv
+    return Child(process, recv, what)
 
 
-def _wait_for_result(process, recv, deadline: float | None, what: str, timeout: float | None) -> tuple[bool, object]:
-    """(ok, value) the child sent, or (False, None) when it died without sending. Polls in short
-    steps so that an interrupt or the deadline (VerificationTimeout) is seen at once."""
-    while True:
-        step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
-        if recv.poll(step):
-            try:
-                return pickle.loads(recv.recv_bytes())
-            except EOFError:
+class Child:
+    """A call running in a child process (start_in_child)."""
+
+    def __init__(self, process, recv, what: str):
+        self.process, self.recv, self.what = process, recv, what
+        self.done = False
+
+    def result(self, timeout: float | None = None):
+        """Wait for the child's return value (or raise its exception); past `timeout` seconds
+        from now, kill it and raise VerificationTimeout. The child is gone afterwards."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            ok, value = self._wait(deadline, timeout)
+        finally:
+            self.cancel()
+        if ok:
+            return value
+        if value is None:
+            code = self.process.exitcode
+            how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+            raise VerificationUnavailable(f"the {self.what} process ended without a result ({how}; onnxruntime crashed?)")
+        raise value
+
+    def _wait(self, deadline: float | None, timeout: float | None):
+        recv, process = self.recv, self.process
+        while True:
+            step = 0.05 if deadline is None else max(0.0, min(0.05, deadline - time.monotonic()))
+            if recv.poll(step):
+                try:
+                    return pickle.loads(recv.recv_bytes())
+                except EOFError:
+                    return False, None
+            if not process.is_alive() and not recv.poll(0):
                 return False, None
-        if not process.is_alive() and not recv.poll(0):
-            return False, None
-        check_interrupted()
-        if deadline is not None and time.monotonic() >= deadline:
-            raise VerificationTimeout(f"{what} did not finish within --timeout {timeout:g} s; stopped")
+            check_interrupted()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise VerificationTimeout(f"{self.what} did not finish within --timeout {timeout:g} s; stopped")
 
-
-def _stop_child(process, recv) -> None:
-    """Kill the child's whole group (whatever onnxruntime started too), reap it, close the pipe."""
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except OSError:
-        pass
-    if process.is_alive():
-        process.kill()
-    _CHILDREN.discard(process.pid)
-    process.join()
-    recv.close()
+    def cancel(self) -> None:
+        """Kill the child's whole group (if still running) and reap it; safe to call twice."""
+        if self.done:
+            return
+        self.done, process = True, self.process
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        if process.is_alive():
+            process.kill()
+        _CHILDREN.discard(process.pid)
+        process.join()
+        self.recv.close()
