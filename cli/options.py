@@ -160,8 +160,18 @@ _FOLD_FIELDS = {
     "external_data": lambda v: {"external_data": v["external_data"]},
     "initializer_inputs": lambda v: {"initializer_inputs": v["initializer_inputs"]},
 }
-assert set(_VERIFY_FIELDS) == set(VERIFY_KEYS) and set(_FOLD_FIELDS) == set(FOLD_KEYS), \
-    "every option of a group must set a field (see _VERIFY_FIELDS / _FOLD_FIELDS)"
+
+
+def _check_fields(table: dict, keys: tuple[str, ...]) -> None:
+    """Refuse, at import (not an assert: `python -O` would skip it), a group whose options and
+    fields differ: an option without a field would be parsed and then ignored."""
+    if set(table) != set(keys):
+        raise TypeError(f"options without a field: {sorted(set(keys) - set(table))}; fields without an "
+                        f"option: {sorted(set(table) - set(keys))} (see _VERIFY_FIELDS / _FOLD_FIELDS)")
+
+
+_check_fields(_VERIFY_FIELDS, VERIFY_KEYS)
+_check_fields(_FOLD_FIELDS, FOLD_KEYS)
 
 
 def _fields(table: dict, kwargs: dict) -> dict:

@@ -352,3 +352,32 @@ def test_every_group_option_reaches_the_options(group, tmp_path):
         values = [str(tmp_path / "in.npz") if v == "@npz" else v for v in GROUP_SAMPLES[name]]
         CliRunner().invoke(command, [name, *values], catch_exceptions=False)
         assert captured["options"] != default, f"{name} {' '.join(values)} changed nothing"
+
+
+def test_a_group_option_without_a_field_is_refused_at_import():
+    from normfold.cli import options as o
+
+    with pytest.raises(TypeError, match=r"options without a field: \['timeout'\]; fields without an option: \[\]"):
+        o._check_fields({k: v for k, v in o._VERIFY_FIELDS.items() if k != "timeout"}, o.VERIFY_KEYS)
+    with pytest.raises(TypeError, match=r"options without a field: \[\]; fields without an option: \['x'\]"):
+        o._check_fields({**o._FOLD_FIELDS, "x": None}, o.FOLD_KEYS)
+    o._check_fields(o._FOLD_FIELDS, o.FOLD_KEYS)
+
+
+def test_every_command_with_a_group_builds_its_options():
+    """A command decorated with an option group must turn the group's values into options: one
+    that took them into **groups and never called the converter would ignore all of them."""
+    import inspect as python_inspect
+
+    from normfold.cli import options as o
+    from normfold.cli.main import main as group
+
+    commands = {name: group.get_command(None, name) for name in group.list_commands(None)}
+    assert {"fold", "inspect", "check", "verify"} <= set(commands)
+    for name, command in commands.items():
+        params = {p.name for p in command.params}
+        called = python_inspect.unwrap(command.callback).__code__.co_names
+        for keys, converter in ((o.FOLD_KEYS, "fold_options_from"), (o.VERIFY_KEYS, "verify_options")):
+            if set(keys) & params:
+                assert set(keys) <= params, f"{name} has only part of a group"
+                assert converter in called, f"{name} takes the options of {converter} but never calls it"
