@@ -1,8 +1,9 @@
 """Memory and time of `normfold fold` with verification against its floor, on one large model.
 
-    python bench/verify_memory.py MODEL.onnx [--target-opset 23] [--work DIR] [--repeat 1] [--no-floor] [--fold-args '...']
+    python bench/verify_memory.py MODEL.onnx [--target-opset 23] [--work DIR] [--repeat 1] [--no-floor] [--no-warmup] [--fold-args '...']
 
-Runs, each in a fresh process and one after the other:
+Runs an untimed floor of the original first (so that every timed run reads the model from the
+page cache; --no-warmup skips it), then, each in a fresh process and one after the other:
   floor (original): one onnxruntime session (optimizations off, as normfold verifies) + one run
   fold:             normfold fold MODEL -o DIR/folded.onnx [--target-opset N] (verification on)
   floor (result):   the same single session + run on the folded model
@@ -12,7 +13,8 @@ sampled every 20 ms: the fold's verification runs in child processes; PSS counts
 shares once) and the wall time, then the ratios the issue asks for:
   memory: fold / max(floor original, floor result)         (target <= 1.15)
   time:   fold / (floor original + floor result)            (target <= 1.25)
-Also printed: the fold's own timings (load, convert, fold, save, verify) from its JSON report.
+With --repeat N, also the median ratios over the runs (this VM's wall times vary by 2x with the
+load of other jobs; the load average is printed with each run). Also printed: the fold's own timings (load, convert, fold, save, verify) from its JSON report.
 Writes only inside --work (default: beside MODEL, in folder 'bench-verify'); deletes the folded
 model afterwards.
 """
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--no-floor", action="store_true",
                         help="only the fold (a model one onnxruntime session of which would not fit in memory)")
+    parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run of the original")
     parser.add_argument("--fold-args", default="", help="more arguments for normfold fold, e.g. '--verify outputs'")
     args = parser.parse_args()
     model = Path(args.model).resolve()
@@ -111,7 +114,11 @@ def main() -> None:
     print(f"{model}: {sum(f.stat().st_size for f in model.parent.glob(model.name + '*')) / gib:.2f} GiB; "
           f"{platform.node()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / gib:.1f} GiB, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
-    rows = []
+    rows, ratios = [], []
+    if not args.no_floor and not args.no_warmup:
+        # Untimed: the first read of a multi-GB file comes from disk, every later one from the
+        # page cache; without this the first floor alone would pay for it.
+        measure([sys.executable, "-c", FLOOR, str(model)])
     for r in range(args.repeat):
         for f in work.glob("folded.onnx*"):
             f.unlink()
@@ -121,7 +128,7 @@ def main() -> None:
         floor_res = skip if args.no_floor or not out.exists() else measure([sys.executable, "-c", FLOOR, str(out)])
         report = json.loads((work / "report.json").read_text())["models"][0] if (work / "report.json").exists() else {}
         rows.append((floor_orig, fold, floor_res, report))
-        print(f"run {r + 1}: floor original {floor_orig[0]:.1f} s / {floor_orig[1] / gib:.2f} GiB; "
+        print(f"run {r + 1} (load average {os.getloadavg()[0]:.1f}): floor original {floor_orig[0]:.1f} s / {floor_orig[1] / gib:.2f} GiB; "
               f"fold {fold[0]:.1f} s / {fold[1] / gib:.2f} GiB (exit {fold[2]}); "
               f"floor result {floor_res[0]:.1f} s / {floor_res[1] / gib:.2f} GiB")
         if report:
@@ -137,6 +144,11 @@ def main() -> None:
         verify_time = report.get("timings", {}).get("verify", float("nan"))
         print(f"  ratios: memory {mem:.2f}x (target <= 1.15), time {wall:.2f}x (target <= 1.25); "
               f"verification phase alone {verify_time / (floor_orig[0] + floor_res[0]):.2f}x")
+        ratios.append((mem, wall))
+    if len(ratios) > 1:
+        mems, walls = sorted(m for m, _ in ratios), sorted(w for _, w in ratios)
+        print(f"median of {len(ratios)} runs: memory {mems[len(mems) // 2]:.2f}x, time {walls[len(walls) // 2]:.2f}x "
+              f"(time range {walls[0]:.2f}x-{walls[-1]:.2f}x)")
     for f in work.glob("folded.onnx*"):
         f.unlink()
     shutil.rmtree(work, ignore_errors=True)
