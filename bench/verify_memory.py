@@ -10,7 +10,8 @@ page cache; --no-warmup skips it), then, each in a fresh process and one after t
 (--no-floor: only the fold, for a model whose one session would not fit in memory)
 and prints the peak memory of each process tree (sum of PSS over the process and its children,
 sampled every 20 ms: the fold's verification runs in child processes; PSS counts pages a fork
-shares once) and the wall time, then the ratios the issue asks for:
+shares once) and the wall time, each command run twice: once timed with nothing sampling it,
+once sampled for memory; then the ratios the issue asks for:
   memory: fold / max(floor original, floor result)         (target <= 1.15)
   time:   fold / (floor original + floor result)            (target <= 1.25)
 With --repeat N, also the median ratios over the runs (this VM's wall times vary by 2x with the
@@ -75,19 +76,34 @@ def _pss(pid: int) -> int:
     return 0
 
 
-def measure(command: list[str]) -> tuple[float, int, int]:
-    """(wall seconds, peak tree PSS bytes, exit code) of a command."""
+def measure(command: list[str], sample: bool = True) -> tuple[float, int, int]:
+    """(wall seconds, peak tree PSS bytes, exit code) of a command. With `sample` False the peak
+    is 0 and the wall time is clean: sampling /proc every 20 ms takes a core of this 2-core VM
+    and stalls the page faults of the process it reads, which slows a fold (two busy processes:
+    writing the result while the original runs) far more than a one-process floor."""
     t = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
-    while process.poll() is None:
+    while sample and process.poll() is None:
         peak = max(peak, sum(_pss(p) for p in _tree(process.pid)))
         time.sleep(0.02)
+    process.wait()
     wall = time.perf_counter() - t
     err = process.stderr.read().decode()
     if process.returncode:
         print(f"  {' '.join(command[:4])}...: exit {process.returncode}: {err.strip()[-300:]}", file=sys.stderr)
     return wall, peak, process.returncode
+
+
+def _timed_and_sampled(command: list[str], before=lambda: None) -> tuple[float, int, int]:
+    """The command run twice: once timed alone, once with its memory sampled; (wall seconds of
+    the first, peak PSS of the second, exit code). `before` runs before each (the fold removes
+    the previous output, so that both runs write a new file)."""
+    before()
+    wall, _, code = measure(command, sample=False)
+    before()
+    _, peak, code2 = measure(command)
+    return wall, peak, code or code2
 
 
 def main() -> None:
@@ -123,9 +139,9 @@ def main() -> None:
         for f in work.glob("folded.onnx*"):
             f.unlink()
         skip = (float("nan"), 0, 0)
-        floor_orig = skip if args.no_floor else measure([sys.executable, "-c", FLOOR, str(model)])
-        fold = measure(fold_cmd)
-        floor_res = skip if args.no_floor or not out.exists() else measure([sys.executable, "-c", FLOOR, str(out)])
+        floor_orig = skip if args.no_floor else _timed_and_sampled([sys.executable, "-c", FLOOR, str(model)])
+        fold = _timed_and_sampled(fold_cmd, lambda: [f.unlink() for f in work.glob("folded.onnx*")])
+        floor_res = skip if args.no_floor or not out.exists() else _timed_and_sampled([sys.executable, "-c", FLOOR, str(out)])
         report = json.loads((work / "report.json").read_text())["models"][0] if (work / "report.json").exists() else {}
         rows.append((floor_orig, fold, floor_res, report))
         print(f"run {r + 1} (load average {os.getloadavg()[0]:.1f}): floor original {floor_orig[0]:.1f} s / {floor_orig[1] / gib:.2f} GiB; "
