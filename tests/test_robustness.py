@@ -61,10 +61,10 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
     return path
 
 
-def with_external_data(folder: Path, name: str = "ext.onnx") -> Path:
-    """conv_bn_model saved with every initializer in `<name>.data` beside it."""
+def with_external_data(folder: Path, name: str = "ext.onnx", model: onnx.ModelProto | None = None) -> Path:
+    """`model` (conv_bn_model by default) saved with every initializer in `<name>.data` beside it."""
     folder.mkdir(parents=True, exist_ok=True)
-    onnx.save(conv_bn_model(), folder / name, save_as_external_data=True, location=f"{name}.data",
+    onnx.save(model or conv_bn_model(), folder / name, save_as_external_data=True, location=f"{name}.data",
               size_threshold=0)
     return folder / name
 
