@@ -412,7 +412,7 @@ def isolated(func, args: tuple, label: str):
 
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, func, args), daemon=True)
+    process = context.Process(target=_child, args=(sender, func, args, os.getpid()), daemon=True)
     process.start()
     sender.close()
     try:
@@ -433,7 +433,10 @@ def isolated(func, args: tuple, label: str):
     raise RuntimeError(payload)
 
 
-def _child(sender, func, args) -> None:
+def _child(sender, func, args, parent: int) -> None:
+    from normfold.watchdog import die_with_parent
+
+    die_with_parent(parent)  # a killed run must not leave onnxruntime running here
     try:
         result = ("ok", func(*args))
     except VerificationUnavailable as exc:

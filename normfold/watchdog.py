@@ -41,7 +41,23 @@ def silence_onnxruntime() -> None:
         pass
 
 
-def _child(send, func, args, kwargs, recv=None) -> None:
+def die_with_parent(parent: int) -> None:
+    """Linux: the kernel kills this process when `parent` dies, even by SIGKILL, which no handler
+    sees; without it onnxruntime would go on alone with a model that may never end (our own
+    process group is not the killed run's). Elsewhere a no-op."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # no prctl (not Linux)
+        return
+    if os.getppid() != parent:  # it died before the call
+        os._exit(1)
+
+
+def _child(send, func, args, kwargs, recv=None, parent=None) -> None:
+    if parent is not None:
+        die_with_parent(parent)
     if recv is not None:
         # The fork inherited the pipe's read end: closed, so that a parent that died makes sending
         # a large result fail at once instead of blocking on a pipe nobody reads.
@@ -83,7 +99,7 @@ def start_in_child(func, *args, what: str = "verification", **kwargs) -> "Child"
     check_interrupted()  # an interrupt an import swallowed
     ctx = multiprocessing.get_context("fork")
     recv, send = ctx.Pipe(duplex=False)
-    process = ctx.Process(target=_child, args=(send, func, args, kwargs, recv), daemon=False)
+    process = ctx.Process(target=_child, args=(send, func, args, kwargs, recv, os.getpid()), daemon=False)
     process.start()
     send.close()
     try:

@@ -533,6 +533,47 @@ def test_sigterm_ends_a_run_promptly_while_onnxruntime_runs(tmp_path):
     assert sorted(files_under(tmp_path)) == ["loop.onnx"]
 
 
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (verification children run in their own process group)."""
+    found = []
+    for stat_file in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_file.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat_file.parent.name))
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="dies with its parent through prctl")
+def test_sigkill_of_a_run_ends_its_verification_child(tmp_path):
+    """SIGKILL reaches no handler: the child that runs onnxruntime must die with the run instead
+    of going on alone with a Loop of 2e9 iterations."""
+    process = _start(["fold", save(endless_model(), tmp_path / "loop.onnx"), "-o", tmp_path / "out.onnx"], tmp_path)
+    _wait_for_staging(tmp_path, process)
+    deadline = time.monotonic() + 30
+    while not (children := _children(process.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert children, "no verification child was started"
+    process.kill()
+    process.wait()
+    deadline = time.monotonic() + 10
+    while any(map(_running, children)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    left = [pid for pid in children if _running(pid)]
+    for pid in left:  # ours, orphaned: end them so that a failure costs no CPU for hours
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"verification children {left} outlived the killed run"
+
+
 @pytest.mark.parametrize("delay", [0.1, 0.15, 0.2, 0.3, 0.45])
 def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, delay):
     """While onnx, numpy and onnxruntime are imported (the interpreter's own first ~50 ms, before
