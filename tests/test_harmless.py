@@ -574,13 +574,15 @@ def test_sigkill_of_a_run_ends_its_verification_child(tmp_path):
     assert not left, f"verification children {left} outlived the killed run"
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 @pytest.mark.parametrize("delay", [0.1, 0.15, 0.2, 0.3, 0.45])
-def test_ctrl_c_during_start_up_prints_no_traceback(tmp_path, delay):
+def test_interrupt_during_start_up_prints_no_traceback(tmp_path, delay, sig):
     """While onnx, numpy and onnxruntime are imported (the interpreter's own first ~50 ms, before
-    any normfold code runs, are out of reach)."""
+    any normfold code runs, are out of reach): Ctrl-C gave a KeyboardInterrupt traceback, SIGTERM
+    the default death (143 in a shell) instead of the interrupt line and 130."""
     process = _start(["fold", net(tmp_path), "-o", tmp_path / "out.onnx"], tmp_path)
     time.sleep(delay)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sig)
     _, stderr = process.communicate(timeout=60)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert process.returncode in (0, 130), (process.returncode, stderr)
