@@ -280,7 +280,9 @@ def test_printing_after_the_commit_cannot_fail_the_run(tmp_path):
 
 
 def test_report_dash_is_standard_output(tmp_path):
-    result = normfold_cmd("fold", net(tmp_path), "-o", tmp_path / "out.onnx", "--report", "-", "-v")
+    # run from tmp_path: a command that took "-" for a file name would write ./- (fdd2c71 did)
+    result = subprocess.run([str(SCRIPT), "fold", str(net(tmp_path)), "-o", str(tmp_path / "out.onnx"),
+                             "--report", "-", "-v"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     assert document["command"] == "fold" and document["models"][0]["written"] is True
