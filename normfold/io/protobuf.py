@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import onnx
 
-from normfold.shapes import data_bytes
 
 def _is_repeated(field) -> bool:
     repeated = getattr(field, "is_repeated", None)  # protobuf >= 5.28; `label` before (and gone in 7)

@@ -6,7 +6,6 @@ one line naming the file."""
 from __future__ import annotations
 
 import os
-import stat
 from pathlib import Path
 
 import onnx
