@@ -232,6 +232,8 @@ FORMS = {
     "mul, constant minus": "m = Mul (u, s)\n v = Sub (t, m)",
     "div-add": "m = Div (u, s)\n v = Add (m, t)",
     "sub-mul-add (Keras' torch/jax backends)": "d = Sub (u, t)\n m = Mul (d, s)\n v = Add (m, t2)",
+    "sub-mul-add, an Identity after each op (paddle2onnx)": "d = Sub (u, t)\n di = Identity (d)\n"
+                                                            " m = Mul (di, s)\n mi = Identity (m)\n v = Add (mi, t2)",
 }
 # Where the channels are and what reads the chain: (input shape, constant shape, reader lines from `v`
 # to `y`, output shape, whether the fold is exact). C is the channel count.
@@ -294,7 +296,7 @@ def test_bn_like_chain_folds_forward_when_exact_and_is_reported_otherwise(form, 
         assert (site.status, site.reason) == ("left", "no-linear-producer"), report.to_text(True)
         assert ops(folded) == ops(model)
         shape = list(next(t.dims for t in model.graph.initializer if t.name == "s"))
-        described = " -> ".join(f"{line[2]}(C{shape})" for line in chain)
+        described = " -> ".join(f"{line[2]}(C{shape})" for line in chain if line[2] != "Identity")
         assert site.detail.startswith(f"{described} at "), site.detail
         assert "a BatchNorm " in site.detail
 
@@ -318,6 +320,25 @@ def test_real_pre_activation_bn_exports_have_every_bn_folded_or_reported(name, t
     named = {n for s in bn for n in s.nodes}
     assert all(n.name in named for n in out.graph.node if n.op_type in ("Mul", "BatchNormalization"))
     assert report.nodes_after == report.nodes_before - (6 if name.startswith("keras3") else 4)
+
+
+def test_paddle_decomposed_bns_with_identities_between_are_folded_or_reported(tmp_path):
+    """paddle2onnx with dist_prim_all writes each BatchNorm as Sub -> Mul -> Mul -> Add with an
+    Identity after every op (tests/data/export_paddle.py): after a Conv (folded into it), after a
+    MaxPool and read by Max(., 0) (left, named), before a 1x1 Conv (folded forward). The chains
+    broken by Identities were missed silently: 2 of the 3 BNs neither folded nor reported."""
+    report = normfold.fold_file(DATA / "paddle_bn_prim_op17.onnx", tmp_path / "out.onnx")
+    assert report.verification.status == "passed" and report.written
+    [left] = sites(report, status="left")
+    assert left.reason == "no-linear-producer" and left.detail.startswith(
+        "Sub(C[8, 1, 1]) -> Mul(C[8, 1, 1]) -> Mul(C[8, 1, 1]) -> Add(C[8, 1, 1]) at Sub.2"), left.detail
+    assert [n for n in left.nodes if n.startswith("Identity")] == ["Identity.15", "Identity.16", "Identity.18"]
+    [forward] = [s for s in sites(report, status="folded") if "folded forward" in s.detail]
+    assert "at Sub.4 folded forward into Conv Conv.1" in forward.detail
+    out = onnx.load(tmp_path / "out.onnx")
+    named = {n for s in report.sites for n in s.nodes}
+    affine = [n.name for n in out.graph.node if n.op_type in ("Sub", "Mul", "Add")]
+    assert affine == ["Sub.2", "Mul.4", "Mul.6", "Add.8"] and all(n in named for n in affine)
 
 
 def test_gelu_attention_scales_masks_and_lone_channel_ops_are_no_bn_like_sites():

@@ -40,8 +40,8 @@ from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._algebra import CanonicalView, Mean, Root
 from normfold.passes._linear import (LAYOUT_OPS, _per_channel, apply_fold, channel_count, check_layer,
-                                     find_linear_layer, overridable, plan_fold, redirect_shape_readers,
-                                     retarget_output, sole_value_reader, value_readers)
+                                     find_linear_layer, is_passthrough, overridable, plan_fold,
+                                     redirect_shape_readers, retarget_output, sole_value_reader, value_readers)
 from normfold.passes._next_layer import (NextLayer, apply_into_next, check_next_layer, find_next_layer, layer_axis,
                                          plan_into_next)
 
@@ -141,6 +141,7 @@ class Chain:
     steps: list[Step]
     axis: int  # the constants' channel axis, counted from the end (negative)
     channels: int
+    nodes: list[onnx.NodeProto]  # the steps' nodes and the Identity / Dropout nodes between them, in order
 
     @property
     def data(self) -> str:
@@ -149,10 +150,6 @@ class Chain:
     @property
     def output(self) -> str:
         return self.steps[-1].node.output[0]
-
-    @property
-    def nodes(self) -> list[onnx.NodeProto]:
-        return [s.node for s in self.steps]
 
     def describe(self) -> str:
         return " -> ".join(s.describe() for s in self.steps)
@@ -193,24 +190,44 @@ def find_chain(view: GraphView, node: onnx.NodeProto) -> Chain | None:
     found = _channel_axis(first.shape) if first is not None else None
     if found is None:
         return None
-    steps = [first]
+    steps, nodes = [first], [node]
     while len(steps) < MAX_STEPS:
-        step = _step(view, sole_value_reader(view, steps[-1].node.output[0]))
-        if step is None or step.data != steps[-1].node.output[0] or _channel_axis(step.shape) != found:
+        through, step = _next_step(view, steps[-1].node.output[0])
+        if step is None or _channel_axis(step.shape) != found:
             break
         steps.append(step)
+        nodes += [*through, step.node]
     ops = {s.node.op_type for s in steps}
     if not (ops & {"Mul", "Div"} and ops & {"Add", "Sub"}):
         return None
-    return Chain(steps, *found)
+    return Chain(steps, *found, nodes)
+
+
+def _next_step(view: GraphView, tensor: str) -> tuple[list[onnx.NodeProto], Step | None]:
+    """The step that alone reads `tensor`, also through Identity / inference Dropout nodes that
+    alone read it (paddle2onnx writes an Identity after every op), and those nodes."""
+    through, reader = [], sole_value_reader(view, tensor)
+    while is_passthrough(view, reader) and len(through) < MAX_STEPS:
+        through.append(reader)
+        tensor = reader.output[0]
+        reader = sole_value_reader(view, tensor)
+    step = _step(view, reader)
+    return (through, step) if step is not None and step.data == tensor else ([], None)
 
 
 def _continues_a_chain(view: GraphView, chain: Chain) -> bool:
     """Whether the chain's first op is in the middle of one that starts earlier (the earlier op was
-    reported, or is the start of this site)."""
-    before = _step(view, view.producer.get(chain.data))
-    return (before is not None and _channel_axis(before.shape) == (chain.axis, chain.channels)
-            and sole_value_reader(view, chain.data) is chain.steps[0].node)
+    reported, or is the start of this site), also across Identity / Dropout nodes."""
+    node = view.producer.get(chain.data)
+    for _ in range(MAX_STEPS):
+        if not is_passthrough(view, node):
+            break
+        node = view.producer.get(node.input[0])
+    before = _step(view, node)
+    if before is None or _channel_axis(before.shape) != (chain.axis, chain.channels):
+        return False
+    step = _next_step(view, before.node.output[0])[1]
+    return step is not None and step.node is chain.steps[0].node
 
 
 def _norms_own_affine(view: GraphView, tensor: str) -> bool:
