@@ -1,6 +1,6 @@
 """Memory and time of `normfold fold` with verification against its floor, on one large model.
 
-    python bench/verify_memory.py MODEL.onnx [--target-opset 23] [--work DIR] [--repeat 1] [--no-floor] [--no-warmup] [--fold-args '...']
+    python bench/verify_memory.py MODEL.onnx [--target-opset 23] [--work DIR] [--repeat 1] [--no-floor] [--no-warmup] [--warm-gib G] [--fold-args '...']
 
 Runs an untimed floor of the original first (so that every timed run reads the model from the
 page cache; --no-warmup skips it), then, each in a fresh process and one after the other:
@@ -11,7 +11,8 @@ page cache; --no-warmup skips it), then, each in a fresh process and one after t
 and prints the peak memory of each process tree (sum of PSS over the process and its children,
 sampled every 20 ms: the fold's verification runs in child processes; PSS counts pages a fork
 shares once) and the wall time, each command run twice: once timed with nothing sampling it,
-once sampled for memory; then the ratios the issue asks for:
+right after touching --warm-gib of memory (see _warm: this VM charges the first touch of idle
+memory to whoever touches it), once sampled for memory; then the ratios the issue asks for:
   memory: fold / max(floor original, floor result)         (target <= 1.15)
   time:   fold / (floor original + floor result)            (target <= 1.25)
 With --repeat N, also the median ratios over the runs (this VM's wall times vary by 2x with the
@@ -76,6 +77,14 @@ def _pss(pid: int) -> int:
     return 0
 
 
+def _mem_available_gib() -> float:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    return 0.0
+
+
 def measure(command: list[str], sample: bool = True) -> tuple[float, int, int]:
     """(wall seconds, peak tree PSS bytes, exit code) of a command. With `sample` False the peak
     is 0 and the wall time is clean: sampling /proc every 20 ms takes a core of this 2-core VM
@@ -95,13 +104,35 @@ def measure(command: list[str], sample: bool = True) -> tuple[float, int, int]:
     return wall, peak, process.returncode
 
 
-def _timed_and_sampled(command: list[str], before=lambda: None) -> tuple[float, int, int]:
+WARM = r"""
+import sys
+import numpy as np
+np.ones(int(float(sys.argv[1]) * 2**28), np.float32)  # GiB: 2**28 float32 each
+"""
+WARM_GIB = 0.0  # set from --warm-gib
+
+
+def _warm() -> None:
+    """Touch WARM_GIB of memory in a throw-away process. This VM (firecracker) pages out memory
+    idle for a minute (DAMON) and hands free pages back to its host; the first touch of such a page
+    costs about 1-3 s per GiB. A fold needs more fresh memory than a floor run (it also writes the
+    result into the page cache), so without this the comparison measures the host, not the tool:
+    the same fold took 1.0x-1.2x of its floor right after a warm-up and 1.7x-2.6x without."""
+    if WARM_GIB > 0:
+        subprocess.run([sys.executable, "-c", WARM, str(WARM_GIB)], check=True)
+
+
+def _timed_and_sampled(command: list[str], before=lambda: None, after=lambda: None) -> tuple[float, int, int]:
     """The command run twice: once timed alone, once with its memory sampled; (wall seconds of
     the first, peak PSS of the second, exit code). `before` runs before each (the fold removes
-    the previous output, so that both runs write a new file)."""
+    the previous output, so that both runs write a new file), `after` after the timed one (the
+    fold keeps the timed run's report); memory is warmed before each."""
     before()
+    _warm()
     wall, _, code = measure(command, sample=False)
+    after()
     before()
+    _warm()
     _, peak, code2 = measure(command)
     return wall, peak, code or code2
 
@@ -115,8 +146,12 @@ def main() -> None:
     parser.add_argument("--no-floor", action="store_true",
                         help="only the fold (a model one onnxruntime session of which would not fit in memory)")
     parser.add_argument("--no-warmup", action="store_true", help="skip the untimed first run of the original")
+    parser.add_argument("--warm-gib", type=float, default=None,
+                        help="GiB of memory touched before each timed command [half of MemAvailable, at most 12; 0: none]")
     parser.add_argument("--fold-args", default="", help="more arguments for normfold fold, e.g. '--verify outputs'")
     args = parser.parse_args()
+    global WARM_GIB
+    WARM_GIB = min(12.0, _mem_available_gib() / 2) if args.warm_gib is None else args.warm_gib
     model = Path(args.model).resolve()
     work = Path(args.work or model.parent / "bench-verify")
     work.mkdir(parents=True, exist_ok=True)
@@ -129,7 +164,7 @@ def main() -> None:
     gib = 2**30
     print(f"{model}: {sum(f.stat().st_size for f in model.parent.glob(model.name + '*')) / gib:.2f} GiB; "
           f"{platform.node()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / gib:.1f} GiB, "
-          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {WARM_GIB:.1f} GiB touched before each timed command")
     rows, ratios = [], []
     if not args.no_floor and not args.no_warmup:
         # Untimed: the first read of a multi-GB file comes from disk, every later one from the
@@ -140,9 +175,12 @@ def main() -> None:
             f.unlink()
         skip = (float("nan"), 0, 0)
         floor_orig = skip if args.no_floor else _timed_and_sampled([sys.executable, "-c", FLOOR, str(model)])
-        fold = _timed_and_sampled(fold_cmd, lambda: [f.unlink() for f in work.glob("folded.onnx*")])
+        report_json = work / "report.json"
+        fold = _timed_and_sampled(fold_cmd, lambda: [f.unlink() for f in work.glob("folded.onnx*")],
+                                  lambda: report_json.exists() and report_json.replace(work / "timed-report.json"))
         floor_res = skip if args.no_floor or not out.exists() else _timed_and_sampled([sys.executable, "-c", FLOOR, str(out)])
-        report = json.loads((work / "report.json").read_text())["models"][0] if (work / "report.json").exists() else {}
+        timed = work / "timed-report.json"  # the fold's own timings, from its timed run
+        report = json.loads(timed.read_text())["models"][0] if timed.exists() else {}
         rows.append((floor_orig, fold, floor_res, report))
         print(f"run {r + 1} (load average {os.getloadavg()[0]:.1f}): floor original {floor_orig[0]:.1f} s / {floor_orig[1] / gib:.2f} GiB; "
               f"fold {fold[0]:.1f} s / {fold[1] / gib:.2f} GiB (exit {fold[2]}); "
