@@ -45,7 +45,7 @@ PIPELINE_TESTS = ["tests/test_cli.py", "tests/test_pipeline.py", "tests/test_rob
 MODULES: dict[str, list[str]] = {
     "report": ["tests/test_contracts.py", "tests/test_cli.py", "tests/test_pipeline.py"],
     "exit_codes": ["tests/test_cli.py", "tests/test_pipeline.py", "tests/test_contracts.py"],
-    "passes/_algebra": NORM_TESTS,
+    "passes/_algebra": ["tests/test_algebra.py"] + NORM_TESTS,
     "passes/norms": NORM_TESTS,
     "passes/layernorm": ["tests/test_layernorm.py"],
     "passes/rmsnorm": ["tests/test_rmsnorm.py"],

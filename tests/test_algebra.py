@@ -1,0 +1,452 @@
+"""The canonical view (normfold/passes/_algebra.py) on hand-built graphs: each op reader is checked by
+evaluating the expression it reads with numpy and comparing it with what onnxruntime computes for
+the same tensor, and each guard by a near-miss that must stay a Leaf (not looked into). Recognisers
+trust these readings, so a reader that returns the wrong algebra fuses the wrong thing."""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper
+
+from builders import build, run
+from normfold.graph import GraphView
+from normfold.passes import _algebra as A
+from normfold.passes._algebra import (Count, CanonicalView, Expr, Leaf, Mean, Root, make_mean, mean, power,
+                                      transpose)
+from normfold.shapes import infer_shapes
+
+RNG = np.random.default_rng(3)
+
+
+def view(text: str, opset: int = 18, check: bool = True, drop: tuple[str, ...] = (),
+         **consts) -> tuple[CanonicalView, onnx.ModelProto]:
+    """The canonical view of a graph given as ONNX text, with shapes inferred as fold() infers them
+    (less those of the tensors in `drop`, as when inference could not tell them)."""
+    if check:
+        model = build(text, opset=opset, **consts)
+    else:  # a graph onnx's checker rejects (a wrong input count): the view must still not misread it
+        model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : {opset}]>\n{text}')
+        for name, value in consts.items():
+            model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    shapes = {k: v for k, v in infer_shapes(model).items() if k not in drop}
+    return CanonicalView(GraphView(model.graph, shapes=shapes, opset=opset)), model
+
+
+def evaluate(e: Expr, env: dict[str, np.ndarray]) -> np.ndarray:
+    """The value of an expression, its leaves taken from `env` (a Count from env["#count"])."""
+    total = np.zeros((), np.float64)
+    for sig, c in e.terms.items():
+        term = np.asarray(c, np.float64)
+        for a, p in sig:
+            term = term * np.power(_atom_value(a, env), float(p))
+        total = total + term
+    return total
+
+
+def _atom_value(a, env) -> np.ndarray:
+    if isinstance(a, Leaf):
+        x = np.asarray(env[a.name], np.float64)
+        if not a.perm:
+            return x
+        return np.transpose(x.reshape((1,) * (len(a.perm) - x.ndim) + x.shape), a.perm)
+    if isinstance(a, Mean):
+        return np.mean(evaluate(a.arg, env), axis=a.axes, keepdims=True)
+    if isinstance(a, Root):
+        return np.power(evaluate(a.base, env), float(a.power))
+    assert isinstance(a, Count)
+    return np.asarray(env["#count"], np.float64)
+
+
+def feeds_for(model: onnx.ModelProto, positive: bool = False) -> dict[str, np.ndarray]:
+    init = {t.name for t in model.graph.initializer}
+    feeds = {}
+    for vi in model.graph.input:
+        if vi.name not in init:
+            shape = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+            value = RNG.standard_normal(shape)
+            feeds[vi.name] = (np.abs(value) + 0.5 if positive else value).astype(np.float32)
+    return feeds
+
+
+def assert_reads_as_computed(text: str, out: str = "y", positive: bool = False, opset: int = 18, **consts) -> Expr:
+    """The view looks into `out` (it is not a Leaf of itself) and the expression it reads has the
+    value onnxruntime computes."""
+    cv, model = view(text, opset=opset, **consts)
+    e = cv.expr(out)
+    assert e.leaves and out not in e.leaves, f"{out} was not looked into: {e!r}"
+    feeds = feeds_for(model, positive)
+    [expected] = run(model, feeds)
+    np.testing.assert_allclose(evaluate(e, feeds), expected, rtol=1e-5, atol=1e-6)
+    return e
+
+
+def is_leaf(e: Expr, name: str) -> bool:
+    return e == Expr.atom(Leaf(name)) or e.key == Expr.atom(Leaf(name)).key
+
+
+def readers() -> dict:
+    """The op readers, the factory-made ones made now: _OPS holds readers made when the module was
+    imported, so a test that reads only through it never runs _binary, _unary or _reduce_sum."""
+    return {**A._OPS, "Add": A._binary(A.add), "Sub": A._binary(A._sub), "Mul": A._binary(A.mul),
+            "Div": A._binary(A._div), "Neg": A._unary(lambda a: A.scale(a, -1.0)),
+            "Reciprocal": A._unary(lambda a: A.power(a, Fraction(-1))),
+            "Sqrt": A._unary(lambda a: A.power(a, Fraction(1, 2))),
+            "ReduceSum": A._reduce_sum(False), "ReduceSumSquare": A._reduce_sum(True)}
+
+
+def read(cv: CanonicalView, out: str) -> Expr | None:
+    """What the reader of `out`'s producer returns (None: it does not read the node)."""
+    node = cv.view.producer[out]
+    return readers()[node.op_type](cv, node)
+
+
+def assert_reads_as_computed(text: str, out: str = "y", positive: bool = False, env: dict | None = None,
+                             **consts) -> Expr:
+    """The reader of `out`'s node reads it (it returns an expression), through the view too (the
+    view does not make `out` a Leaf of itself), and both expressions have the value onnxruntime
+    computes for `out`."""
+    cv, model = view(text, **consts)
+    feeds = feeds_for(model, positive)
+    [expected] = run(model, feeds)
+    direct = read(cv, out)
+    assert direct is not None, f"{out}: the reader returned None"
+    through_view = cv.expr(out)
+    assert out not in through_view.leaves, f"{out} was not looked into: {through_view!r}"
+    for e in (direct, through_view):
+        np.testing.assert_allclose(np.broadcast_to(evaluate(e, {**feeds, **(env or {})}), expected.shape),
+                                   expected, rtol=1e-5, atol=1e-6)
+    return direct
+
+
+def assert_not_read(text: str, out: str = "y", check: bool = True, drop: tuple[str, ...] = (), **consts) -> None:
+    """The reader of `out`'s node refuses it, so the view reads `out` as a Leaf."""
+    cv, _ = view(text, check=check, drop=drop, **consts)
+    assert read(cv, out) is None
+    assert cv.expr(out).key == Expr.atom(Leaf(out)).key
+
+
+# ---- the elementwise readers ------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+def test_binary_ops_read_their_operands_in_order(op):
+    # a - b and a / b differ from b - a and b / a: the operands' order is asserted by the values
+    assert_reads_as_computed(f"g (float[3,4] a, float[3,4] b) => (float[3,4] y) {{ y = {op} (a, b) }}",
+                             positive=True)
+
+
+@pytest.mark.parametrize("op", ["Add", "Sub", "Mul", "Div"])
+def test_a_binary_op_with_a_third_input_is_not_read_as_that_op(op):
+    # not valid ONNX, but a custom exporter's node must be left alone rather than read as a op b
+    assert_not_read(f"g (float[3,4] a, float[3,4] b, float[3,4] c) => (float[3,4] y) {{ y = {op} (a, b, c) }}",
+                    check=False)
+
+
+@pytest.mark.parametrize("op", ["Neg", "Reciprocal", "Sqrt", "Identity"])
+def test_unary_ops_read_their_input(op):
+    assert_reads_as_computed(f"g (float[3,4] a) => (float[3,4] y) {{ y = {op} (a) }}", positive=True)
+
+
+@pytest.mark.parametrize("to, source", [(1, "float"), (11, "float"), (10, "float"), (1, "double")])
+def test_a_float_cast_of_a_float_keeps_its_value(to, source):
+    cv, _ = view(f"g ({source}[3] a) => (float[3] y) {{ c = Cast <to={to}> (a)\n y = Identity (c) }}", check=False)
+    assert read(cv, "c").key == Expr.atom(Leaf("a")).key
+
+
+@pytest.mark.parametrize("to, source", [(1, "int64"), (1, "int32"), (7, "float"), (9, "float")])
+def test_a_cast_to_or_from_a_non_float_is_not_looked_through(to, source):
+    """Cast(int -> float) is a Leaf: the integer input's value is not the float tensor's algebra
+    (and a Cast to int or bool rounds)."""
+    assert_not_read(f"g ({source}[3] a) => (float[3] y) {{ y = Cast <to={to}> (a) }}", check=False)
+
+
+@pytest.mark.parametrize("text", [
+    "y = Pow (a, two)", "y = Pow (a, half)", "y = Pow (a, mhalf)", "y = Pow (a, three)"])
+def test_pow_by_a_constant_reads_as_that_power(text):
+    assert_reads_as_computed(f"g (float[3,4] a) => (float[3,4] y) {{ {text} }}", positive=True,
+                             two=np.float32(2), half=np.float32(0.5), mhalf=np.float32(-0.5), three=np.float32(3))
+
+
+@pytest.mark.parametrize("text, consts", [
+    ("y = Pow (a, b)", {}), ("y = Pow (a, ab)", {"ab": np.float32([2, 2, 2, 2])}),
+    ("y = Pow (a, odd)", {"odd": np.float32(0.3)})])
+def test_pow_by_a_tensor_or_an_odd_exponent_is_a_leaf(text, consts):
+    assert_not_read(f"g (float[3,4] a, float[3,4] b) => (float[3,4] y) {{ {text} }}", **consts)
+
+
+# ---- reductions -------------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceSumSquare", "ReduceMean"])
+@pytest.mark.parametrize("axes", [[0], [1], [-2], [0, 2], [-3, -2, -1]])
+def test_reductions_read_as_a_mean_times_the_count(op, axes):
+    """ReduceSum(x) = Mean(x) * count over the axes, ReduceSumSquare the same of x^2; axes given
+    non-negative, negative, and every one (the first axis is -rank)."""
+    e = assert_reads_as_computed(
+        f"g (float[2,3,4] a) => (float[?,?,?] y) {{ y = {op} <keepdims=1> (a, ax) }}",
+        opset=18, ax=np.array(axes, np.int64))
+    assert e.leaves == {"a"}
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceSumSquare", "ReduceMean"])
+def test_reductions_with_keepdims_0_or_unknown_axes_are_leaves(op):
+    assert_not_read(f"g (float[2,3,4] a) => (float[3,4] y) {{ y = {op} <keepdims=0> (a, ax) }}",
+                    ax=np.array([0], np.int64))
+    assert_not_read(f"g (float[2,3,4] a, int64[1] ax) => (float[?,?,?] y) {{ y = {op} (a, ax) }}")
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceSumSquare"])
+def test_a_sum_over_a_dynamic_size_is_a_mean_times_a_run_time_count(op):
+    """Over a dynamic axis the count is not a number: the mean times Count(that size)."""
+    cv, model = view(f"g (float[N,4] a) => (float[1,4] y) {{ y = {op} <keepdims=1> (a, ax) }}",
+                     ax=np.array([0], np.int64))
+    e = read(cv, "y")
+    [(sig, c)] = e.terms.items()
+    counts = [x for x, _ in sig if isinstance(x, Count)]
+    assert len(counts) == 1 and np.all(c == 1)
+    feeds = {"a": RNG.standard_normal((5, 4)).astype(np.float32)}
+    np.testing.assert_allclose(evaluate(e, {**feeds, "#count": 5}), run(model, feeds)[0], rtol=1e-5)
+
+
+def test_a_sum_over_a_dynamic_size_of_unknown_axes_is_a_leaf():
+    assert_not_read("g (float[N,4] a, int64[1] ax) => (float[?,?] y) { y = ReduceSum (a, ax) }")
+
+
+def test_global_average_pool_is_the_mean_over_the_spatial_axes():
+    e = assert_reads_as_computed("g (float[2,3,4,5] a) => (float[2,3,1,1] y) { y = GlobalAveragePool (a) }")
+    [(sig, _)] = e.terms.items()
+    assert sig[0][0].axes == (-2, -1)
+
+
+def test_global_average_pool_of_unknown_rank_is_a_leaf():
+    assert_not_read("g (float[2,3,4,5] a) => (float[2,3,1,1] y) { y = GlobalAveragePool (a) }", drop=("a",))
+
+
+# ---- shape ops --------------------------------------------------------------------------------
+@pytest.mark.parametrize("target", [[0, -1, 4], [2, 3, 4], [2, -1, 0], [-1, 3, 4], [0, 0, 0]])
+def test_a_reshape_to_its_own_shape_is_the_value_itself(target):
+    """Read from the target alone (the output's shape dropped, as when inference lost it): a 0
+    copies the dimension, one -1 takes what is left, every other entry must equal the dimension."""
+    cv, _ = view("g (float[2,3,4] a) => (float[2,3,4] y) { y = Reshape (a, t) }", drop=("y",),
+                 t=np.array(target, np.int64))
+    assert read(cv, "y").key == Expr.atom(Leaf("a")).key
+
+
+@pytest.mark.parametrize("target", [[3, 2, 4], [2, 4, 3], [4, -1, 2], [-1, 2, 4], [6, 4], [24]])
+def test_a_reshape_to_another_shape_is_a_leaf(target):
+    assert_not_read("g (float[2,3,4] a) => (float[?] y) { y = Reshape (a, t) }", check=False, drop=("y",),
+                    t=np.array(target, np.int64))
+
+
+def test_a_reshape_with_two_wildcards_is_a_leaf():
+    # invalid (two -1), so only the reader's own count of -1 keeps it from reading as the value
+    assert_not_read("g (float[2,3,4] a) => (float[2,3,4] y) { y = Reshape (a, t) }", check=False, drop=("y",),
+                    t=np.array([2, -1, -1], np.int64))
+
+
+def test_a_reshape_target_of_another_rank_or_not_a_vector_is_not_matched_entry_by_entry():
+    assert_not_read("g (float[2,3,4] a) => (float[?] y) { y = Reshape (a, t) }", check=False, drop=("y",),
+                    t=np.array([[2, 3, 4]], np.int64))
+
+
+def test_allowzero_makes_a_0_in_the_target_a_zero_size():
+    """With allowzero=1 a 0 is a size of zero, not "copy": [3, 0] reshaped to [0, 0] (both empty)
+    is not the same tensor, while without allowzero [0, 0] copies both sizes."""
+    text = "g (float[3,0] a) => (float[?,?] y) {{ y = Reshape {attrs} (a, t) }}"
+    t = np.array([0, 0], np.int64)
+    assert_not_read(text.format(attrs="<allowzero=1>"), opset=14, drop=("y",), t=t)
+    cv, _ = view(text.format(attrs="<allowzero=0>"), opset=14, drop=("y",), t=t)
+    assert read(cv, "y").key == Expr.atom(Leaf("a")).key
+
+
+def test_a_reshape_whose_target_is_computed_is_read_from_the_inferred_shapes():
+    """The target a graph input (not constant): the value itself when inference says the output
+    has the input's static shape, a Leaf when the shape is dynamic or differs."""
+    text = "g (float[{dims}] a, int64[3] t) => (float[{out}] y) {{ y = Reshape (a, t) }}"
+    cv, _ = view(text.format(dims="2,3,4", out="2,3,4"))
+    cv.view.shapes["y"] = (1, [2, 3, 4])  # what inference would know from a computed target
+    assert read(cv, "y").key == Expr.atom(Leaf("a")).key
+    cv.view.shapes["y"] = (1, [4, 3, 2])
+    assert read(cv, "y") is None
+    cv, _ = view(text.format(dims="N,3,4", out="N,3,4"))
+    cv.view.shapes["y"] = cv.view.shapes["a"] = (1, [None, 3, 4])  # the same unknown size, or not
+    assert read(cv, "y") is None
+
+
+def test_a_reshape_of_a_tensor_filled_with_one_value_is_that_value():
+    """ones_like reshaped: ConstantOfShape(Shape(x)) is no constant to the graph (x's shape is
+    read at run time) but is one value everywhere, so any Reshape of it is that value."""
+    e = assert_reads_as_computed("""g (float[2,3] a) => (float[3,2] y) {
+        s = Shape (a)
+        c = ConstantOfShape <value = float[1] {2.5}> (s)
+        y = Reshape (c, t) }""", t=np.array([3, 2], np.int64))
+    assert e.constant() is not None and e.constant().shape == ()
+
+
+def test_a_reshape_of_a_constant_tensor_of_several_values_is_not_a_scalar():
+    cv, _ = view("g (float[2,3] a) => (float[3,2] y) { y = Reshape (k, t) }", drop=("y",),
+                 k=np.arange(6, dtype=np.float32).reshape(2, 3), t=np.array([3, 2], np.int64))
+    # the view reads the Reshape of a constant as the constant it evaluates to; its reader does not
+    assert read(cv, "y") is None
+    np.testing.assert_array_equal(cv.expr("y").constant(), np.arange(6).reshape(3, 2))
+
+
+@pytest.mark.parametrize("value, fill", [("float[1] {2.5}", 2.5), ("float {-3.0}", -3.0), (None, 0.0)])
+def test_constant_of_shape_reads_as_its_fill_value(value, fill):
+    attrs = f" <value = {value}>" if value else ""
+    cv, _ = view(f"""g (float[2,3] a) => (float[2,3] y) {{
+        s = Shape (a)
+        y = ConstantOfShape{attrs} (s) }}""", check=False)
+    np.testing.assert_array_equal(read(cv, "y").constant(), fill)
+
+
+@pytest.mark.parametrize("perm", [[1, 0, 2], [2, 0, 1], [0, 2, 1], None])
+def test_transpose_permutes_leaves_means_and_coefficients(perm):
+    attrs = f" <perm={perm}>" if perm else ""
+    assert_reads_as_computed(f"""g (float[2,3,4] a) => (float[?,?,?] y) {{
+        m = ReduceMean <axes=[-1]> (a)
+        d = Sub (a, m)
+        w = Mul (d, c)
+        s = Add (w, b)
+        r = Sqrt (s)
+        y = Transpose{attrs} (r) }}""", opset=17, positive=True,
+        c=RNG.standard_normal((3, 4)).astype(np.float32), b=np.float32(20))
+
+
+def test_transpose_of_a_coefficient_of_the_full_rank():
+    assert_reads_as_computed("""g (float[2,3,4] a) => (float[4,3,2] y) {
+        w = Mul (a, c)
+        y = Transpose <perm=[2,1,0]> (w) }""", c=RNG.standard_normal((2, 3, 4)).astype(np.float32))
+
+
+def test_a_transpose_and_its_inverse_give_the_leaf_back():
+    cv, _ = view("""g (float[2,3,4] a) => (float[2,3,4] y) {
+        t = Transpose <perm=[2,0,1]> (a)
+        y = Transpose <perm=[1,2,0]> (t) }""")
+    assert cv.expr("t").key != Expr.atom(Leaf("a")).key
+    assert cv.expr("y").key == Expr.atom(Leaf("a")).key
+
+
+def test_a_transpose_of_unknown_rank_without_perm_is_a_leaf():
+    assert_not_read("g (float[2,3,4] a) => (float[4,3,2] y) { y = Transpose (a) }", drop=("a",))
+
+
+def test_a_transpose_of_a_lower_rank_mean_is_a_leaf():
+    """A Mean of a rank-2 tensor read transposed, broadcast into rank 3 and transposed again: its
+    perm cannot be carried to rank 3, so the outer Transpose is not looked into."""
+    cv, _ = view("""g (float[4,4] b, float[2,4,4] a) => (float[4,4,2] y) {
+        tb = Transpose <perm=[1,0]> (b)
+        m = ReduceMean <axes=[-1]> (tb)
+        z = Add (a, m)
+        y = Transpose <perm=[2,1,0]> (z) }""", opset=17)
+    assert cv.expr("y").key == Expr.atom(Leaf("y")).key
+
+
+def test_transpose_of_a_sum_with_a_broadcast_lower_rank_tensor():
+    assert_reads_as_computed("""g (float[2,3,4] a, float[3,4] b) => (float[4,2,3] y) {
+        z = Add (a, b)
+        y = Transpose <perm=[2,0,1]> (z) }""")
+
+
+# ---- guards -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("cond, picked", [("[1]", "a"), ("[0]", "b"), ("[1, 1, 1]", "a"), ("[0, 0, 0]", "b")])
+def test_where_with_a_constant_condition_is_the_branch_it_picks(cond, picked):
+    shape = "" if cond in ("[1]", "[0]") else "[3]"
+    value = cond.strip("[]") if not shape else cond.strip("[]")
+    cv, _ = view(f"""g (float[3] a, float[3] b) => (float[3] y) {{
+        k = Constant <value = bool{shape} {{{value}}}> ()
+        y = Where (k, a, b) }}""")
+    assert read(cv, "y").key == Expr.atom(Leaf(picked)).key
+
+
+def test_where_with_a_mixed_or_unknown_condition_is_a_leaf():
+    assert_not_read("""g (float[3] a, float[3] b) => (float[3] y) {
+        k = Constant <value = bool[3] {1, 0, 1}> ()
+        y = Where (k, a, b) }""")
+    assert_not_read("g (bool[3] k, float[3] a, float[3] b) => (float[3] y) { y = Where (k, a, b) }")
+
+
+def test_div_no_nan_by_a_nonzero_count_is_the_division():
+    """Where(Equal(n, 0), 0, a / n) is a / n when n is a constant that is never 0, or a count of
+    run-time sizes (ReduceSum of ones_like)."""
+    assert_reads_as_computed("""g (float[3] a) => (float[3] y) {
+        z = Equal (n, zero)
+        q = Div (a, n)
+        y = Where (z, zero, q) }""", n=np.float32([2, 3, 4]), zero=np.float32(0))
+    cv, _ = view("""g (float[N,3] a) => (float[N,3] y) {
+        s = Shape (a)
+        ones = ConstantOfShape <value = float[1] {1.0}> (s)
+        n = ReduceSum <keepdims=1> (ones, ax)
+        z = Equal (n, zero)
+        q = Div (a, n)
+        y = Where (z, zero, q) }""", ax=np.array([0], np.int64), zero=np.float32(0))
+    assert read(cv, "y").key == cv.expr("q").key
+
+
+@pytest.mark.parametrize("n, zero, then", [
+    ("[2, 0, 4]", "0", "0"),    # n can be 0: the guard changes what is computed
+    ("[2, 3, 4]", "1", "0"),    # compares n with 1, not 0
+    ("[2, 3, 4]", "0", "1"),    # yields 1, not 0, where n is 0
+    ("x", "0", "0"),            # n a graph input: it may be 0
+    ("[2, 3, 4]", "x", "0"),    # compared with a graph input
+    ("[2, 3, 4]", "0", "x"),    # the guarded value a graph input
+])
+def test_div_no_nan_that_is_not_a_plain_division_is_a_leaf(n, zero, then):
+    names = {"x": "x", "0": "c0", "1": "c1", "[2, 0, 4]": "n0", "[2, 3, 4]": "n"}
+
+    def value(v):
+        return names[v]
+    consts = {value(v): np.float32(eval(v)) for v in (n, zero, then) if v != "x"}
+    assert_not_read(f"""g (float[3] a, float[3] x) => (float[3] y) {{
+        z = Equal ({value(n)}, {value(zero)})
+        q = Div (a, {value(n)})
+        y = Where (z, {value(then)}, q) }}""", **consts)
+
+
+def test_max_of_a_variance_and_0_is_the_variance():
+    text = """g (float[2,8] a) => (float[2,1] y) {{
+        m = ReduceMean <axes=[-1]> (a)
+        sq = Mul (a, a)
+        ms = ReduceMean <axes=[-1]> (sq)
+        mm = Mul (m, m)
+        v = Sub (ms, mm)
+        y = Max ({args}) }}"""
+    cv, _ = view(text.format(args="v, zero"), opset=17, zero=np.float32(0))
+    assert read(cv, "y").key == cv.expr("v").key
+    for args in ("v, one", "m, zero", "zero, v", "v, a"):
+        assert_not_read(text.format(args=args), opset=17, check=args != "v, a", zero=np.float32(0),
+                        one=np.float32(1))
+    assert_not_read(text.format(args="v, zero, zero"), opset=17, check=False, zero=np.float32(0))
+
+
+# ---- counting ---------------------------------------------------------------------------------
+def test_count_of_a_reduction_over_static_axes():
+    cv, _ = view("g (float[2,3,4] a) => (float[2,3,4] y) { y = Identity (a) }")
+    assert cv.count("a", (-1,)) == 4
+    assert cv.count("a", (-3, -1)) == 8
+    assert cv.count("a", (-3, -2, -1)) == 24
+    assert cv.count("a", (-4,)) is None  # past the rank
+    assert cv.count("nowhere", (-1,)) is None
+
+
+def test_count_over_a_dynamic_size_is_not_a_number():
+    cv, _ = view("g (float[N,4] a) => (float[N,4] y) { y = Identity (a) }")
+    assert cv.count("a", (-1,)) == 4
+    assert cv.count("a", (-2,)) is None
+    assert cv.count("a", (-2, -1)) is None
+    count = cv.dynamic_count("a", (-2, -1))
+    assert isinstance(count, Count) and len(count.dims) == 2 and 4 in count.dims
+    assert cv.dynamic_count("a", (-3,)) is None
+
+
+# ---- how an expression prints (the recognisers' debugging aid) -----------------------------------
+def test_expressions_print_as_sums_of_products():
+    x, t = Leaf("x"), Leaf("x", (1, 0))
+    e = Expr({((x, Fraction(2)),): np.array(3.0), ((t, Fraction(1)), (Mean(Expr.atom(x), (-1,)), Fraction(-1, 2))):
+              np.ones((1, 4))})
+    assert repr(e) == "3*x^2 + C[4]*T[1, 0](x)*mean[-1](1*x)^-1/2"
+    assert repr(Expr({})) == "0"
+    assert repr(Expr.atom(Root(Expr({((x, Fraction(1)),): np.array(1.0), (): np.array(2.0)}), Fraction(1, 2)))) \
+        == "1*(1*x + 2)^1/2"
+    assert repr(Leaf("x", (0, 1))) == "T[0, 1](x)" and repr(Leaf("x")) == "x"
+    assert repr(Count(("a:0", 4))) == "N['a:0', 4]"
