@@ -332,14 +332,15 @@ def test_a_transpose_of_unknown_rank_without_perm_is_a_leaf():
 
 
 def test_a_transpose_of_a_lower_rank_mean_is_a_leaf():
-    """A Mean of a rank-2 tensor read transposed, broadcast into rank 3 and transposed again: its
+    """A Mean (or Root) of a rank-2 tensor read transposed, broadcast into rank 3 and transposed again: its
     perm cannot be carried to rank 3, so the outer Transpose is not looked into."""
-    cv, _ = view("""g (float[4,4] b, float[2,4,4] a) => (float[4,4,2] y) {
-        tb = Transpose <perm=[1,0]> (b)
-        m = ReduceMean <axes=[-1]> (tb)
-        z = Add (a, m)
-        y = Transpose <perm=[2,1,0]> (z) }""", opset=17)
-    assert cv.expr("y").key == Expr.atom(Leaf("y")).key
+    for inner in ("m = ReduceMean <axes=[-1]> (tb)", "tb1 = Add (tb, one)\n m = Sqrt (tb1)"):
+        cv, _ = view(f"""g (float[4,4] b, float[2,4,4] a) => (float[4,4,2] y) {{
+            tb = Transpose <perm=[1,0]> (b)
+            {inner}
+            z = Add (a, m)
+            y = Transpose <perm=[2,1,0]> (z) }}""", opset=17, one=np.float32(1))
+        assert cv.expr("y").key == Expr.atom(Leaf("y")).key, inner
 
 
 def test_transpose_of_a_sum_with_a_broadcast_lower_rank_tensor():
@@ -450,3 +451,77 @@ def test_expressions_print_as_sums_of_products():
         == "1*(1*x + 2)^1/2"
     assert repr(Leaf("x", (0, 1))) == "T[0, 1](x)" and repr(Leaf("x")) == "x"
     assert repr(Count(("a:0", 4))) == "N['a:0', 4]"
+
+
+# ---- reduction axes ---------------------------------------------------------------------------
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceSumSquare", "ReduceMean"])
+def test_a_reduction_without_axes_is_over_every_axis(op):
+    e = assert_reads_as_computed(f"g (float[2,3,4] a) => (float[1,1,1] y) {{ y = {op} (a) }}")
+    cv, _ = view(f"g (float[2,3,4] a) => (float[1,1,1] y) {{ y = {op} (a) }}")
+    assert cv.reduce_axes(cv.view.producer["y"]) == (-3, -2, -1)
+    assert e.leaves == {"a"}
+
+
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceSumSquare", "ReduceMean"])
+def test_a_reduction_without_axes_of_unknown_rank_or_with_noop_is_a_leaf(op):
+    """noop_with_empty_axes=1: no axes means no reduction at all (not read); unknown rank: which
+    axes "every axis" is cannot be said."""
+    assert_not_read(f"g (float[2,3,4] a) => (float[2,3,4] y) {{ y = {op} <noop_with_empty_axes=1> (a) }}")
+    assert_not_read(f"g (float[2,3,4] a) => (float[1,1,1] y) {{ y = {op} (a) }}", drop=("a",))
+
+
+def test_reduction_axes_from_the_attribute_or_the_input():
+    cv, _ = view("""g (float[2,3,4] a) => (float[1,3,1] y, float[2,1,1] z) {
+        y = ReduceMean <axes=[2, 0]> (a)
+        z = ReduceSum <keepdims=1> (a, ax) }""", opset=13, ax=np.array([-1, 1, 2], np.int64))
+    assert cv.reduce_axes(cv.view.producer["y"]) == (-3, -1)
+    assert cv.reduce_axes(cv.view.producer["z"]) == (-2, -1)  # repeated axes once, sorted
+
+
+def test_reduction_axes_past_the_rank_or_non_negative_of_unknown_rank_are_unknown():
+    cv, _ = view("g (float[2,3,4] a) => (float[?,?,?] y) { y = ReduceSum (a, ax) }", check=False,
+                 ax=np.array([-4], np.int64))
+    assert cv.reduce_axes(cv.view.producer["y"]) is None
+    cv, _ = view("g (float[2,3,4] a) => (float[?,?,?] y) { y = ReduceSum (a, ax) }", drop=("a",),
+                 ax=np.array([1], np.int64))
+    assert cv.reduce_axes(cv.view.producer["y"]) is None
+    cv, _ = view("g (float[2,3,4] a) => (float[?,?,?] y) { y = ReduceSum (a, ax) }", drop=("a",),
+                 ax=np.array([-1], np.int64))
+    assert cv.reduce_axes(cv.view.producer["y"]) == (-1,)  # negative: trailing at any rank
+
+
+def test_a_sum_over_an_axis_of_size_1_is_the_value_and_over_size_0_is_0():
+    assert_reads_as_computed("g (float[1,3,4] a) => (float[1,3,4] y) { y = ReduceSum <keepdims=1> (a, ax) }",
+                             ax=np.array([0], np.int64))
+    cv, _ = view("g (float[0,3] a) => (float[1,3] y) { y = ReduceSum <keepdims=1> (a, ax) }",
+                 ax=np.array([0], np.int64))
+    e = read(cv, "y")
+    assert e.terms == {} and e.constant() == 0
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan, 0.3, 1 / 3 + 1e-9])
+def test_an_exponent_is_a_small_exact_fraction_or_none(value):
+    assert A.exponent(value) is None
+    assert A.exponent(-0.5) == Fraction(-1, 2) and A.exponent(2.0) == 2 and A.exponent(0.125) == Fraction(1, 8)
+
+
+def test_pow_by_an_infinite_exponent_is_a_leaf():
+    assert_not_read("g (float[3,4] a) => (float[3,4] y) { y = Pow (a, k) }", k=np.float32(np.inf))
+
+
+def test_div_no_nan_by_a_sum_or_a_signed_count_is_not_read_as_a_positive_count():
+    text = """g (float[N,3] a, float[N,3] x) => (float[N,3] y) {{
+        s = Shape (a)
+        ones = ConstantOfShape <value = float[1] {{1.0}}> (s)
+        n0 = ReduceSum <keepdims=1> (ones, ax)
+        n = {n}
+        z = Equal (n, zero)
+        q = Div (a, n)
+        y = Where (z, zero, q) }}"""
+    for n in ("Add (n0, one)", "Mul (n0, x)", "Reciprocal (n0)", "Identity (x)"):
+        assert_not_read(text.format(n=n), ax=np.array([0], np.int64), zero=np.float32(0), one=np.float32(1))
+
+
+def test_counts_of_different_sizes_differ():
+    assert Count(("a:0",)) != Count(("b:0",)) and Count(("a:0",)) == Count(("a:0",))
+    assert Count(("a:0", 4)) != Count(("a:0",))
