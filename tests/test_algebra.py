@@ -525,3 +525,122 @@ def test_div_no_nan_by_a_sum_or_a_signed_count_is_not_read_as_a_positive_count()
 def test_counts_of_different_sizes_differ():
     assert Count(("a:0",)) != Count(("b:0",)) and Count(("a:0",)) == Count(("a:0",))
     assert Count(("a:0", 4)) != Count(("a:0",))
+
+
+# ---- the algebra itself -----------------------------------------------------------------------
+def test_zero_has_no_terms():
+    """0 is the empty sum, so x + 0 is x (one term: a LayerNorm's Add(zeros) is no beta)."""
+    assert Expr.const(0.0).terms == {} and Expr.const([0.0, 0.0]).terms == {}
+    cv, _ = view("g (float[3] a) => (float[3] y) { y = Add (a, z) }", z=np.zeros(3, np.float32))
+    assert cv.expr("y").key == Expr.atom(Leaf("a")).key
+
+
+def test_coefficients_are_close_to_a_relative_millionth():
+    assert A.close(0.0, 0.0) and A.close([1.0, 0.0], [1.0, 0.0])  # a zero gamma entry matches itself
+    assert A.close(1 + 1e-7, 1) and not A.close(1 + 1e-5, 1)
+    assert not A.close(1.001e-3, 1e-3) and A.close(1e-3 * (1 + 1e-7), 1e-3)
+
+
+def test_powers_of_constants_are_constants():
+    x = Expr.atom(Leaf("x"))
+    s = A.add(x, Expr.const(1.0))
+    assert power(s, Fraction(0)).constant() == 1  # (x + 1)^0, not a root of it
+    assert power(Expr({}), Fraction(1, 2)).constant() == 0
+    assert power(Expr.const(4.0), Fraction(-1, 2)).constant() == 0.5
+
+
+def test_powers_of_constants_warn_about_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert np.isinf(power(Expr({}), Fraction(-1)).constant())
+        assert np.isnan(power(Expr.const(-1.0), Fraction(1, 2)).constant())
+
+
+def _atoms(e: Expr) -> list:
+    [(sig, _)] = e.terms.items()
+    return [(type(a).__name__, p) for a, p in sig]
+
+
+def test_a_term_to_an_integer_power_distributes_and_a_leaf_to_a_fraction_stays_in_a_root():
+    """(c x)^-1 = c^-1 x^-1, but (c x)^1/2 is kept whole: x may be negative, so x^1/2 is not
+    sqrt(c)-free algebra; a mean or a root with c > 0 does distribute."""
+    cv, _ = view("""g (float[2,4] a) => (float[2,4] y) {
+        r1 = Reciprocal (a)
+        a2 = Mul (a, two)
+        r2 = Reciprocal (a2)
+        s2 = Sqrt (a2)
+        az = Mul (a, onezero)
+        rz = Reciprocal (az)
+        sq = Mul (a, a)
+        m = ReduceMean <axes=[-1]> (sq)
+        sm = Sqrt (m)
+        m2 = Mul (m, two)
+        sm2 = Pow (m2, mhalf)
+        nm = Neg (m)
+        snm = Sqrt (nm)
+        mz = Mul (m, onezero)
+        smz = Pow (mz, mhalf)
+        y = Identity (a) }""", opset=17, two=np.float32(2), mhalf=np.float32(-0.5),
+        onezero=np.float32([1, 0, 1, 1]))
+    assert _atoms(cv.expr("r1")) == [("Leaf", -1)]
+    assert cv.expr("r2").key == Expr({((Leaf("a"), Fraction(-1)),): np.array(0.5)}).key
+    assert _atoms(cv.expr("s2")) == [("Root", 1)]
+    assert _atoms(cv.expr("rz")) == [("Root", 1)]  # a coefficient with a zero is not inverted
+    assert _atoms(cv.expr("sm")) == [("Mean", Fraction(1, 2))]
+    [(_, c)] = cv.expr("sm2").terms.items()
+    assert _atoms(cv.expr("sm2")) == [("Mean", Fraction(-1, 2))] and np.isclose(c, 2 ** -0.5)
+    assert _atoms(cv.expr("snm")) == [("Root", 1)]  # sqrt(-m): no real coefficient
+    assert _atoms(cv.expr("smz")) == [("Root", 1)]
+
+
+def test_the_frame_of_the_stats_tensor_read_through_a_transpose():
+    """A Keras LayerNorm over (H, W, C) scales Transpose(X) by moments of X: the axes of the
+    transposed tensor are those whose mean is the moments' mean, and a tensor read without the
+    stats' Transpose has no such axes."""
+    nchw = A.Moments(Leaf("x"), (-3, -2, -1), True)
+    assert A._frame(Leaf("x", (0, 2, 3, 1)), nchw) == (-3, -2, -1)
+    assert A._frame(Leaf("z", (0, 2, 3, 1)), nchw) is None  # another tensor
+    assert A._frame(Leaf("x"), nchw) == (-3, -2, -1)
+    nhwc_c = A.Moments(Leaf("x", (0, 2, 3, 1)), (-1,), True)
+    assert A._frame(Leaf("x"), nhwc_c) is None
+    assert A._frame(Leaf("x", (0, 2, 3, 1)), nhwc_c) == (-1,)
+    w = A.Moments(Leaf("x"), (-1,), True)
+    assert A._frame(Leaf("x", (0, 2, 3, 1)), w) is None  # W of NCHW is no trailing block of NHWC
+    hw = A.Moments(Leaf("x"), (-2, -1), True)
+    assert A._frame(Leaf("x", (0, 1, 3, 2)), hw) == (-2, -1)
+
+
+@pytest.mark.parametrize("v, moments", [
+    ("Sub (ms, mm)", ("a", True)), ("Identity (ms)", ("a", False)),
+    ("Add (ms, mm)", None),      # + E[X]^2
+    ("Sub (ms, m)", None),       # - E[X], not its square
+    ("Sub (ms, m2m)", None),     # - 2 E[X]^2
+    ("Sub (ms, mmz)", None),     # the mean of another tensor
+    ("Sub (msz, mm)", None),     # the mean square of another tensor
+    ("Sub (ms, ms)", None),      # nothing
+    ("Sub (mm, ms)", None),      # the negated variance
+    ("Identity (mm)", None),     # E[X]^2 alone
+])
+def test_a_variance_is_exactly_the_central_or_raw_second_moment(v, moments):
+    cv, _ = view(f"""g (float[2,8] a, float[2,8] z) => (float[2,1] y) {{
+        m = ReduceMean <axes=[-1]> (a)
+        sq = Mul (a, a)
+        ms = ReduceMean <axes=[-1]> (sq)
+        mm = Mul (m, m)
+        m2m = Mul (mm, two)
+        mz = ReduceMean <axes=[-1]> (z)
+        mmz = Mul (mz, mz)
+        sqz = Mul (z, z)
+        msz = ReduceMean <axes=[-1]> (sqz)
+        y = {v} }}""", opset=17, two=np.float32(2))
+    found = A.variance_of(cv.expr("y"))
+    if moments is None:
+        assert found is None
+    else:
+        assert (found.x.name, found.axes, found.centered) == (moments[0], (-1,), moments[1])
+
+
+def test_max_of_nothing_and_0_is_not_read_as_a_variance():
+    assert_not_read("g (float[3] a) => (float[3] y) { d = Sub (a, a)\n y = Max (d, zero) }", zero=np.float32(0))
