@@ -273,6 +273,13 @@ def test_a_reshape_whose_target_is_computed_is_read_from_the_inferred_shapes():
     assert read(cv, "y") is None
 
 
+def test_a_reshape_with_its_shape_as_an_attribute_is_read_from_the_inferred_shapes():
+    """Reshape-1 (opset < 5) has one input and a `shape` attribute: no target input to read."""
+    cv, _ = view("g (float[2,3,4] a) => (float[2,3,4] y) { y = Reshape <shape=[2,3,4]> (a) }", check=False)
+    cv.view.shapes["y"] = (1, [2, 3, 4])
+    assert read(cv, "y").key == Expr.atom(Leaf("a")).key
+
+
 def test_a_reshape_of_a_tensor_filled_with_one_value_is_that_value():
     """ones_like reshaped: ConstantOfShape(Shape(x)) is no constant to the graph (x's shape is
     read at run time) but is one value everywhere, so any Reshape of it is that value."""
@@ -370,10 +377,11 @@ def test_where_with_a_mixed_or_unknown_condition_is_a_leaf():
 def test_div_no_nan_by_a_nonzero_count_is_the_division():
     """Where(Equal(n, 0), 0, a / n) is a / n when n is a constant that is never 0, or a count of
     run-time sizes (ReduceSum of ones_like)."""
-    assert_reads_as_computed("""g (float[3] a) => (float[3] y) {
-        z = Equal (n, zero)
-        q = Div (a, n)
-        y = Where (z, zero, q) }""", n=np.float32([2, 3, 4]), zero=np.float32(0))
+    for n in ([2, 3, 4], [-2, 3, 4]):  # a negative constant is never 0 either
+        assert_reads_as_computed("""g (float[3] a) => (float[3] y) {
+            z = Equal (n, zero)
+            q = Div (a, n)
+            y = Where (z, zero, q) }""", n=np.float32(n), zero=np.float32(0))
     cv, _ = view("""g (float[N,3] a) => (float[N,3] y) {
         s = Shape (a)
         ones = ConstantOfShape <value = float[1] {1.0}> (s)
@@ -518,8 +526,9 @@ def test_div_no_nan_by_a_sum_or_a_signed_count_is_not_read_as_a_positive_count()
         z = Equal (n, zero)
         q = Div (a, n)
         y = Where (z, zero, q) }}"""
-    for n in ("Add (n0, one)", "Mul (n0, x)", "Reciprocal (n0)", "Identity (x)"):
-        assert_not_read(text.format(n=n), ax=np.array([0], np.int64), zero=np.float32(0), one=np.float32(1))
+    for n in ("Add (n0, one)", "Mul (n0, x)", "Reciprocal (n0)", "Identity (x)", "Mul (n0, onezero)"):
+        assert_not_read(text.format(n=n), ax=np.array([0], np.int64), zero=np.float32(0), one=np.float32(1),
+                        onezero=np.float32([1, 0, 1]))
 
 
 def test_counts_of_different_sizes_differ():
