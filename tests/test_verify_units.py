@@ -1,0 +1,235 @@
+"""verify.py's pure parts in-process, without onnxruntime where possible: option parsing, input
+files, the comparison of two runs batch by batch and output by output, and the verdict. (The
+command-line tests run much of this in a child process, which mutation testing cannot see.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from builders import build
+from normfold.errors import NormfoldError
+from normfold.report import Verification
+from normfold.verify import (ModelRun, _add_outputs, _conclude, _merge, compare_arrays, compare_runs,
+                             load_input_file, lowest_float_types, parse_int_range, parse_shape, parse_tolerance)
+from normfold.shapes import infer_shapes
+
+
+# ---- options ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, parsed", [
+    ("input:1x3x224x224", ("input", [1, 3, 224, 224])),
+    ("x:7", ("x", [7])),
+    ("scope:x:2x3", ("scope:x", [2, 3])),   # the name may contain ':'
+    ("scalar:", ("scalar", [])),            # a scalar input
+])
+def test_parse_shape(text, parsed):
+    assert parse_shape(text) == parsed
+
+
+@pytest.mark.parametrize("text", ["input", ":1x3", "x:1x", "x:ax3", "x:1,3", "x:-1"])
+def test_parse_shape_rejects(text):
+    with pytest.raises(NormfoldError, match="expected NAME:DIMS"):
+        parse_shape(text)
+
+
+@pytest.mark.parametrize("text, parsed", [
+    ("input_ids:0:1000", ("input_ids", (0, 1000))), ("m:-3:-1", ("m", (-3, -1))),
+    ("a:b:0:2", ("a:b", (0, 2))), ("t:0:1", ("t", (0, 1)))])
+def test_parse_int_range(text, parsed):
+    assert parse_int_range(text) == parsed
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ids:5", "expected NAME:LOW:HIGH"), (":0:5", "expected NAME:LOW:HIGH"),
+    ("ids:a:5", "must be integers"), ("ids:0:b", "must be integers"),
+    ("ids:5:5", "HIGH must be greater"), ("ids:6:5", "HIGH must be greater")])
+def test_parse_int_range_rejects(text, message):
+    with pytest.raises(NormfoldError, match=message):
+        parse_int_range(text)
+
+
+def test_parse_tolerance():
+    assert parse_tolerance(["1e-4", "logits:1e-2", "a:b:3"], "--atol") == {None: 1e-4, "logits": 1e-2, "a:b": 3.0}
+    assert parse_tolerance([], "--rtol") == {}
+    assert parse_tolerance(["1", "2"], "--rtol") == {None: 2.0}  # the last one given wins
+    with pytest.raises(NormfoldError, match=r"--rtol 'logits:x': expected a number or OUTPUT:number"):
+        parse_tolerance(["logits:x"], "--rtol")
+
+
+# ---- input files ------------------------------------------------------------------------------
+def test_input_files_npz_and_npy(tmp_path):
+    a, b = np.arange(3, dtype=np.float32), np.ones((2, 2), np.int64)
+    np.savez(tmp_path / "in.npz", b=b, a=a, extra=a)
+    feeds = load_input_file(tmp_path / "in.npz", ["a", "b"])
+    assert list(feeds) == ["a", "b"]  # in the model's order, extra arrays left out
+    np.testing.assert_array_equal(feeds["a"], a)
+    np.testing.assert_array_equal(feeds["b"], b)
+    np.save(tmp_path / "one.npy", a)
+    np.testing.assert_array_equal(load_input_file(tmp_path / "one.npy", ["x"])["x"], a)
+
+
+def test_input_file_errors(tmp_path):
+    np.savez(tmp_path / "in.npz", a=np.zeros(1))
+    with pytest.raises(NormfoldError, match=r"no array for input\(s\) \['b', 'c'\]"):
+        load_input_file(tmp_path / "in.npz", ["a", "c", "b"])
+    np.save(tmp_path / "one.npy", np.zeros(1))
+    with pytest.raises(NormfoldError, match=r"a .npy file fits a model with one input; this one has 2 \(a, b\)"):
+        load_input_file(tmp_path / "one.npy", ["a", "b"])
+    (tmp_path / "bad.npz").write_text("not numpy")
+    with pytest.raises(NormfoldError, match="cannot read"):
+        load_input_file(tmp_path / "bad.npz", ["a"])
+    with pytest.raises(NormfoldError, match="cannot read"):
+        load_input_file(tmp_path / "missing.npz", ["a"])
+
+
+# ---- one tensor -------------------------------------------------------------------------------
+def test_a_comparison_records_its_errors_and_the_tolerance_it_needed():
+    ref = np.array([1.0, -2.0, 0.0], np.float32)
+    got = np.array([1.5, -2.0, 0.25], np.float32)
+    c = compare_arrays("y", ref, got, atol=0.1, rtol=0.1)
+    assert (c.name, c.dtype, c.shape, c.passed) == ("y", "float32", [3], False)
+    assert c.max_abs_error == 0.5
+    assert c.max_rel_error == pytest.approx(0.25 / np.finfo(np.float64).tiny)  # |0.25| against a 0
+    assert c.needed_atol == pytest.approx(0.5 - 0.1 * 1.0)  # what atol would have had to be
+    assert (c.atol, c.rtol, c.tolerance_dtype) == (0.1, 0.1, None)  # both given: no default used
+    d = compare_arrays("y", ref, ref.copy())
+    assert d.passed and (d.max_abs_error, d.max_rel_error, d.needed_atol) == (0.0, 0.0, 0.0)
+    assert (d.atol, d.rtol, d.tolerance_dtype) == (1e-4, 1e-4, "float32")
+
+
+def test_a_comparison_takes_the_defaults_of_the_paths_lowest_float_type():
+    ref = np.array([1.0], np.float32)
+    c = compare_arrays("y", ref, ref + np.float32(5e-3), tolerance_dtype="float16")
+    assert c.passed and (c.atol, c.rtol, c.tolerance_dtype) == (1e-2, 1e-2, "float16")
+    c = compare_arrays("y", ref, ref, atol=0.5, tolerance_dtype="float16")  # only atol given
+    assert (c.atol, c.rtol, c.tolerance_dtype) == (0.5, 1e-2, "float16")
+    c = compare_arrays("y", ref.astype(np.float64), ref.astype(np.float64))
+    assert (c.atol, c.rtol) == (1e-7, 1e-7)
+    c = compare_arrays("y", np.array([3], np.int64), np.array([3], np.int64), tolerance_dtype="float16")
+    assert c.passed and (c.atol, c.rtol, c.tolerance_dtype) == (0.0, 0.0, None)  # integers: equal
+
+
+def test_an_unknown_float_type_gets_float32s_tolerance():
+    ref = np.array([1.0], np.float32)
+    c = compare_arrays("y", ref, ref, tolerance_dtype="float8")
+    assert (c.atol, c.rtol) == (1e-4, 1e-4)
+
+
+@pytest.mark.parametrize("got", [np.zeros(6, np.float32), np.zeros((3, 2), np.float32), np.zeros((2, 3), np.float64)])
+def test_a_tensor_of_another_shape_or_type_fails_by_infinity(got):
+    c = compare_arrays("y", np.zeros((2, 3), np.float32), got)
+    assert not c.passed and c.max_abs_error == c.max_rel_error == c.needed_atol == float("inf")
+    assert c.shape == [2, 3] and c.dtype == "float32"
+
+
+def test_an_empty_tensor_passes_with_no_error():
+    c = compare_arrays("y", np.zeros((0, 3), np.float32), np.zeros((0, 3), np.float32))
+    assert c.passed and (c.max_abs_error, c.max_rel_error, c.needed_atol) == (0.0, 0.0, 0.0)
+
+
+def test_two_batches_merge_to_the_worst_of_each():
+    a = compare_arrays("y", np.array([1.0, 0.0], np.float32), np.array([1.5, 0.0], np.float32), 0.1, 0.1)
+    b = compare_arrays("y", np.array([1.0, 0.0], np.float32), np.array([1.0, 0.3], np.float32), 0.1, 0.1)
+    ok = compare_arrays("y", np.array([1.0], np.float32), np.array([1.0], np.float32), 0.1, 0.1)
+    for first, second in ((a, b), (b, a)):
+        m = _merge(first, second)
+        assert m.max_abs_error == max(a.max_abs_error, b.max_abs_error)
+        assert m.max_rel_error == max(a.max_rel_error, b.max_rel_error)
+        assert m.needed_atol == max(a.needed_atol, b.needed_atol)
+    assert not _merge(a, ok).passed and not _merge(ok, a).passed and _merge(ok, ok).passed
+    assert _merge(None, a) is a
+
+
+# ---- two runs ---------------------------------------------------------------------------------
+def _run(label, outputs, names=("y",), exposed=(), feeds=None, float_types=None, notes=()):
+    feeds = feeds or [{"x": np.zeros((2, 3), np.float32)} for _ in outputs]
+    return ModelRun(label, feeds, [{k: np.asarray(v, np.float32) for k, v in o.items()} for o in outputs],
+                    list(names), list(exposed), dict(float_types or {}), list(notes))
+
+
+def test_runs_compare_every_batch():
+    """A difference in the first of two batches fails the output, as one in the last does."""
+    ref = _run("original", [{"y": [1.0]}, {"y": [2.0]}], notes=["retried"])
+    for outputs in ([{"y": [8.0]}, {"y": [2.0]}], [{"y": [1.0]}, {"y": [9.0]}]):
+        result = compare_runs(ref, _run("folded", outputs), seed=7)
+        assert result.status == "failed" and result.detail == "outputs differ: y"
+        assert result.outputs[0].max_abs_error == 7.0
+        assert (result.batches, result.seed, result.inputs, result.notes) == (2, 7, {"x": [2, 3]}, ["retried"])
+    assert compare_runs(ref, _run("folded", [{"y": [1.0]}, {"y": [2.0]}])).status == "passed"
+
+
+def test_per_output_tolerances_apply_to_their_output_and_the_default_to_the_rest():
+    ref = _run("original", [{"a": [1.0], "b": [1.0]}], names=("a", "b"))
+    got = _run("folded", [{"a": [1.5], "b": [1.5]}], names=("a", "b"))
+    result = compare_runs(ref, got, atol={"a": 1.0, None: 0.0}, rtol={None: 0.0})
+    assert [(o.name, o.passed, o.atol) for o in result.outputs] == [("a", True, 1.0), ("b", False, 0.0)]
+    assert result.detail == "outputs differ: b"
+    result = compare_runs(ref, got, atol=1.0, rtol=0.0)  # a number: every output
+    assert result.status == "passed"
+
+
+def test_site_tensors_are_compared_under_the_default_and_the_first_failing_one_named():
+    """Exposed site tensors take the default tolerance even when one is given for an output of
+    that name; they are listed worst first, and the verdict names the first in graph order."""
+    ref = _run("original", [{"y": [1.0], "s1": [1.0], "s2": [1.0], "s3": [1.0], "gone": [1.0]}],
+               exposed=("s1", "s2", "s3", "gone"))
+    got = _run("folded", [{"y": [1.0], "s1": [1.0], "s2": [1.2], "s3": [3.0]}], exposed=("s1", "s2", "s3"))
+    result = compare_runs(ref, got, atol={None: 0.1, "s3": 5.0}, rtol=0.0)
+    assert result.status == "passed"  # the outputs agree: sites explain, they do not fail
+    assert [s.name for s in result.sites] == ["s3", "s2", "s1"]
+    assert [s.passed for s in result.sites] == [False, False, True]
+    assert result.first_failing_site == "s2" and result.removed_sites == ["gone"]
+    got.outputs[0]["y"] = np.array([2.0], np.float32)
+    result = compare_runs(ref, got, atol=0.1, rtol=0.0)
+    assert result.detail == "outputs differ: y; first failing site (in graph order): s2"
+
+
+def test_sites_in_a_tie_keep_graph_order():
+    ref = _run("original", [{"y": [1.0], "b": [1.0], "a": [1.0]}], exposed=("b", "a"))
+    got = _run("folded", [{"y": [1.0], "b": [2.0], "a": [2.0]}], exposed=("b", "a"))
+    assert [s.name for s in compare_runs(ref, got, 0.0, 0.0).sites] == ["b", "a"]
+
+
+def test_an_output_the_candidate_lacks_fails():
+    ref = _run("original", [{"y": [1.0], "z": [1.0]}], names=("y", "z"))
+    got = _run("folded", [{"y": [1.0]}], names=("y",))
+    result = compare_runs(ref, got)
+    [z] = [o for o in result.outputs if o.name == "z"]
+    assert not z.passed and z.max_abs_error == float("inf") and result.status == "failed"
+
+
+def test_the_path_float_type_of_the_reference_sets_the_default_tolerance():
+    ref = _run("original", [{"y": [1.0]}], float_types={"y": "float16"})
+    result = compare_runs(ref, _run("folded", [{"y": [1.005]}]))
+    assert result.status == "passed" and result.outputs[0].tolerance_dtype == "float16"
+
+
+def test_conclude_resets_a_verdict():
+    v = Verification("failed", detail="old")
+    v.outputs = [compare_arrays("y", np.ones(1, np.float32), np.ones(1, np.float32))]
+    v.sites = [compare_arrays("s", np.ones(1, np.float32), np.zeros(1, np.float32))]
+    _conclude(v, ["other", "s"])
+    assert (v.status, v.detail, v.first_failing_site) == ("passed", "", "s")
+    _conclude(v, [])
+    assert v.first_failing_site is None
+
+
+# ---- which tensors, which float types ----------------------------------------------------------
+def test_exposed_tensors_are_those_produced_with_a_known_type():
+    model = build("""g (float[2] x) => (float[2] y) {
+        a = Neg (x)
+        y = Neg (a) }""")
+    shapes = infer_shapes(model)
+    assert _add_outputs(model, ["a", "y", "x", "nowhere"], shapes) == ["a"]
+    assert [o.name for o in model.graph.output] == ["y", "a"]
+    assert model.graph.output[1].type.tensor_type.elem_type == 1
+
+
+def test_lowest_float_type_on_the_paths():
+    model = build("""g (float[2] x, double[2] d) => (float[2] y, double[2] z, float[2] w) {
+        h = Cast <to=10> (x)
+        h2 = Neg (h)
+        y = Cast <to=1> (h2)
+        z = Neg (d)
+        w = Neg (x) }""")
+    assert lowest_float_types(model, ["y", "z", "w"]) == {"y": "float16", "z": "float64", "w": "float32"}
