@@ -38,8 +38,8 @@ PASS_TESTS = ["tests/test_norms.py", "tests/test_batchnorm.py", "tests/test_chan
               "tests/test_rmsnorm.py", "tests/test_groupnorm.py", "tests/test_instance_affine.py"]
 NORM_TESTS = ["tests/test_norms.py", "tests/test_layernorm.py", "tests/test_rmsnorm.py", "tests/test_groupnorm.py"]
 BN_TESTS = ["tests/test_batchnorm.py", "tests/test_channel_affine.py", "tests/test_prepare.py"]
-VERIFY_TESTS = ["tests/test_verify_units.py", "tests/test_verify.py", "tests/test_verify_rules.py", "tests/test_verify_accuracy.py",
-                "tests/test_verify_local.py"]
+VERIFY_TESTS = ["tests/test_verify_units.py", "tests/test_verify.py", "tests/test_verify_rules.py",
+                "tests/test_verify_accuracy.py", "tests/test_verify_local.py"]
 PIPELINE_TESTS = ["tests/test_cli.py", "tests/test_pipeline.py", "tests/test_robustness.py", "tests/test_prepare.py"]
 
 # module (path under normfold/ without .py, or a package folder) -> the test files that exercise it
