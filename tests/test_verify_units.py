@@ -233,3 +233,62 @@ def test_lowest_float_type_on_the_paths():
         z = Neg (d)
         w = Neg (x) }""")
     assert lowest_float_types(model, ["y", "z", "w"]) == {"y": "float16", "z": "float64", "w": "float32"}
+
+
+# ---- the accuracy rule's arithmetic (normfold/accuracy.py) --------------------------------------
+def _failed(ref, got, tolerance_dtype="float32"):
+    c = compare_arrays("y", np.float32(ref), np.float32(got), tolerance_dtype=tolerance_dtype)
+    assert not c.passed
+    return c
+
+
+def test_the_magnitude_rule_scales_atol_with_the_largest_original_value():
+    from normfold.accuracy import _by_magnitude
+
+    c = _failed([100.0, 0.0], [100.0, 0.005])
+    assert _by_magnitude(c, [np.float32([100.0, 0.0])], [np.float32([100.0, 0.005])])
+    assert (c.rule, c.passed) == ("magnitude", True) and c.atol == pytest.approx(1e-2)
+    c = _failed([100.0, 0.0], [100.0, 0.02])  # at 0 only atol * 100 applies, not rtol * 100
+    assert not _by_magnitude(c, [np.float32([100.0, 0.0])], [np.float32([100.0, 0.02])])
+    c = _failed([0.5], [0.5003])  # below magnitude 1, atol stays atol
+    assert not _by_magnitude(c, [np.float32([0.5])], [np.float32([0.5003])]) and c.atol == 1e-4
+    c = _failed([100.0], [100.05])  # every batch counts: the second one fails
+    assert not _by_magnitude(c, [np.float32([100.0]), np.float32([100.0])],
+                             [np.float32([100.0]), np.float32([100.05])])
+
+
+def _accuracy(x, r, g, tolerance_dtype="float32"):
+    from normfold.accuracy import _by_accuracy
+
+    c = compare_arrays("y", np.float32(r), np.float32(g), atol=None, rtol=None, tolerance_dtype=tolerance_dtype)
+    c.passed = False
+    _by_accuracy(c, [np.float32(r)], [np.float32(g)], [np.float64(x)])
+    return c
+
+
+def test_the_accuracy_rule_allows_twice_the_originals_error_plus_four_ulps():
+    from normfold.accuracy import EPSILON
+
+    c = _accuracy([100.0], [100.004], [99.993])  # |c - x| 0.007 <= 2 * 0.004 + 4 ulp(100)
+    assert (c.rule, c.passed) == ("accuracy", True)
+    assert c.original_error == pytest.approx(0.004, rel=1e-3) and c.candidate_error == pytest.approx(0.007, rel=1e-3)
+    assert c.allowed_error == pytest.approx(2 * c.original_error + 4 * EPSILON["float32"] * 100.0)
+    c = _accuracy([100.0], [100.004], [99.990])  # 0.010 > 0.008 + 4 ulp
+    assert (c.rule, c.passed) == ("accuracy", False)
+    ulp16 = EPSILON["float16"] * 64.0
+    assert _accuracy([64.0], [64.0], [64.0 + 3 * ulp16], "float16").passed  # the original exact: ulps decide
+    assert not _accuracy([64.0], [64.0], [64.0 + 5 * ulp16], "float16").passed
+
+
+def test_the_accuracy_rule_never_trusts_a_reference_the_original_misses():
+    """The original 1 away from the float64 run of magnitude 100 (beyond atol * 100 + rtol * 100):
+    the float64 run is not trusted, and the magnitude rule decides."""
+    c = _accuracy([100.0], [101.0], [101.005])
+    assert (c.rule, c.passed) == ("magnitude", True)
+    c = _accuracy([100.0], [101.0], [100.0])
+    assert (c.rule, c.passed) == ("magnitude", False)
+
+
+def test_the_accuracy_rule_is_never_looser_than_the_magnitude_bound():
+    c = _accuracy([100.0], [100.015], [99.97])  # as accurate as allowed, but 0.045 from the original
+    assert c.rule == "accuracy" and c.candidate_error <= c.allowed_error and not c.passed
