@@ -61,7 +61,7 @@ MODULES: dict[str, list[str]] = {
     "verify": VERIFY_TESTS + ["tests/test_contracts.py"],
     "accuracy": VERIFY_TESTS,
     "verify_local": VERIFY_TESTS,
-    "io": PIPELINE_TESTS,
+    "io": ["tests/test_io_units.py"] + PIPELINE_TESTS,
     "api": PIPELINE_TESTS + ["tests/test_verify.py"],
 }
 
