@@ -653,3 +653,49 @@ def test_a_variance_is_exactly_the_central_or_raw_second_moment(v, moments):
 
 def test_max_of_nothing_and_0_is_not_read_as_a_variance():
     assert_not_read("g (float[3] a) => (float[3] y) { d = Sub (a, a)\n y = Max (d, zero) }", zero=np.float32(0))
+
+
+# ---- the inverse standard deviation ----------------------------------------------------------
+def _mean_square(name: str = "x") -> Mean:
+    return Mean(Expr({((Leaf(name), Fraction(2)),): np.ones(())}), (-1,))
+
+
+def test_an_inverse_std_is_a_root_or_a_mean_to_the_power_minus_one_half():
+    ms = _mean_square()
+    found, rest = A.inverse_std(((ms, Fraction(-1, 2)), (Leaf("x"), Fraction(1))))
+    assert (found.moments.x.name, found.eps, found.power) == ("x", 0.0, Fraction(-1, 2))
+    assert rest == ((Leaf("x"), Fraction(1)),)
+    assert A.inverse_std(((ms, Fraction(-1)), (Leaf("x"), Fraction(1)))) is None  # 1 / var: no root
+    assert A.inverse_std(((ms, Fraction(1, 2)), (Leaf("x"), Fraction(1)))) is None  # the std itself
+
+
+def test_the_inverse_std_is_found_after_a_factor_that_is_not_one():
+    """Another root first (of a mean of z, no variance): the search goes on to the next factor."""
+    mz = Mean(Expr.atom(Leaf("z")), (-1,))
+    found, rest = A.inverse_std(((mz, Fraction(-1, 2)), (_mean_square(), Fraction(-1, 2))))
+    assert found.moments.x.name == "x" and rest == ((mz, Fraction(-1, 2)),)
+
+
+def test_an_epsilon_given_per_channel_with_one_value_is_that_value():
+    """eps broadcast as a [D] constant of equal entries is one epsilon; of different entries, none."""
+    def inverse_std(eps):
+        base = Expr({((_mean_square(), Fraction(1)),): np.ones(()), (): np.asarray(eps, np.float64)})
+        return A.inverse_std(((Root(base, Fraction(-1, 2)), Fraction(1)),))
+
+    found, _ = inverse_std(np.full(4, 1e-5))
+    assert found.eps == 1e-5
+    assert inverse_std(np.array([1e-5, 1e-5, 2e-5, 1e-5])) is None
+    assert inverse_std(1e-6)[0].eps == 1e-6
+
+
+def test_rms_without_a_root_is_not_fused():
+    """x / mean(x^2) (no Sqrt and no epsilon) is not an RMSNorm."""
+    import normfold
+    from builders import ops
+
+    model = build("""g (float[2,5,16] x) => (float[2,5,16] y) {
+        sq = Mul (x, x)
+        ms = ReduceMean <axes=[-1]> (sq)
+        y = Div (x, ms) }""", opset=17)
+    folded, _ = normfold.fold(model, normfold.FoldOptions(target_opset=23))
+    assert ops(folded) == ops(model)
