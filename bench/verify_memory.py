@@ -122,6 +122,17 @@ def _warm() -> None:
         subprocess.run([sys.executable, "-c", WARM, str(WARM_GIB)], check=True)
 
 
+def _remove_outputs(work: Path) -> None:
+    for f in work.glob("folded.onnx*"):
+        f.unlink()
+
+
+def _keep_timed_report(work: Path) -> None:
+    """The fold's report of its timed run (the sampled run writes report.json again)."""
+    if (work / "report.json").exists():
+        (work / "report.json").replace(work / "timed-report.json")
+
+
 def _timed_and_sampled(command: list[str], before=lambda: None, after=lambda: None) -> tuple[float, int, int]:
     """The command run twice: once timed alone, once with its memory sampled; (wall seconds of
     the first, peak PSS of the second, exit code). `before` runs before each (the fold removes
@@ -171,13 +182,10 @@ def main() -> None:
         # page cache; without this the first floor alone would pay for it.
         measure([sys.executable, "-c", FLOOR, str(model)])
     for r in range(args.repeat):
-        for f in work.glob("folded.onnx*"):
-            f.unlink()
+        _remove_outputs(work)
         skip = (float("nan"), 0, 0)
         floor_orig = skip if args.no_floor else _timed_and_sampled([sys.executable, "-c", FLOOR, str(model)])
-        report_json = work / "report.json"
-        fold = _timed_and_sampled(fold_cmd, lambda: [f.unlink() for f in work.glob("folded.onnx*")],
-                                  lambda: report_json.exists() and report_json.replace(work / "timed-report.json"))
+        fold = _timed_and_sampled(fold_cmd, lambda: _remove_outputs(work), lambda: _keep_timed_report(work))
         floor_res = skip if args.no_floor or not out.exists() else _timed_and_sampled([sys.executable, "-c", FLOOR, str(out)])
         timed = work / "timed-report.json"  # the fold's own timings, from its timed run
         report = json.loads(timed.read_text())["models"][0] if timed.exists() else {}
@@ -203,8 +211,6 @@ def main() -> None:
         mems, walls = sorted(m for m, _ in ratios), sorted(w for _, w in ratios)
         print(f"median of {len(ratios)} runs: memory {mems[len(mems) // 2]:.2f}x, time {walls[len(walls) // 2]:.2f}x "
               f"(time range {walls[0]:.2f}x-{walls[-1]:.2f}x)")
-    for f in work.glob("folded.onnx*"):
-        f.unlink()
     shutil.rmtree(work, ignore_errors=True)
 
 

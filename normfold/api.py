@@ -218,9 +218,7 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
         clone = onnx.ModelProto()
         clone.CopyFrom(model)
         model = clone
-    report = Report(opset_before=model_opset(model))
-    report.ops_before = count_ops(model.graph)
-    report.nodes_before = sum(report.ops_before.values())
+    report = _new_report(model)
     prepared = _prepare(model, options, base_dir)
     _run_passes(prepared, options, report)
     return prepared.model, report
@@ -292,7 +290,7 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
     base_dir = str(src.resolve().parent)
     timings = {"load": time.perf_counter() - t}
     external = True if external_files or options.external_data is not None else None
-    report = _new_report(src, dest, model)
+    report = _new_report(model, src, dest)
     prepared = _fold_prepared(model, options, base_dir, report, timings)
     del model
     check = _Check(verify, src, report)  # the original starts running while the result is written
@@ -314,7 +312,8 @@ def fold_job(target: Target, staging: str | os.PathLike, options: FoldOptions, v
             timings["verify"] = time.perf_counter() - t
         if verify.benchmark and report.verification.status != "unavailable":
             t = time.perf_counter()
-            report.benchmark, timings["benchmark"] = benchmark_files(src, staged.path, verify), time.perf_counter() - t
+            report.benchmark = benchmark_files(src, staged.path, verify)
+            timings["benchmark"] = time.perf_counter() - t
         report.exit_code = _exit_code(report.verification, verify)
         if report.exit_code == exit_codes.OK:
             return _finish(report, timings, started), staged.moves()
@@ -337,8 +336,9 @@ def _load(target: Target, plan: Plan | None, verify: VerifyOptions) -> tuple[onn
     return model, external_files
 
 
-def _new_report(src: Path, dest: Path, model: onnx.ModelProto) -> Report:
-    report = Report(input=str(src), output=str(dest), opset_before=model_opset(model))
+def _new_report(model: onnx.ModelProto, src: Path | None = None, dest: Path | None = None) -> Report:
+    """A report with what the model held before any rewrite."""
+    report = Report(input=src and str(src), output=dest and str(dest), opset_before=model_opset(model))
     report.ops_before = count_ops(model.graph)
     report.nodes_before = sum(report.ops_before.values())
     return report
