@@ -18,7 +18,7 @@ import os
 import signal
 import sys
 
-from normfold.errors import Interrupted, note_interrupt  # noqa: E402 - light: no onnx, no numpy
+from normfold.errors import Interrupted, check_interrupted, note_interrupt  # noqa: E402 - light: no onnx, no numpy
 
 _INTERRUPTED_LINE = "normfold: error: interrupted; nothing written\n"
 _main = None
@@ -63,7 +63,19 @@ def _interrupt(signum, frame) -> None:
     run's files are already in place; then let it finish (printing is all that is left)."""
     if _committed():
         return
-    note_interrupt()
+    # Never raise inside an import: an exception through a C extension's initialisation (numpy,
+    # protobuf, onnxruntime) can crash the interpreter (SIGSEGV or abort, about 1 run in 40 with
+    # SIGTERM 80-100 ms into start-up). The interrupt is recorded and raised by the next
+    # check_interrupted, the first one right after the commands are imported.
+    note_interrupt(raise_now=not _importing(frame))
+
+
+def _importing(frame) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _write_stderr(text: str) -> None:
@@ -119,7 +131,9 @@ def _run() -> int:
     from normfold.cli.options import echo_error
 
     try:
-        _build()(standalone_mode=False)
+        main = _build()
+        check_interrupted()  # one the imports above held back
+        main(standalone_mode=False)
         return exit_codes.OK
     except click.exceptions.Exit as exc:
         return exc.exit_code

@@ -21,13 +21,15 @@ class Interrupted(BaseException):
 _interrupted = False
 
 
-def note_interrupt() -> None:
+def note_interrupt(raise_now: bool = True) -> None:
     """Record an interrupt and raise Interrupted. The record outlives the exception: an import
     that was running when the signal came may swallow it (pybind turns it into an ImportError),
-    and `check_interrupted` then raises it again before anything is committed."""
+    and `check_interrupted` then raises it again before anything is committed. `raise_now`
+    False only records it (the caller is inside an import: see cli.main._interrupt)."""
     global _interrupted
     _interrupted = True
-    raise Interrupted
+    if raise_now:
+        raise Interrupted
 
 
 def check_interrupted() -> None:
