@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from builders import build
-from normfold.errors import NormfoldError
+from normfold.errors import NormfoldError, VerificationUnavailable
 from normfold.report import Verification
 from normfold.verify import (ModelRun, _add_outputs, _conclude, _merge, compare_arrays, compare_runs,
                              load_input_file, lowest_float_types, parse_int_range, parse_shape, parse_tolerance)
@@ -292,3 +292,333 @@ def test_the_accuracy_rule_never_trusts_a_reference_the_original_misses():
 def test_the_accuracy_rule_is_never_looser_than_the_magnitude_bound():
     c = _accuracy([100.0], [100.015], [99.97])  # as accurate as allowed, but 0.045 from the original
     assert c.rule == "accuracy" and c.candidate_error <= c.allowed_error and not c.passed
+
+
+# ---- generated inputs and their retries, on a stand-in for an onnxruntime session -----------------
+class _Spec:
+    def __init__(self, name, shape, type="tensor(float)"):
+        self.name, self.shape, self.type = name, shape, type
+
+
+class _FakeOrt:
+    """get_inputs/get_outputs/run of an onnxruntime session; `accepts(feeds)` decides whether a
+    run succeeds (else onnxruntime's error), every run is recorded."""
+
+    def __init__(self, inputs, outputs=("y", "z"), accepts=lambda feeds: True):
+        self.inputs, self.outputs, self.accepts, self.runs = inputs, [_Spec(n, []) for n in outputs], accepts, []
+
+    def get_inputs(self):
+        return self.inputs
+
+    def get_outputs(self):
+        return self.outputs
+
+    def run(self, names, feeds):
+        self.runs.append({k: v.shape for k, v in feeds.items()})
+        if not self.accepts(feeds):
+            raise RuntimeError(f"shape {[v.shape for v in feeds.values()]} rejected")
+        return [np.full(1, i, np.float32) for i, _ in enumerate(names or self.outputs)]
+
+
+def _session(*inputs, **kwargs):
+    from normfold.verify import Session
+
+    return Session("original", _FakeOrt(list(inputs), **kwargs))
+
+
+def test_the_default_free_dimension_is_used_when_it_runs():
+    from normfold.verify import RunOptions, _generate_and_run
+
+    session = _session(_Spec("x", ["N", "T"]), _Spec("ids", ["N", 4], "tensor(int64)"))
+    feeds, outputs, note = _generate_and_run(session, RunOptions(batches=2, int_ranges={"ids": (5, 6)}), ["z"])
+    assert note == "" and len(feeds) == len(outputs) == 2 and session.session.runs == [{"x": (1, 1), "ids": (1, 4)}] * 2
+    assert np.all(feeds[0]["ids"] == 5)  # the range given for it, not DEFAULT_INT_RANGE
+    assert list(outputs[0]) == ["z"]  # only the outputs asked for
+
+
+def test_a_rejected_default_is_retried_and_the_shapes_that_ran_named():
+    """Free dimensions are raised on the non-leading axes first; the note says what ran."""
+    from normfold.verify import RunOptions, _generate_and_run
+
+    session = _session(_Spec("x", ["N", "T"]), _Spec("m", ["N", "T"]), accepts=lambda f: f["x"].shape[1] >= 64)
+    _, outputs, note = _generate_and_run(session, RunOptions(), ["y", "z"])
+    assert note == ("onnxruntime rejected the default input shape (free dimensions 1); ran with free dimensions "
+                    "at 64 (leading axis 1): x: 1x64, m: 1x64")
+    assert [r["x"] for r in session.session.runs] == [(1, 1), (1, 16), (1, 64)] and list(outputs[0]) == ["y", "z"]
+
+
+def test_the_leading_axis_is_raised_last_and_an_attempt_that_changes_nothing_is_skipped(monkeypatch):
+    import normfold.verify as verify
+
+    monkeypatch.setattr(verify, "MAX_INPUT_BYTES", 2000)  # 1x1024 floats and up are too large: skipped
+    session = _session(_Spec("x", ["N", "T"]), _Spec("c", ["N", 3]), accepts=lambda f: f["c"].shape[0] >= 16)
+    _, _, note = verify._generate_and_run(session, verify.RunOptions(), ["y"])
+    assert note.endswith("ran with free dimensions at 16: x: 16x16, c: 16x3")
+    assert [r["x"] for r in session.session.runs] == [(1, 1), (1, 16), (1, 64), (1, 256), (16, 16)]
+    fixed = _session(_Spec("c", ["N", 3]), accepts=lambda f: f["c"].shape[0] >= 16)
+    verify._generate_and_run(fixed, verify.RunOptions(), ["y"])
+    assert fixed.session.runs == [{"c": (1, 3)}, {"c": (16, 3)}]  # the same shape is never run twice
+
+
+def test_when_no_free_dimension_helps_the_first_error_is_raised_with_what_was_tried():
+    from normfold.verify import RunOptions, _generate_and_run
+
+    session = _session(_Spec("x", ["N"]), accepts=lambda f: False)
+    with pytest.raises(VerificationUnavailable) as info:
+        _generate_and_run(session, RunOptions(), ["y"])
+    assert str(info.value) == ("onnxruntime failed to run the original model: shape [(1,)] rejected (also with free "
+                               "dimensions raised to 16, 64, 256, 1024, 4096; give --shape or --dim)")
+
+
+@pytest.mark.parametrize("options", [{}, {"shapes": {"x": [2, 3]}}, {"dims": {"T": 3}}])
+def test_a_model_without_free_dimensions_fails_at_once(options):
+    from normfold.verify import RunOptions, _generate_and_run
+
+    session = _session(_Spec("x", [2, "T"]) if options else _Spec("x", [2, 3]), accepts=lambda f: False)
+    with pytest.raises(VerificationUnavailable) as info:
+        _generate_and_run(session, RunOptions(**options), ["y"])
+    assert str(info.value) == "onnxruntime failed to run the original model: shape [(2, 3)] rejected"
+    assert len(session.session.runs) == 1
+
+
+def test_an_input_too_large_at_the_default_is_refused_at_once():
+    from normfold.verify import RunOptions, _generate_and_run
+
+    session = _session(_Spec("x", [1 << 16, 1 << 16]))
+    with pytest.raises(VerificationUnavailable, match=r"input 'x' of shape \[65536, 65536\] would take 16.0 GiB"):
+        _generate_and_run(session, RunOptions(), ["y"])
+
+
+@pytest.mark.parametrize("specs, options, free", [
+    ([_Spec("x", [2, 3])], {}, False),
+    ([_Spec("x", [0, 3])], {}, False),                       # a dimension of size 0 is a size
+    ([_Spec("x", ["N", 3])], {}, True),
+    ([_Spec("x", [None])], {}, True),
+    ([_Spec("x", [-1])], {}, True),
+    ([_Spec("x", ["T"])], {"dims": {"T": 4}}, False),         # given by --dim
+    ([_Spec("x", ["N"]), _Spec("y", ["M"])], {"shapes": {"x": [2]}}, True),  # y still has one
+])
+def test_free_dimensions_are_those_no_option_fixes(specs, options, free):
+    from normfold.verify import RunOptions, _has_free_dims
+
+    assert _has_free_dims(_session(*specs), RunOptions(**options)) is free
+
+
+def test_benchmark_times_each_model_at_both_levels_on_every_core(monkeypatch):
+    """On a clock that moves 123.456 µs per reading: each figure is one tick, rounded to 4 places
+    (seconds for the session, milliseconds for the median run); 3 warm-up runs and 20 timed ones."""
+    import time
+
+    import normfold.verify as verify
+
+    clock = iter(np.arange(10_000) * 123.456e-6)
+    opened, runs = [], []
+    monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))
+    monkeypatch.setattr(verify, "open_session", lambda *a, **k: opened.append((a, k)) or a[1])
+    monkeypatch.setattr(verify, "_run", lambda session, feeds: runs.append(session))
+    result = verify.benchmark_models({"original": "a.onnx", "folded": "b.onnx"}, {"x": np.zeros(1)})
+    tick = {"session_s": 0.0001, "latency_ms": 0.1235}
+    assert result == {"original": {"disabled": tick, "all": tick}, "folded": {"disabled": tick, "all": tick}}
+    assert opened == [(("a.onnx", "original", "disabled"), {"threads": 0}), (("a.onnx", "original", "all"), {"threads": 0}),
+                      (("b.onnx", "folded", "disabled"), {"threads": 0}), (("b.onnx", "folded", "all"), {"threads": 0})]
+    assert runs == ["original"] * 46 + ["folded"] * 46
+
+
+def test_an_unreadable_input_file_says_why(tmp_path):
+    with pytest.raises(NormfoldError, match=r"^--inputs .*missing.npz: cannot read \(.*No such file or directory"):
+        load_input_file(tmp_path / "missing.npz", ["a"])
+
+
+def test_exposed_tensors_keep_the_order_asked_and_skip_what_cannot_be_exposed():
+    model = build("""g (float[2] x) => (float[2] y) {
+        a = Neg (x)
+        b = Neg (a)
+        y = Neg (b) }""")
+    assert _add_outputs(model, ["y", "nowhere", "b", "a"], infer_shapes(model)) == ["b", "a"]
+    assert [o.name for o in model.graph.output] == ["y", "b", "a"]
+
+
+def test_with_outputs_serializes_the_model_with_the_tensors_it_could_expose(tmp_path):
+    import onnx
+
+    from normfold.verify import with_outputs
+
+    model = build("""g (float[2] x) => (float[2] y) {
+        a = Neg (x)
+        y = Neg (a) }""")
+    onnx.save(model, tmp_path / "m.onnx")
+    for source in (tmp_path / "m.onnx", model.SerializeToString()):
+        data, exposed = with_outputs(source, ["a", "x"])
+        assert exposed == ["a"]
+        assert [o.name for o in onnx.load_from_string(data).graph.output] == ["y", "a"]
+    assert [o.name for o in onnx.load(tmp_path / "m.onnx").graph.output] == ["y"]  # the file is untouched
+
+
+# ---- a run in a child process -----------------------------------------------------------------
+def test_an_isolated_call_returns_its_result_or_raises_its_error_here():
+    from normfold.verify import Session, _run, isolated, parse_shape
+
+    assert isolated(parse_shape, ("x:2x3",), "original") == ("x", [2, 3])
+    with pytest.raises(NormfoldError, match=r"^--shape 'bad': expected NAME:DIMS") as info:
+        isolated(parse_shape, ("bad",), "original")
+    assert type(info.value) is NormfoldError
+    with pytest.raises(VerificationUnavailable, match=r"^onnxruntime failed to run the folded model: "):
+        isolated(_run, (Session("folded", None), {}, ["y"]), "folded")  # no session: unavailable
+    with pytest.raises(RuntimeError, match=r"(?s)^Traceback .*ValueError: invalid literal for int"):
+        isolated(int, ("x",), "original")
+
+
+def test_a_child_that_ends_without_a_result_is_named_with_its_exit_code():
+    import os
+
+    from normfold.verify import isolated
+
+    with pytest.raises(VerificationUnavailable) as info:
+        isolated(os._exit, (3,), "float64 original")
+    assert str(info.value) == ("the process running the float64 original model ended without a result "
+                               "(exit code 3; out of memory?)")
+
+
+class _Sender:
+    def __init__(self):
+        self.sent, self.closed = [], False
+
+    def send(self, value):
+        self.sent.append(value)
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("func, args, kind, payload", [
+    (parse_shape, ("x:4",), "ok", ("x", [4])),
+    (parse_shape, ("bad",), "error", "--shape 'bad': expected NAME:DIMS such as input:1x3x224x224"),
+    (lambda: (_ for _ in ()).throw(VerificationUnavailable("no run")), (), "unavailable", "no run"),
+])
+def test_the_child_sends_its_result_or_error_by_kind(monkeypatch, func, args, kind, payload):
+    """What the child process runs, called here (mutation testing never sees inside a child)."""
+    import normfold.watchdog
+    from normfold.verify import _child
+
+    parents = []
+    monkeypatch.setattr(normfold.watchdog, "die_with_parent", parents.append)
+    sender = _Sender()
+    _child(sender, func, args, 1234)
+    assert sender.sent == [(kind, payload)] and sender.closed and parents == [1234]
+
+
+def test_the_child_sends_an_unexpected_error_with_its_traceback(monkeypatch):
+    import normfold.watchdog
+    from normfold.verify import _child
+
+    monkeypatch.setattr(normfold.watchdog, "die_with_parent", lambda parent: None)
+    sender = _Sender()
+    _child(sender, int, ("x",), 1)
+    [(kind, text)] = sender.sent
+    assert kind == "internal" and text.startswith("Traceback") and "ValueError: invalid literal" in text
+
+
+# ---- float types inside subgraphs ---------------------------------------------------------------
+def _if_model(then_body: str, **consts):
+    return build(f"""g (bool c, float[2] x) => (float[2] y) {{
+        y = If (c) <then_branch = t () => (float[2] ty) {{ {then_body} }},
+                    else_branch = e () => (float[2] ey) {{ ey = Neg (x) }}> }}""", **consts)
+
+
+def test_a_cast_inside_a_branch_lowers_the_float_type_of_the_if():
+    model = _if_model("h = Cast <to=10> (x)\n ty = Cast <to=1> (h)")
+    assert lowest_float_types(model, ["y"]) == {"y": "float16"}
+    assert lowest_float_types(model, ["y"], shapes={}) == {"y": "float16"}  # from the Cast alone
+
+
+def test_an_inferred_type_inside_a_branch_lowers_the_float_type_of_the_if():
+    model = _if_model("ty = Neg (x)")
+    assert lowest_float_types(model, ["y"], shapes={"ty": (10, [2])}) == {"y": "float16"}
+
+
+def test_a_branch_initializer_lowers_the_float_type_of_the_if():
+    import onnx
+
+    model = _if_model("ty = Neg (x)")
+    then = model.graph.node[0].attribute[0].g
+    then.initializer.append(onnx.numpy_helper.from_array(np.zeros(2, np.float16), "unused"))
+    assert lowest_float_types(model, ["y"], shapes={}) == {"y": "float16"}
+
+
+def test_a_cast_in_a_nested_branch_counts_too():
+    inner = ("ty = If (c) <then_branch = t2 () => (float[2] u) { h = Cast <to=10> (x)\n u = Cast <to=1> (h) }, "
+             "else_branch = e2 () => (float[2] v) { v = Neg (x) }>")
+    assert lowest_float_types(_if_model(inner), ["y"], shapes={}) == {"y": "float16"}
+    assert lowest_float_types(_if_model("ty = Neg (x)"), ["y"], shapes={}) == {}
+
+
+# ---- one model's run, in this process ------------------------------------------------------------
+def _neg_model():
+    return build("""g (float[N,2] x) => (float[N,2] y) {
+        a = Neg (x)
+        y = Neg (a) }""")
+
+
+def test_a_session_is_made_with_the_options_asked():
+    from normfold.verify import open_session
+
+    data = _neg_model().SerializeToString()
+    for optimize, level in ((False, "ORT_DISABLE_ALL"), (True, "ORT_ENABLE_BASIC"), ("extended", "ORT_ENABLE_EXTENDED"),
+                            ("all", "ORT_ENABLE_ALL"), ("disabled", "ORT_DISABLE_ALL"), ("basic", "ORT_ENABLE_BASIC")):
+        session = open_session(data, "original", optimize)
+        options = session.session.get_session_options()
+        assert (session.label, options.graph_optimization_level.name) == ("original", level)
+        assert (options.log_severity_level, options.intra_op_num_threads) == (4, 1)
+        assert session.session.get_providers() == ["CPUExecutionProvider"]
+    options = open_session(data, "x", threads=3, external_folder="/some/where").session.get_session_options()
+    assert options.intra_op_num_threads == 3
+    assert options.get_session_config_entry("session.model_external_initializers_file_folder_path") == "/some/where"
+
+
+def test_a_model_onnxruntime_cannot_load_is_unavailable_with_the_reason(tmp_path):
+    from normfold.verify import open_session
+
+    with pytest.raises(VerificationUnavailable, match=r"^onnxruntime cannot load the folded model: .*\S"):
+        open_session(b"not a model", "folded")
+    (tmp_path / "m.onnx").write_bytes(_neg_model().SerializeToString())
+    assert open_session(tmp_path / "m.onnx", "original").session.get_inputs()[0].name == "x"  # a path works too
+
+
+def test_run_model_runs_here_unless_the_model_is_large(monkeypatch, tmp_path):
+    """Only a model over ISOLATE_BYTES (or isolate=True) runs in a child, named by its label."""
+    import normfold.verify as verify
+
+    calls = []
+    monkeypatch.setattr(verify, "isolated", lambda func, args, label: calls.append(label) or func(*args))
+    path = tmp_path / "m.onnx"
+    path.write_bytes(_neg_model().SerializeToString())
+    size = path.stat().st_size
+    monkeypatch.setattr(verify, "ISOLATE_BYTES", size)
+    run = verify.run_model(path, "original", verify.RunOptions())
+    assert calls == [] and run.label == "original" and run.float_types == {}  # analyse is off by default
+    monkeypatch.setattr(verify, "ISOLATE_BYTES", size - 1)
+    run = verify.run_model(path, "folded", verify.RunOptions(seed=3), expose=["a"])
+    assert calls == ["folded"] and run.exposed == ["a"] and run.output_names == ["y"]
+    np.testing.assert_array_equal(run.outputs[0]["a"], -run.feeds[0]["x"])
+    verify.run_model(path, "original", verify.RunOptions(), isolate=False)
+    verify.run_model(path.read_bytes(), "float64", verify.RunOptions(), isolate=True)
+    assert calls == ["folded", "float64"]
+
+
+def test_exposing_tensors_never_reads_external_weights_into_this_process(monkeypatch, tmp_path):
+    import onnx
+
+    import normfold.verify as verify
+
+    model = build("g (float[300] x) => (float[300] y) { a = Add (x, w)\n y = Neg (a) }",
+                  w=np.arange(300, dtype=np.float32))
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("external data loaded into Python")
+
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_model", refuse)
+    monkeypatch.setattr(onnx, "load_external_data_for_model", refuse, raising=False)
+    run = verify.run_model(tmp_path / "m.onnx", "original", verify.RunOptions(), expose=["a"], analyse=True)
+    np.testing.assert_allclose(run.outputs[0]["a"], run.feeds[0]["x"] + np.arange(300))
+    assert run.float_types == {"y": "float32", "a": "float32"}
