@@ -541,3 +541,76 @@ def test_instance_norm_without_an_epsilon_attribute_uses_its_default():
     folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
     [fused] = [n for n in folded.graph.node if n.op_type == "GroupNormalization"]
     assert [a.f for a in fused.attribute if a.name == "epsilon"] == [pytest.approx(1e-5)]
+
+
+# ---- what the rewrite writes: names, the parameters' shape, the Transpose pair -------------------
+
+def _name_anchor(model, name: str):
+    """Give the grouped norm's first reduction (the site's anchor) a name: the new nodes' prefix."""
+    [mean] = [n for n in model.graph.node if n.output[0] == "mean"]
+    mean.name = name
+    return model
+
+
+@pytest.mark.parametrize("anchor, prefix", [("enc/blk/ReduceMean", "enc/blk"), ("mean_op", "mean_op"),
+                                            ("", "GroupNorm")])
+def test_the_new_nodes_and_parameters_are_named_after_the_anchor_s_scope(anchor, prefix):
+    """An exporter's scope (everything before the last '/') names what replaces the site, so that
+    the fused op is found where the decomposed one was; a name without a scope is the prefix itself."""
+    folded, report, _ = fold_and_compare(_name_anchor(keras_groupnorm(), anchor), atol=1e-5, rtol=1e-5)
+    gn, transpose = folded.graph.node
+    assert (gn.name, transpose.name) == (f"{prefix}/GroupNormalization", f"{prefix}/Transpose")
+    [site] = report.sites
+    assert site.created == [gn.name, transpose.name]
+    assert list(gn.input[1:]) == [f"{prefix}.scale", f"{prefix}.bias"]
+    assert gn.output[0] == f"{prefix}/GroupNormalization_output_0" and list(transpose.input) == list(gn.output)
+
+
+def test_the_scale_and_bias_are_per_channel_vectors_in_the_input_s_type():
+    """GroupNormalization-21 takes scale and bias of shape [C] (not the grouped (G, C/G) layout the
+    model multiplies in), channel = group * C/G + index."""
+    model = keras_groupnorm(shape=(1, 8, 4, 4), groups=4)
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    gn = only_groupnorm(folded)
+    init = {t.name: onnx.numpy_helper.to_array(t) for t in folded.graph.initializer}
+    source = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    scale, bias = init[gn.input[1]], init[gn.input[2]]
+    assert scale.shape == bias.shape == (8,) and scale.dtype == bias.dtype == np.float32
+    np.testing.assert_array_equal(scale, source["gamma"].reshape(-1))
+    np.testing.assert_array_equal(bias, source["beta"].reshape(-1))
+
+
+def test_a_channels_last_input_with_allow_transpose_is_wrapped_in_a_transpose_pair():
+    """X already channels-last (no exporter Transpose to read through): --allow-transpose puts the
+    channels at axis 1 in front of GroupNormalization and moves them back after it."""
+    model = _name_anchor(keras_groupnorm(transpose=False), "blk/ReduceMean")
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, allow_transpose=True)
+    # the builder's Identity in front of the Reshape is what the grouping splits: it stays
+    assert ops(folded) == ["Identity", "Transpose", "GroupNormalization", "Transpose"]
+    _, t_in, gn, t_out = folded.graph.node
+    perm = [onnx.helper.get_attribute_value(a) for a in t_in.attribute if a.name == "perm"]
+    assert list(t_in.input) == ["t"] and perm == [[0, 3, 1, 2]]
+    assert t_in.name == "blk/Transpose_in" and t_in.output[0] == "blk/Transpose_in_output"
+    assert gn.input[0] == t_in.output[0] and t_out.output[0] == "y"
+    assert [s.status for s in gn_sites(report)] == ["fused"]
+
+
+def test_the_report_says_what_replaced_the_site_and_its_rounding():
+    folded, report, _ = fold_and_compare(keras_groupnorm(groups=4, eps=1e-3), atol=1e-5, rtol=1e-5)
+    [site] = report.sites
+    n = len(keras_groupnorm().graph.node) - 1  # all but the exporter's Transpose (it dies unread)
+    assert site.detail == (f"{n} nodes fused into GroupNormalization (num_groups=4, epsilon=0.001), "
+                           "then Transpose(perm=[0, 2, 3, 1]) to the layout the site produced")
+    assert site.max_rounding == 0.0  # float32 gamma and beta, stored as they were
+
+
+def test_the_fused_op_stands_where_the_site_s_last_node_stood():
+    """A node of the model between the site's nodes keeps its place before the fused op (the
+    graph's order is the model's, with the site replaced at its end)."""
+    model = keras_groupnorm()
+    side = onnx.helper.make_node("Relu", ["x"], ["side"], name="side")
+    last = len(model.graph.node) - 1  # the Reshape back, the site's last node
+    model.graph.node.insert(last, side)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, [1, 8, 4, 4]))
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Relu", "GroupNormalization", "Transpose"]

@@ -311,3 +311,20 @@ def test_norm_output_read_by_a_second_tensor_stops_the_site_before_it():
     model = build(f"g (float[2,5,{D}] x, float[2,5,{D}] z) => (float[2,5,{D}] y) {{{body}\n}}", opset=18, **used)
     folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
     assert ops(folded) == ["LayerNormalization", "Add"]
+
+
+@pytest.mark.parametrize("name, old, new, pass_name", [
+    ("torchscript", "ve = Add (v, eps)", "ve = Max (v, eps)", "layernorm"),
+    ("llama", "r = Div (one, sd)", "r = Div (one, mse)", "rmsnorm"),
+])
+def test_a_near_norm_is_reported_by_the_catch_all_of_its_family(monkeypatch, name, old, new, pass_name):
+    """NormLike(centered) reports the statistics no rule of its family explains, under that
+    family's pass. The rules are built afresh here (passes.RULES is built at import)."""
+    from normfold import api
+    from normfold.passes import _rules
+
+    monkeypatch.setattr(api, "RULES", _rules())
+    folded, report = normfold.fold(_variant(name, old, new))
+    [site] = report.sites
+    assert (site.pass_name, site.status, site.reason) == (pass_name, "left", "unrecognized-pattern")
+    assert site.kind == f"{ {'layernorm': 'LayerNorm', 'rmsnorm': 'RMSNorm'}[pass_name]}-like (unrecognized spelling)"
