@@ -578,7 +578,7 @@ def test_a_session_is_made_with_the_options_asked():
 def test_a_model_onnxruntime_cannot_load_is_unavailable_with_the_reason(tmp_path):
     from normfold.verify import open_session
 
-    with pytest.raises(VerificationUnavailable, match=r"^onnxruntime cannot load the folded model: .*\S"):
+    with pytest.raises(VerificationUnavailable, match=r"^onnxruntime cannot load the folded model: .*protobuf"):
         open_session(b"not a model", "folded")
     (tmp_path / "m.onnx").write_bytes(_neg_model().SerializeToString())
     assert open_session(tmp_path / "m.onnx", "original").session.get_inputs()[0].name == "x"  # a path works too
@@ -622,3 +622,167 @@ def test_exposing_tensors_never_reads_external_weights_into_this_process(monkeyp
     run = verify.run_model(tmp_path / "m.onnx", "original", verify.RunOptions(), expose=["a"], analyse=True)
     np.testing.assert_allclose(run.outputs[0]["a"], run.feeds[0]["x"] + np.arange(300))
     assert run.float_types == {"y": "float32", "a": "float32"}
+
+
+# ---- two runs: the remaining rules ---------------------------------------------------------------
+def test_an_output_the_candidate_lacks_fails_by_infinity_whatever_its_place():
+    ref = _run("original", [{"z": np.ones((2, 1)), "y": [1.0]}], names=("z", "y"))
+    got = _run("folded", [{"y": [3.0]}], names=("y",))
+    result = compare_runs(ref, got, atol=0.5, rtol=0.5)
+    z, y = result.outputs
+    assert (z.name, z.dtype, z.shape, z.max_abs_error, z.max_rel_error, z.atol, z.rtol, z.passed, z.needed_atol) == (
+        "z", "float32", [2, 1], float("inf"), float("inf"), 0.0, 0.0, False, float("inf"))
+    assert (y.name, y.passed, y.max_abs_error) == ("y", False, 2.0)  # compared even after a missing one
+    assert result.detail == "outputs differ: z, y" and result.seed == 0
+
+
+def test_per_output_rtol_applies_to_its_output_and_never_to_a_site_of_that_name():
+    ref = _run("original", [{"a": [1.0], "b": [1.0], "s": [1.0]}], names=("a", "b"), exposed=("s",))
+    got = _run("folded", [{"a": [1.5], "b": [1.5], "s": [1.5]}], names=("a", "b"), exposed=("s",))
+    result = compare_runs(ref, got, atol=0.0, rtol={"a": 1.0, "s": 1.0, None: 0.1})
+    assert [(o.name, o.passed, o.rtol) for o in result.outputs] == [("a", True, 1.0), ("b", False, 0.1)]
+    assert [(s.name, s.passed, s.rtol) for s in result.sites] == [("s", False, 0.1)]
+
+
+def test_sites_of_equal_needed_tolerance_are_listed_by_their_error():
+    """With rtol 1, every site passes (needed_atol 0): the larger absolute error comes first."""
+    ref = _run("original", [{"y": [1.0], "a": [1.0], "b": [4.0]}], exposed=("a", "b"))
+    got = _run("folded", [{"y": [1.0], "a": [1.5], "b": [6.0]}], exposed=("a", "b"))
+    sites = compare_runs(ref, got, atol=0.0, rtol=1.0).sites
+    assert [(s.name, s.needed_atol, s.max_abs_error) for s in sites] == [("b", 0.0, 2.0), ("a", 0.0, 0.5)]
+
+
+def test_bfloat16_tensors_are_floats_with_bfloat16s_tolerance():
+    import ml_dtypes
+
+    ref = np.array([1.0, 2.0], ml_dtypes.bfloat16)
+    c = compare_arrays("y", ref, (ref.astype(np.float32) + 0.03).astype(ml_dtypes.bfloat16))
+    assert c.passed and (c.dtype, c.atol, c.rtol, c.tolerance_dtype) == ("bfloat16", 6e-2, 6e-2, "bfloat16")
+
+
+def test_a_tensor_of_another_shape_keeps_its_name_and_tolerances():
+    c = compare_arrays("y", np.zeros(2, np.float32), np.zeros(3, np.float32), tolerance_dtype="float16")
+    assert (c.name, c.atol, c.rtol, c.passed, c.tolerance_dtype) == ("y", 1e-2, 1e-2, False, "float16")
+    c = compare_arrays("y", np.zeros(2, np.float32), np.zeros(3, np.float32), atol=0.5, rtol=0.25)
+    assert (c.atol, c.rtol, c.passed, c.tolerance_dtype) == (0.5, 0.25, False, None)
+
+
+def test_huge_errors_and_tolerances_warn_about_nothing():
+    """A relative error against 0 overflows to inf, and so does a difference of opposite huge
+    values; equal infinities subtract to NaN: no RuntimeWarning on stderr of a run (numpy would
+    print one per call)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        c = compare_arrays("y", np.array([0.0, 1.0]), np.array([1e10, 1.0]))
+        assert not c.passed and c.max_rel_error == float("inf") and c.max_abs_error == 1e10
+        c = compare_arrays("y", np.array([-1e308]), np.array([1e308]))
+        assert not c.passed and c.max_abs_error == float("inf")
+        c = compare_arrays("y", np.array([np.inf, -np.inf]), np.array([np.inf, -np.inf]))
+        assert c.passed and c.max_abs_error == 0.0
+
+
+# ---- generated inputs ----------------------------------------------------------------------------
+def test_inputs_are_seeded_normal_floats_and_integers_in_their_range():
+    from normfold.verify import make_inputs
+
+    session = _session(_Spec("x", [2, 3]), _Spec("ids", [4], "tensor(int32)"), _Spec("m", [5], "tensor(bool)"),
+                       _Spec("t", [6], "tensor(int64)"))
+    feeds = make_inputs(session, seed=5, int_ranges={"t": (7, 9)})
+    assert list(feeds) == ["x", "ids", "m", "t"]
+    rng = np.random.default_rng(5)
+    np.testing.assert_array_equal(feeds["x"], rng.standard_normal([2, 3]).astype(np.float32))
+    assert feeds["x"].dtype == np.float32
+    assert feeds["ids"].dtype == np.int32 and set(feeds["ids"].tolist()) <= {0, 1}  # DEFAULT_INT_RANGE
+    np.testing.assert_array_equal(feeds["ids"], rng.integers(0, 2, size=[4]).astype(np.int32))
+    assert feeds["m"].dtype == np.bool_ and feeds["m"].shape == (5,)
+    np.testing.assert_array_equal(feeds["m"], rng.integers(0, 2, size=[5]).astype(np.bool_))
+    assert feeds["t"].dtype == np.int64 and set(feeds["t"].tolist()) <= {7, 8}
+    np.testing.assert_array_equal(feeds["t"], rng.integers(7, 9, size=[6]))
+    assert not np.array_equal(make_inputs(session, seed=6)["x"], feeds["x"])
+    np.testing.assert_array_equal(make_inputs(session)["x"], np.random.default_rng(0).standard_normal([2, 3]).astype(np.float32))
+
+
+def test_half_and_bfloat16_inputs_are_generated_in_their_type():
+    import ml_dtypes
+
+    from normfold.verify import make_inputs
+
+    feeds = make_inputs(_session(_Spec("h", [3], "tensor(float16)"), _Spec("b", [3], "tensor(bfloat16)"),
+                                 _Spec("d", [3], "tensor(double)")))
+    assert (feeds["h"].dtype, feeds["b"].dtype, feeds["d"].dtype) == (np.float16, ml_dtypes.bfloat16, np.float64)
+    assert len(set(feeds["b"].astype(np.float32).tolist())) == 3  # normal values, not 0s and 1s
+
+
+def test_an_input_of_a_type_that_cannot_be_generated_is_unavailable():
+    from normfold.verify import make_inputs
+
+    with pytest.raises(VerificationUnavailable) as info:
+        make_inputs(_session(_Spec("x", [2]), _Spec("s", [2], "tensor(string)")))
+    assert str(info.value) == "input 's' has type tensor(string), which normfold cannot generate"
+
+
+def test_shapes_and_ranges_must_name_inputs_and_shapes_fit_their_rank():
+    from normfold.verify import make_inputs
+
+    session = _session(_Spec("x", ["N", 3]), _Spec("a", [2]))
+    with pytest.raises(NormfoldError) as info:
+        make_inputs(session, shapes={"q": [1], "x": [1, 3], "p": [2]})
+    assert str(info.value) == "--shape names ['p', 'q'] that are not model inputs (inputs: ['a', 'x'])"
+    with pytest.raises(NormfoldError) as info:
+        make_inputs(session, int_ranges={"ids": (0, 5)})
+    assert str(info.value) == "--int-range names ['ids'] that are not model inputs (inputs: ['a', 'x'])"
+    with pytest.raises(NormfoldError) as info:
+        make_inputs(session, shapes={"x": [4]})
+    assert str(info.value) == "--shape x: rank 1 but the model input has rank 2"
+    assert make_inputs(session, shapes={"x": [4, 5]})["x"].shape == (4, 5)  # a whole shape, taken as given
+
+
+def test_dynamic_dimensions_take_dim_then_a_shape_given_for_another_input_then_the_free_value():
+    from normfold.verify import make_inputs
+
+    session = _session(_Spec("x", ["N", "T", "C"]), _Spec("m", ["N", "T", "C", None]), _Spec("y", [None, "T", -1]))
+    feeds = make_inputs(session, shapes={"x": [3, 4, 5]}, dims={"C": 2}, free=(7, 9))
+    assert feeds["x"].shape == (3, 4, 5)
+    assert feeds["m"].shape == (3, 4, 2, 7)   # --dim wins over the shape of x; an unnamed one is free
+    assert feeds["y"].shape == (9, 4, 7)      # the leading axis takes the leading value
+    feeds = make_inputs(session, free=(7, None))
+    assert feeds["m"].shape == (7, 7, 7, 7) and feeds["y"].shape == (7, 7, 7)
+
+
+def test_a_symbol_on_some_inputs_leading_axis_takes_the_leading_value_everywhere():
+    from normfold.verify import make_inputs
+
+    feeds = make_inputs(_session(_Spec("x", ["B", "T"]), _Spec("m", ["T", "B"]), _Spec("z", [2, "S"])), free=(5, 1))
+    assert feeds["x"].shape == (1, 1) and feeds["m"].shape == (1, 1) and feeds["z"].shape == (2, 5)
+    feeds = make_inputs(_session(_Spec("x", ["B", "T"]), _Spec("s", [])), free=(5, 1))  # a scalar has no axis
+    assert feeds["x"].shape == (1, 5) and feeds["s"].shape == ()
+
+
+def test_a_shape_of_another_rank_names_no_symbol():
+    from normfold.verify import make_inputs
+
+    session = _session(_Spec("x", ["N", "T"]), _Spec("y", ["N", "T"]))
+    with pytest.raises(NormfoldError, match="rank 3"):
+        make_inputs(session, shapes={"x": [2, 3, 4]})
+    from normfold.verify import _free_dims
+
+    free_dim = _free_dims(session.session.get_inputs(), {"x": [2, 3, 4]}, {}, (6, None))
+    assert (free_dim(0, "N"), free_dim(1, "T")) == (6, 6)
+    free_dim = _free_dims(session.session.get_inputs(), {"x": [2, 3]}, {}, (6, None))
+    assert (free_dim(0, "N"), free_dim(1, "T")) == (2, 3)
+
+
+def test_run_model_opens_its_session_as_asked_and_names_the_model_in_errors(monkeypatch):
+    import normfold.verify as verify
+
+    opened = []
+    real = verify.open_session
+    monkeypatch.setattr(verify, "open_session", lambda *a, **k: opened.append((a[1:], k)) or real(*a, **k))
+    verify.run_model(_neg_model().SerializeToString(), "folded", verify.RunOptions(opt_level="extended"))
+    assert opened == [(("folded", "extended"), {"external_folder": None})]
+    with pytest.raises(VerificationUnavailable, match=r"^onnxruntime cannot load the folded model: .*protobuf"):
+        verify.run_model(b"not a model", "folded", verify.RunOptions())
+    with pytest.raises(VerificationUnavailable, match=r"^cannot read the float64 model: .*onnx.ModelProto"):
+        verify.run_model(b"not a model", "float64", verify.RunOptions(), expose=["a"])
