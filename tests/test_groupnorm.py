@@ -614,3 +614,69 @@ def test_the_fused_op_stands_where_the_site_s_last_node_stood():
     model.graph.output.append(onnx.helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, [1, 8, 4, 4]))
     folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
     assert ops(folded) == ["Relu", "GroupNormalization", "Transpose"]
+
+
+# ---- a LayerNorm between two Reshapes is a GroupNorm only when Z splits the channels -------------
+
+def reshaped_layernorm(xshape, zshape, axes, out_cast: bool = False):
+    """Z = Reshape(X, zshape); the Keras 3 moments over `axes` of Z; Reshape back to X's shape (with
+    `out_cast`, a Cast to float16 before it)."""
+    dims = ",".join(map(str, xshape))
+    out_type = "float16" if out_cast else "float"
+    tail = "o16 = Cast <to=10> (o)\n      y = Reshape (o16, k2)" if out_cast else "y = Reshape (o, k2)"
+    text = f"""g (float[{dims}] x) => ({out_type}[{dims}] y) {{
+      z = Reshape (x, k1)
+      mean = ReduceMean (z, ax)
+      d = Sub (z, mean)
+      sq = Mul (d, d)
+      var = ReduceMean (sq, ax)
+      ve = Add (var, eps)
+      sd = Sqrt (ve)
+      r = Reciprocal (sd)
+      o = Mul (d, r)
+      {tail}
+    }}"""
+    consts = {"k1": np.array(zshape, np.int64), "k2": np.array(xshape, np.int64), "ax": np.array(axes, np.int64),
+              "eps": np.float32(1e-5)}
+    model = build(text, opset=21, **consts)
+    assert [d.dim_value for d in onnx.shape_inference.infer_shapes(model).graph.value_info[0].type.tensor_type
+            .shape.dim] == list(zshape)
+    return model
+
+
+@pytest.mark.parametrize("xshape, zshape, axes", [
+    ((8, 6), (2, 4, 6), [1, 2]),          # Z splits the batch, not a channel axis
+    ((2, 6), (2, 6, 1), [1, 2]),          # the last axis "split" into (6, 1), the norm over both
+    ((2, 6, 4), (2, 4, 3, 2), [2, 3]),    # the leading axes agree, but axis 1 is not split in two
+    ((2, 3, 4), (3, 2, 2, 2), [1, 3]),    # Z's axes 2, 3 multiply to X's axis 2, but the axes before differ
+])
+def test_a_norm_over_a_reshape_that_does_not_split_the_channels_is_no_group_norm(xshape, zshape, axes):
+    model = reshaped_layernorm(xshape, zshape, axes)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert "GroupNormalization" not in ops(folded)
+    assert not gn_sites(report) and [s.pass_name for s in report.sites] == ["layernorm"]
+
+
+def test_a_group_norm_that_writes_another_type_than_it_reads_is_only_its_layernorm():
+    """float32 in, a Cast to float16 inside the site: GroupNormalization reads and writes one type,
+    so only the norm up to the Cast is fused (a LayerNorm over Z), the Cast and the Reshapes stay."""
+    model = reshaped_layernorm((2, 8, 3), (2, 4, 2, 3), [2, 3], out_cast=True)
+    folded, report, _ = fold_and_compare(model, atol=1e-3, rtol=1e-3)
+    assert ops(folded) == ["Reshape", "LayerNormalization", "Cast", "Reshape"]
+    assert not gn_sites(report)
+
+
+def test_a_channels_last_graph_input_is_grouped_only_with_allow_transpose():
+    """The grouping Reshape reads a graph input (no producer, no exporter Transpose): left without
+    --allow-transpose, naming the input; wrapped in a Transpose pair with it."""
+    model = keras_groupnorm(transpose=False)
+    graph = model.graph
+    [identity] = [n for n in graph.node if n.op_type == "Identity"]
+    graph.node.remove(identity)
+    [split] = [n for n in graph.node if n.output[0] == "z"]
+    split.input[0] = "x"
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert site.reason == "unsupported-axis" and "groups the last axis of 'x'" in site.detail
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, allow_transpose=True)
+    assert ops(folded) == ["Transpose", "GroupNormalization", "Transpose"]
