@@ -786,3 +786,99 @@ def test_run_model_opens_its_session_as_asked_and_names_the_model_in_errors(monk
         verify.run_model(b"not a model", "folded", verify.RunOptions())
     with pytest.raises(VerificationUnavailable, match=r"^cannot read the float64 model: .*onnx.ModelProto"):
         verify.run_model(b"not a model", "float64", verify.RunOptions(), expose=["a"])
+
+
+def test_the_reference_run_is_the_original_on_the_feeds_given(monkeypatch):
+    import normfold.verify as verify
+
+    calls = []
+    monkeypatch.setattr(verify, "isolated", lambda func, args, label: calls.append(label) or func(*args))
+    x = np.arange(6, dtype=np.float32).reshape(3, 2)
+    run = verify.run_reference(_neg_model().SerializeToString(), sites=["a"], feeds={"x": x}, isolate=True)
+    assert calls == ["original"] and run.label == "original" and run.exposed == ["a"]
+    assert len(run.feeds) == 1 and run.feeds[0]["x"] is x
+    np.testing.assert_array_equal(run.outputs[0]["y"], x)
+    with pytest.raises(VerificationUnavailable, match=r"^cannot read the original model: "):
+        verify.run_reference(b"not a model", isolate=False)
+    assert calls == ["original"]
+
+
+# ---- compare_models, on tiny models in this process ----------------------------------------------
+def _shifted(offset: float, rank: str = "N,2"):
+    """y = x + offset, through an exposed tensor `a` (= x + offset too)."""
+    return build(f"""g (float[{rank}] x) => (float[{rank}] y) {{
+        a = Add (x, off)
+        y = Identity (a) }}""", off=np.float32(offset)).SerializeToString()
+
+
+def test_compare_models_runs_both_on_the_options_inputs():
+    from normfold.verify import compare_models
+
+    v = compare_models(_shifted(0.0), _shifted(0.0), seed=4, shapes={"x": [3, 2]}, batches=2, sites=["a"],
+                       opt_level="basic", accuracy=False)
+    assert (v.status, v.seed, v.batches, v.inputs) == ("passed", 4, 2, {"x": [3, 2]})
+    assert [s.name for s in v.sites] == ["a"] and [o.name for o in v.outputs] == ["y"]
+    v = compare_models(_shifted(0.0, "N,T"), _shifted(0.0, "N,T"), dims={"T": 5}, accuracy=False)
+    assert v.inputs == {"x": [1, 5]}
+    assert compare_models(_shifted(0.0), _shifted(0.0), feeds={"x": np.zeros((7, 2), np.float32)}).inputs == {"x": [7, 2]}
+
+
+def test_compare_models_reads_input_files_and_ints_in_their_range(tmp_path):
+    from normfold.verify import compare_models
+
+    np.save(tmp_path / "a.npy", np.ones((4, 2), np.float32))
+    np.save(tmp_path / "b.npy", np.ones((5, 2), np.float32))
+    v = compare_models(_shifted(0.0), _shifted(1e-3), input_files=[str(tmp_path / "a.npy"), str(tmp_path / "b.npy")],
+                       accuracy=False)
+    assert (v.batches, v.inputs, v.status) == (2, {"x": [4, 2]}, "failed")
+    ids = build("g (int64[3] i) => (int64[3] y) { y = Identity (i) }").SerializeToString()
+    assert compare_models(ids, ids, int_ranges={"i": (5, 6)}).status == "passed"
+    with pytest.raises(NormfoldError, match="--int-range names"):
+        compare_models(ids, ids, int_ranges={"j": (5, 6)})
+
+
+def test_compare_models_applies_the_tolerances_given():
+    from normfold.verify import compare_models
+
+    v = compare_models(_shifted(0.0), _shifted(1e-3), accuracy=False)
+    assert v.status == "failed" and v.outputs[0].atol == 1e-4
+    v = compare_models(_shifted(0.0), _shifted(1e-3), atol=2e-3, rtol=0.0)
+    assert v.status == "passed" and (v.outputs[0].atol, v.outputs[0].rtol) == (2e-3, 0.0)
+    v = compare_models(_shifted(0.0), _shifted(1e-3), atol={"y": 2e-3}, rtol={"y": 0.5})
+    assert v.status == "passed" and (v.outputs[0].atol, v.outputs[0].rtol) == (2e-3, 0.5)
+    with pytest.raises(NormfoldError) as info:
+        compare_models(_shifted(0.0), _shifted(0.0), atol={"q": 1.0, None: 1.0}, rtol={"p": 1.0})
+    assert str(info.value) == "tolerance given for ['p', 'q'], which are not outputs (outputs: ['y'])"
+
+
+def test_compare_models_reuses_the_reference_run_and_judges_failures_by_accuracy(monkeypatch):
+    import normfold.accuracy
+    from normfold.verify import compare_models, run_reference
+
+    ref = run_reference(_shifted(0.0), sites=["a"])
+    v = compare_models(b"never read", _shifted(0.0), reference_run=ref, accuracy=False)
+    assert v.status == "passed" and [s.name for s in v.sites] == ["a"]  # the candidate's `a` compared too
+    judged = []
+
+    def judge(result, reference, ref_run, got_run, atols, rtols):
+        judged.append((reference, ref_run is ref, got_run.label, atols, rtols))
+        for c in result.outputs + result.sites:
+            c.passed = True
+
+    monkeypatch.setattr(normfold.accuracy, "judge_by_accuracy", judge)
+    v = compare_models(b"the original", _shifted(1.0), reference_run=ref, rtol=0.5)
+    assert judged == [(b"the original", True, "folded", {None: None}, {None: 0.5})]
+    assert v.status == "passed" and v.first_failing_site is None  # concluded again after the judging
+    assert compare_models(b"x", _shifted(1.0), reference_run=ref, accuracy=False).status == "failed"
+    assert compare_models(b"x", _shifted(0.0), reference_run=ref).status == "passed" and len(judged) == 1
+
+
+def test_compare_models_isolates_both_runs_when_asked(monkeypatch):
+    import normfold.verify as verify
+
+    calls = []
+    monkeypatch.setattr(verify, "isolated", lambda func, args, label: calls.append(label) or func(*args))
+    assert verify.compare_models(_shifted(0.0), _shifted(0.0), isolate=True).status == "passed"
+    assert calls == ["original", "folded"]
+    verify.compare_models(_shifted(0.0), _shifted(0.0), isolate=False)
+    assert calls == ["original", "folded"]
