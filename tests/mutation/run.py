@@ -62,7 +62,7 @@ MODULES: dict[str, list[str]] = {
     "accuracy": VERIFY_TESTS,
     "verify_local": VERIFY_TESTS,
     "io": ["tests/test_io_units.py"] + PIPELINE_TESTS,
-    "api": PIPELINE_TESTS + ["tests/test_verify.py"],
+    "api": ["tests/test_api_units.py"] + PIPELINE_TESTS + ["tests/test_verify.py"],
 }
 
 # Tests that run the installed `normfold` in a subprocess see the unmutated package, and under load

@@ -1,0 +1,248 @@
+"""api.py's decisions in-process: exit codes from a verification, timeouts, where a model goes,
+--inputs checks, the opset, and which options each verification step hands to its child process
+(the child itself is replaced here: mutation testing never sees inside one)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from builders import build
+from normfold import api, exit_codes
+from normfold.errors import NormfoldError, VerificationTimeout, VerificationUnavailable
+from normfold.report import Verification
+
+
+# ---- exit codes --------------------------------------------------------------------------------
+@pytest.mark.parametrize("status, detail, allow, code", [
+    ("passed", "", False, exit_codes.OK),
+    ("skipped", "--no-verify", False, exit_codes.OK),
+    ("failed", "outputs differ: y", True, exit_codes.OUTPUTS_DIFFER),
+    ("unavailable", "custom op", False, exit_codes.UNVERIFIED),
+    ("unavailable", "custom op", True, exit_codes.OK),
+    ("unavailable", "timed out: after 5 s", True, exit_codes.UNVERIFIED),  # a timeout is never allowed
+    ("unavailable", "it timed out: after 5 s", True, exit_codes.OK),      # only the prefix says so
+])
+def test_the_exit_code_follows_the_verification(status, detail, allow, code):
+    verify = api.VerifyOptions(allow_unverified=allow)
+    assert api._exit_code(Verification(status, detail=detail), verify) == code
+
+
+def test_only_an_unavailable_verification_can_have_timed_out():
+    assert api._timed_out(Verification("unavailable", detail="timed out: x"))
+    assert not api._timed_out(Verification("failed", detail="timed out: x"))
+    assert not api._timed_out(None)
+
+
+def test_what_is_left_of_the_timeout(monkeypatch):
+    monkeypatch.setattr(api.time, "monotonic", lambda: 100.0)
+    assert api._remaining(None, 7.0) == 7.0 and api._remaining(None, None) is None
+    assert api._remaining(103.5, 7.0) == 3.5 and api._remaining(99.0, 7.0) == 0.0
+
+
+# ---- where a model goes ------------------------------------------------------------------------
+def test_the_target_of_a_model(tmp_path):
+    src = tmp_path / "m.onnx"
+    t = api.make_target(src)
+    assert (t.source, t.dest, t.data_name, t.in_place) == (src, tmp_path / "m.folded.onnx", "m.folded.onnx.data", False)
+    t = api.make_target(src, tmp_path / "o.onnx", external_data="w.bin")
+    assert (t.dest, t.data_name) == (tmp_path / "o.onnx", "w.bin")
+    t = api.make_target(src, in_place=True)
+    assert (t.dest, t.in_place, t.data_name) == (src, True, "m.onnx.data")
+    assert api.make_target(src, tmp_path / "." / "m.onnx", in_place=True).dest == src
+    with pytest.raises(NormfoldError) as info:
+        api.make_target(src, tmp_path / "o.onnx", in_place=True)
+    assert str(info.value) == "--in-place and -o name different files; use one of them"
+
+
+# ---- the opset ---------------------------------------------------------------------------------
+def test_the_opset_is_the_default_domains():
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }", opset=13)
+    model.opset_import.insert(0, onnx.helper.make_opsetid("com.microsoft", 1))
+    assert api.model_opset(model) == 13
+    model.opset_import[1].domain = "ai.onnx"
+    assert api.model_opset(model) == 13
+    del model.opset_import[1]
+    assert api.model_opset(model) == 0
+
+
+def test_an_opset_conversion_up_only_and_within_what_onnx_knows():
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }", opset=13)
+    assert api.convert_opset(model, 13) is model and api.convert_opset(model, 11) is model
+    assert api.model_opset(api.convert_opset(model, 17)) == 17
+    newest = onnx.defs.onnx_opset_version()
+    with pytest.raises(NormfoldError) as info:
+        api.convert_opset(model, newest + 1)
+    assert str(info.value) == f"--target-opset {newest + 1}: the installed onnx knows opsets up to {newest}"
+    assert api.model_opset(api.convert_opset(model, newest)) == newest
+
+
+def test_a_conversion_onnx_refuses_is_one_line(monkeypatch):
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }", opset=13)
+
+    def refuse(model, target):
+        raise RuntimeError("no adapter\nfor Neg")
+
+    monkeypatch.setattr(api.version_converter, "convert_version", refuse)
+    with pytest.raises(NormfoldError) as info:
+        api.convert_opset(model, 17)
+    assert str(info.value) == "cannot convert the model from opset 13 to 17: no adapter for Neg"
+
+
+def test_unknown_passes_are_named():
+    with pytest.raises(NormfoldError) as info:
+        api._check_passes(api.FoldOptions(passes=("zap", "layernorm", "bad")))
+    assert str(info.value) == f"unknown pass(es) ['bad', 'zap']; known: {list(api.PASS_NAMES)}"
+    api._check_passes(api.FoldOptions())
+
+
+# ---- --inputs against the model ------------------------------------------------------------------
+def _inputs_model():
+    model = build("g (float[2,N] x, int64[3] ids, float[2] w) => (float[2,N] y) { y = Identity (x) }",
+                  w=np.zeros(2, np.float32))
+    return model
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"x": np.zeros((2, 5), np.float32), "ids": np.zeros(3, np.int64)}, None),
+    ({"x": np.zeros((2, 5), np.float64), "ids": np.zeros(3, np.int64)}, "'x' is float64, the model's input is float32"),
+    ({"x": np.zeros((3, 5), np.float32), "ids": np.zeros(3, np.int64)}, r"'x' has shape \[3, 5\], the model's input is \[2, '\?'\]"),
+    ({"x": np.zeros((2,), np.float32), "ids": np.zeros(3, np.int64)}, r"'x' has shape \[2\]"),
+    ({"x": np.zeros((2, 5), np.float32), "ids": np.zeros(4, np.int64)}, r"'ids' has shape \[4\], the model's input is \[3\]"),
+])
+def test_input_files_must_fit_the_models_inputs(tmp_path, arrays, message):
+    np.savez(tmp_path / "in.npz", **arrays)
+    files = [str(tmp_path / "in.npz")]
+    if message is None:
+        api.check_input_files(_inputs_model(), files)
+        return
+    with pytest.raises(NormfoldError, match=rf"^--inputs {tmp_path / 'in.npz'}: {message}"):
+        api.check_input_files(_inputs_model(), files)
+
+
+def test_inputs_of_types_that_cannot_be_checked_are_let_through(tmp_path):
+    model = _inputs_model()
+    model.graph.input[1].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED  # no numpy type to compare
+    del model.graph.input[0].type.tensor_type.shape.dim[:]
+    model.graph.input[0].type.tensor_type.ClearField("shape")  # no shape: any rank
+    np.savez(tmp_path / "in.npz", x=np.zeros((1, 1, 1), np.float32), ids=np.zeros(9, np.int64))
+    api.check_input_files(model, [str(tmp_path / "in.npz")])
+    api.check_input_files(model, [])
+
+
+# ---- what each verification step hands to its child process ---------------------------------------
+class _Recorder:
+    def __init__(self, result=None, raises=None):
+        self.calls, self.result, self.raises = [], result, raises
+
+    def __call__(self, func, *args, **kwargs):
+        self.calls.append((func, args, kwargs))
+        if self.raises is not None:
+            raise self.raises
+        return self.result
+
+
+def _verify_options(**kwargs):
+    return api.VerifyOptions(seed=3, shapes={"x": [1, 2]}, dims={"N": 4}, int_ranges={"i": (0, 5)},
+                             input_files=["a.npz"], batches=2, atol=0.1, rtol={None: 0.2}, opt_level="basic",
+                             **kwargs)
+
+
+def test_run_options_carry_the_verify_options():
+    options = _verify_options().run_options()
+    assert (options.seed, options.shapes, options.dims, options.int_ranges, options.input_files, options.batches,
+            options.opt_level) == (3, {"x": [1, 2]}, {"N": 4}, {"i": (0, 5)}, ["a.npz"], 2, "basic")
+
+
+def test_compare_hands_every_option_to_compare_models_in_a_child(monkeypatch):
+    recorder = _Recorder(result=Verification("passed"))
+    monkeypatch.setattr(api, "run_in_child", recorder)
+    monkeypatch.setattr(api.time, "monotonic", lambda: 10.0)
+    verify = _verify_options(timeout=9.0)
+    assert verify.compare("a.onnx", "b.onnx", sites=["s"]).status == "passed"
+    run = api.ModelRun("original", [], [], [])
+    verify.compare("a.onnx", "b.onnx", reference_run=run, deadline=12.0)
+    (f1, a1, k1), (f2, a2, k2) = recorder.calls
+    assert f1 is api.compare_models and a1 == ("a.onnx", "b.onnx")
+    assert k1 == {"timeout": 9.0, "seed": 3, "shapes": {"x": [1, 2]}, "dims": {"N": 4}, "int_ranges": {"i": (0, 5)},
+                  "input_files": ["a.npz"], "batches": 2, "atol": 0.1, "rtol": {None: 0.2}, "opt_level": "basic",
+                  "sites": ["s"], "reference_run": None, "isolate": None}
+    assert (k2["timeout"], k2["reference_run"], k2["isolate"], k2["sites"]) == (2.0, run, False, None)
+
+
+def test_compare_with_an_unavailable_original_or_child_is_unavailable(monkeypatch):
+    verify = _verify_options()
+    original = Verification("unavailable", detail="custom op")
+    assert verify.compare("a", "b", reference_run=original) is original
+    monkeypatch.setattr(api, "run_in_child", _Recorder(raises=VerificationUnavailable("cannot run")))
+    v = verify.compare("a", "b")
+    assert (v.status, v.seed, v.detail) == ("unavailable", 3, "cannot run")
+    monkeypatch.setattr(api, "run_in_child", _Recorder(raises=VerificationTimeout("after 1 s")))
+    with pytest.raises(VerificationTimeout):
+        verify.compare("a", "b")
+
+
+class _Child:
+    def __init__(self, value=None, raises=None):
+        self.value, self.raises, self.timeouts = value, raises, []
+
+    def result(self, timeout):
+        self.timeouts.append(timeout)
+        if self.raises is not None:
+            raise self.raises
+        return self.value
+
+
+def test_the_reference_starts_in_a_child_with_the_run_options(monkeypatch):
+    started = _Recorder(result=_Child(value="the run"))
+    monkeypatch.setattr(api, "start_in_child", started)
+    verify = _verify_options(timeout=5.0)
+    assert verify.reference("a.onnx", ["s"]) == "the run"
+    [(func, args, kwargs)] = started.calls
+    assert func is api.run_reference and args[0] == "a.onnx" and args[1] == verify.run_options()
+    assert kwargs == {"sites": ["s"], "isolate": False}
+    assert started.result.timeouts == [5.0]
+    pending = _Child(raises=VerificationUnavailable("no kernel"))
+    v = verify.reference("a.onnx", pending=pending)
+    assert (v.status, v.seed, v.detail) == ("unavailable", 3, "no kernel") and len(started.calls) == 1
+    with pytest.raises(VerificationTimeout):
+        verify.reference("a.onnx", pending=_Child(raises=VerificationTimeout("t")))
+
+
+def test_verify_runs_the_original_then_the_comparison_within_one_deadline(monkeypatch):
+    monkeypatch.setattr(api.time, "monotonic", lambda: 50.0)
+    seen = []
+    verify = _verify_options(timeout=4.0)
+    monkeypatch.setattr(api.VerifyOptions, "reference",
+                        lambda self, ref, sites, deadline, pending: seen.append(("ref", ref, sites, deadline, pending)) or "run")
+    monkeypatch.setattr(api.VerifyOptions, "compare",
+                        lambda self, ref, cand, reference_run, deadline: seen.append(("cmp", ref, cand, reference_run, deadline)) or "v")
+    assert verify.verify("a", "b", ["s"], pending="p") == ("run", "v")
+    assert seen == [("ref", "a", ["s"], 54.0, "p"), ("cmp", "a", "b", "run", 54.0)]
+    seen.clear()
+    verify.verify("a", "b", deadline=51.0)
+    assert seen[0][3] == seen[1][4] == 51.0
+    seen.clear()
+    api.VerifyOptions().verify("a", "b")
+    assert seen[0][3] is None
+
+
+def test_verify_local_runs_in_a_child_and_is_unavailable_in_local_mode(monkeypatch):
+    from normfold.verify_local import verify_locally
+
+    recorder = _Recorder(result=Verification("passed", mode="local"))
+    monkeypatch.setattr(api, "run_in_child", recorder)
+    verify = _verify_options(timeout=6.0)
+    assert verify.verify_local("a", "b", ["sites"]).status == "passed"
+    [(func, args, kwargs)] = recorder.calls
+    assert func is verify_locally and args == ("a", "b", ["sites"])
+    assert kwargs == {"timeout": 6.0, "seed": 3, "atol": 0.1, "rtol": {None: 0.2}}
+    monkeypatch.setattr(api, "run_in_child", _Recorder(raises=VerificationUnavailable("no")))
+    v = verify.verify_local("a", "b", [])
+    assert (v.status, v.seed, v.detail, v.mode) == ("unavailable", 3, "no", "local")
+    monkeypatch.setattr(api, "run_in_child", _Recorder(raises=VerificationTimeout("t")))
+    with pytest.raises(VerificationTimeout):
+        verify.verify_local("a", "b", [])
+    v = api._verified_locally(verify, "a", "b", [])
+    assert (v.status, v.detail, v.mode, v.seed) == ("unavailable", "timed out: t", "local", 3)
