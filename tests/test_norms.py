@@ -328,3 +328,52 @@ def test_a_near_norm_is_reported_by_the_catch_all_of_its_family(monkeypatch, nam
     [site] = report.sites
     assert (site.pass_name, site.status, site.reason) == (pass_name, "left", "unrecognized-pattern")
     assert site.kind == f"{ {'layernorm': 'LayerNorm', 'rmsnorm': 'RMSNorm'}[pass_name]}-like (unrecognized spelling)"
+
+
+def _named(model: onnx.ModelProto, output: str, name: str) -> onnx.ModelProto:
+    [node] = [n for n in model.graph.node if n.output[0] == output]
+    node.name = name
+    return model
+
+
+@pytest.mark.parametrize("spelling, first, anchor, prefix", [
+    ("torchscript", "m", "enc/blk/ReduceMean", "enc/blk"), ("torchscript", "m", "mean_op", "mean_op"),
+    ("torchscript", "m", "", "LayerNorm"), ("llama", "ms", "", "RMSNorm"), ("llama", "ms", "a/b/c", "a/b"),
+])
+def test_the_fused_op_and_its_parameters_are_named_after_the_anchor_s_scope(spelling, first, anchor, prefix):
+    """The first reduction's scope (its name up to the last '/') names the fused op and its
+    parameters; an unscoped name is the prefix itself, no name the family's."""
+    model = _named(spelling_model(spelling), first, anchor)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, target_opset=23)
+    [node] = folded.graph.node
+    assert node.name == f"{prefix}/{node.op_type}"
+    assert list(node.input[1:]) == [f"{prefix}.scale"] + ([f"{prefix}.bias"] if spelling == "torchscript" else [])
+    assert report.sites[0].created == [node.name]
+
+
+TRANSPOSED = """
+        t = Transpose <perm=[0, 2, 1]> (x)
+        m = ReduceMean (t, ax)
+        d = Sub (t, m)
+        sq = Mul (d, d)
+        v = ReduceMean (sq, ax)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        nrm = Div (d, sd)
+        y = Mul (nrm, gamma)"""
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_a_norm_of_a_transposed_input_reads_that_transpose_once(residual):
+    """The statistics read X through a Transpose: the fused op reads a Transpose of X, the model's
+    own when something else reads it too (a residual), else a new one named after the site."""
+    body = TRANSPOSED + ("\n        z = Add (t, y)" if residual else "")
+    out = "z" if residual else "y"
+    model = build(f"g (float[2,{D},5] x) => (float[2,5,{D}] {out}) {{{body}\n}}", opset=18,
+                  ax=CONSTS["ax"], eps=CONSTS["eps"], gamma=GAMMA)
+    model = _named(model, "m", "blk/ReduceMean")
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Transpose", "LayerNormalization"] + (["Add"] if residual else [])
+    transpose, ln = folded.graph.node[:2]
+    assert ln.input[0] == transpose.output[0]
+    assert transpose.name == ("" if residual else "blk/Transpose")
