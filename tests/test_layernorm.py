@@ -335,6 +335,12 @@ def test_channels_first_layernorm_fuses_between_transposes_on_request():
     folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, allow_transpose=True)
     assert ops(folded) == ["Transpose", "LayerNormalization", "Transpose"]
     assert [s.status for s in report.sites] == ["fused"]
+    t_in, ln, t_out = folded.graph.node
+    assert [n.name for n in folded.graph.node] == ["LayerNorm/Transpose_in", "LayerNorm/LayerNormalization",
+                                                   "LayerNorm/Transpose_out"]
+    assert onnx_attr(t_in, "perm") == [0, 2, 1] and onnx_attr(t_out, "perm") == [0, 2, 1]
+    assert list(t_in.input) == ["x"] and ln.input[0] == t_in.output[0] and t_out.output[0] == "y"
+    assert report.sites[0].detail.endswith("(axis=-1, epsilon=1e-05, between Transposes [0, 2, 1] and back)")
 
 
 @pytest.mark.parametrize("name, fused", [("torch/cf_layernorm_op14.onnx", 2), ("tf/keras3_conv_ln_c_op17.onnx", 1)])

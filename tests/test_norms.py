@@ -372,8 +372,56 @@ def test_a_norm_of_a_transposed_input_reads_that_transpose_once(residual):
     model = build(f"g (float[2,{D},5] x) => (float[2,5,{D}] {out}) {{{body}\n}}", opset=18,
                   ax=CONSTS["ax"], eps=CONSTS["eps"], gamma=GAMMA)
     model = _named(model, "m", "blk/ReduceMean")
-    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
     assert ops(folded) == ["Transpose", "LayerNormalization"] + (["Add"] if residual else [])
     transpose, ln = folded.graph.node[:2]
     assert ln.input[0] == transpose.output[0]
     assert transpose.name == ("" if residual else "blk/Transpose")
+    moved = "" if residual else ", on the input's Transpose [0, 2, 1] moved in front of it"
+    assert report.sites[0].detail == f"{8 if residual else 9} nodes fused into LayerNormalization (axis=-1, epsilon=1e-05{moved})"
+
+
+@pytest.mark.parametrize("spelling, options, detail, rounding", [
+    ("torchscript", {}, "9 nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)", None),
+    ("llama", {"target_opset": 23}, "7 nodes fused into RMSNormalization (axis=-1, epsilon=1e-05)", 0.0),
+    ("llama", {"allow_contrib": True},
+     "7 nodes fused into com.microsoft.SimplifiedLayerNormalization (axis=-1, epsilon=1e-05)", 0.0),
+])
+def test_the_report_says_what_the_site_became(spelling, options, detail, rounding):
+    """The detail names the op (with its domain), its axis and epsilon; the parameters' rounding is
+    reported for every RMSNorm and for a LayerNorm only when there was any (a float32 gamma is exact)."""
+    # onnxruntime without optimizations has no kernel for the contrib op: the report only
+    _, report = normfold.fold(spelling_model(spelling), normfold.FoldOptions(**options))
+    [site] = report.sites
+    assert site.detail == detail and site.max_rounding == rounding
+    contrib = ["uses com.microsoft.SimplifiedLayerNormalization: the model needs the opset import com.microsoft:1"]
+    assert site.notes == (contrib if "allow_contrib" in options else [])
+
+
+def test_a_double_layernorm_normalizes_with_stash_type_1():
+    """LayerNormalization's stash_type is 1 whatever the input type (RMSNormalization's follows it)."""
+    body = SPELLINGS["torchscript"][1]
+    consts = {k: np.asarray(v, np.float64) if v.dtype == np.float32 else v for k, v in CONSTS.items()
+              if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (double[2,5,{D}] x) => (double[2,5,{D}] y) {{{body}\n}}", opset=18, **consts)
+    folded, _, _ = fold_and_compare(model, atol=1e-7, rtol=1e-7)
+    [ln] = folded.graph.node
+    assert [onnx.helper.get_attribute_value(a) for a in ln.attribute if a.name == "stash_type"] == [1]
+
+
+def test_the_fused_op_stands_where_the_norm_s_last_node_stood():
+    model = spelling_model("torchscript")
+    model.graph.node.insert(len(model.graph.node) - 1, onnx.helper.make_node("Relu", ["x"], ["side"], name="side"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("side", onnx.TensorProto.FLOAT, [2, 5, D]))
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Relu", "LayerNormalization"]
+
+
+def test_a_transposed_input_normalized_over_a_middle_axis_says_both_transposes():
+    body = TRANSPOSED.replace("ax)", "ax2)")
+    model = build(f"g (float[2,{D},5] x) => (float[2,5,{D}] y) {{{body}\n}}", opset=18,
+                  ax2=CONSTS["ax2"], eps=CONSTS["eps"], gamma=GAMMA[:5].reshape(5, 1))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, allow_transpose=True)
+    assert ops(folded) == ["Transpose", "Transpose", "LayerNormalization", "Transpose"]
+    assert report.sites[0].detail.endswith("between Transposes [0, 2, 1] and back, on the input's Transpose "
+                                           "[0, 2, 1] moved in front of it)")
