@@ -280,3 +280,355 @@ def test_a_model_that_cannot_be_staged_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         staging.StagedModel(_weights_model(), tmp_path / "a.onnx", tmp_path / "s")
     assert list((tmp_path / "s").iterdir()) == []
+
+
+# ---- reading a model: every refusal one line naming the file, the file untouched -------------------
+def _refused(path, lazy=False) -> str:
+    from normfold.errors import NormfoldError
+    from normfold.io import read_model
+
+    before = path.read_bytes() if path.is_file() else None
+    with pytest.raises(NormfoldError) as info:
+        read_model(path, lazy=lazy)
+    assert (path.read_bytes() if path.is_file() else None) == before
+    message = str(info.value)
+    assert "\n" not in message and message.startswith(f"{path}: ")
+    return message[len(f"{path}: "):]
+
+
+def _save(model, path, **kwargs):
+    onnx.save(model, path, **kwargs)
+    return path
+
+
+def test_files_that_are_no_model_are_refused(tmp_path):
+    assert _refused(tmp_path / "missing.onnx") == "no such file"
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert _refused(tmp_path / "empty.onnx") == "empty file, not an ONNX model"
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xff\xff")
+    assert _refused(tmp_path / "junk.onnx").startswith("not a readable ONNX model (")
+    (tmp_path / "nograph.onnx").write_bytes(onnx.ModelProto(ir_version=8).SerializeToString())
+    assert _refused(tmp_path / "nograph.onnx") == "not an ONNX model (no graph)"
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    del model.graph.output[:]
+    assert _refused(_save(model, tmp_path / "noout.onnx")) == (
+        "invalid model: the graph has no outputs (nothing to compute or compare)")
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    del model.graph.node[:]
+    del model.opset_import[:]
+    assert _refused(_save(model, tmp_path / "noopset.onnx")) == "not an ONNX model (no opset import)"
+
+
+def test_a_graph_with_outputs_but_no_nodes_is_read(tmp_path):
+    from normfold.io import read_model
+
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [x], [x]), opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model, locations = read_model(_save(model, tmp_path / "a.onnx"))
+    assert [o.name for o in model.graph.output] == ["x"] and locations == []
+
+
+def test_opsets_newer_than_onnx_knows_are_refused(tmp_path):
+    newest = onnx.defs.onnx_opset_version()
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    model.opset_import[0].version = newest + 1
+    assert _refused(_save(model, tmp_path / "a.onnx")) == (
+        f"opset {newest + 1} of the default domain is newer than the installed onnx {onnx.__version__} supports "
+        f"(up to {newest})")
+    model.opset_import[0].version = 13
+    model.opset_import.append(onnx.helper.make_opsetid("ai.onnx.ml", 99))
+    high = dict((d, v[1]) for d, v in onnx.onnx_cpp2py_export.defs.schema_version_map().items())["ai.onnx.ml"]
+    assert _refused(_save(model, tmp_path / "b.onnx")) == (
+        f"opset 99 of domain 'ai.onnx.ml' is newer than the installed onnx {onnx.__version__} supports (up to {high})")
+    model.opset_import[1].domain = "ai.onnx"
+    assert "of the default domain" in _refused(_save(model, tmp_path / "c.onnx"))
+    model.opset_import[1].domain = "com.example"  # a domain onnx does not know: any version
+    model.opset_import[1].version = 99
+    from normfold.io import read_model
+    read_model(_save(model, tmp_path / "d.onnx"))
+
+
+def test_an_opset_in_a_local_function_is_checked_too(tmp_path):
+    newest = onnx.defs.onnx_opset_version()
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    function = onnx.helper.make_function("local", "f", ["a"], ["b"], [onnx.helper.make_node("Neg", ["a"], ["b"])],
+                                         [onnx.helper.make_opsetid("", newest + 2)])
+    model.functions.append(function)
+    assert f"opset {newest + 2} of the default domain" in _refused(_save(model, tmp_path / "a.onnx"))
+
+
+def test_unknown_element_and_data_types_and_negative_dimensions_are_refused(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Add (x, w) }", w=np.zeros(2, np.float32))
+    model.graph.output[0].type.tensor_type.elem_type = 99
+    assert _refused(_save(model, tmp_path / "a.onnx")) == "invalid model: 'y' has an unknown element type 99"
+    model.graph.output[0].type.tensor_type.elem_type = 1
+    model.graph.initializer[0].data_type = 77
+    assert _refused(_save(model, tmp_path / "b.onnx")) == "invalid model: tensor 'w' has an unknown data type 77"
+    model.graph.initializer[0].data_type = 1
+    model.graph.initializer[0].dims[:] = [-2]
+    assert _refused(_save(model, tmp_path / "c.onnx")) == "invalid model: tensor 'w' has a negative dimension [-2]"
+    model.graph.initializer[0].dims[:] = [2]
+    model.graph.initializer[0].name = ""
+    model.graph.initializer[0].data_type = 78
+    assert "tensor '<unnamed>' has an unknown data type 78" in _refused(_save(model, tmp_path / "d.onnx"))
+
+
+@pytest.mark.parametrize("wrap", ["sequence_type", "optional_type", "map_type"])
+def test_element_types_inside_sequences_optionals_and_maps_are_checked(tmp_path, wrap):
+    from normfold.io.validate import _type_elem_types
+
+    inner = onnx.helper.make_tensor_type_proto(99, [2])
+    outer = (onnx.helper.make_sequence_type_proto(inner) if wrap == "sequence_type" else
+             onnx.helper.make_optional_type_proto(inner) if wrap == "optional_type" else
+             onnx.helper.make_map_type_proto(onnx.TensorProto.INT64, inner))
+    assert list(_type_elem_types(outer))[-1] == 99
+    if wrap == "map_type":
+        assert list(_type_elem_types(outer)) == [onnx.TensorProto.INT64, 99]
+    assert list(_type_elem_types(onnx.helper.make_sparse_tensor_type_proto(5, [2]))) == [5]
+    assert list(_type_elem_types(onnx.TypeProto())) == []
+
+
+def test_tensors_whose_data_do_not_match_their_header_are_refused(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Add (x, w) }", w=np.zeros(2, np.float32))
+    model.graph.initializer[0].raw_data = b"\0" * 12
+    message = _refused(_save(model, tmp_path / "a.onnx"))
+    assert message.startswith("invalid model: ") and "'w'" in message
+    model = build("g (float[2] x) => (float[2] y) { y = Add (x, w) }", w=np.zeros(2, np.float32))
+    tensor = model.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.float_data[:] = [1.0, 2.0, 3.0]
+    message = _refused(_save(model, tmp_path / "b.onnx"))
+    assert message.startswith("invalid model: ") and "'w'" in message
+
+
+def test_strings_that_are_not_utf8_are_refused(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    data = model.SerializeToString().replace(b"Neg", b"N\xffg")
+    (tmp_path / "a.onnx").write_bytes(data)
+    assert _refused(tmp_path / "a.onnx") == (
+        "invalid model: NodeProto.op_type holds a string that is not valid UTF-8 (b'N\\xffg')")
+
+
+# ---- external data: only inside the model's folder, within its file ------------------------------
+def _external_model(tmp_path, size=300, **kwargs):
+    model = _weights_model(size)
+    return _save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0, **kwargs)
+
+
+def _set_external(path, **info):
+    model = onnx.load(path, load_external_data=False)
+    tensor = model.graph.initializer[0]
+    entries = {e.key: e.value for e in tensor.external_data}
+    entries.update(info)
+    del tensor.external_data[:]
+    for key, value in entries.items():
+        if value is not None:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def test_external_data_is_read_or_left_in_its_file(tmp_path):
+    from normfold.io import read_model
+
+    path = _external_model(tmp_path)
+    model, locations = read_model(path)
+    assert locations == ["m.data"] and model.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT
+    np.testing.assert_array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), np.arange(300))
+    lazy, locations = read_model(path, lazy=True)
+    assert locations == ["m.data"] and lazy.graph.initializer[0].data_location == onnx.TensorProto.EXTERNAL
+
+
+@pytest.mark.parametrize("location, message", [
+    ("", "external data of a tensor has no location"),
+    ("/etc/passwd", "external data location '/etc/passwd' points outside the model's folder; refused"),
+    ("../m.data", "external data location '../m.data' points outside the model's folder; refused"),
+    ("C:x.data", "external data location 'C:x.data' points outside the model's folder; refused"),
+    ("a\0b", "external data location 'a\\x00b' points outside the model's folder; refused"),
+    ("gone.data", "external data file 'gone.data' not found"),
+    ("sub", "external data file 'sub': is a directory, not a model file; refused"),
+])
+def test_external_data_locations_are_checked_before_anything_is_opened(tmp_path, location, message):
+    (tmp_path / "sub").mkdir()
+    path = _set_external(_external_model(tmp_path), location=location)
+    assert _refused(path) == message
+    assert _refused(path, lazy=True) == message
+
+
+def test_a_location_through_a_symlink_loop_cannot_be_resolved(tmp_path):
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    path = _set_external(_external_model(tmp_path), location="loop/x")
+    assert _refused(path) == "external data location 'loop/x' cannot be resolved; refused"
+
+
+def test_a_location_symlinked_out_of_the_folder_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    inside = tmp_path / "model"
+    inside.mkdir()
+    path = _external_model(inside)
+    (outside / "m.data").write_bytes((inside / "m.data").read_bytes())
+    (inside / "m.data").unlink()
+    (inside / "m.data").symlink_to(outside / "m.data")
+    assert _refused(path) == "external data location 'm.data' points outside the model's folder; refused"
+
+
+@pytest.mark.parametrize("info, fits", [
+    ({}, True),
+    ({"offset": "0", "length": "1200"}, True),
+    ({"offset": "4"}, False),                  # 1200 bytes from 4 run past the end
+    ({"length": "1196"}, False),               # fewer bytes than the tensor needs
+    ({"offset": "-1"}, False),
+    ({"length": "-4"}, False),
+    ({"offset": "x"}, None),
+    ({"length": "12.5"}, None),
+])
+def test_lazy_external_tensors_must_lie_inside_their_file(tmp_path, info, fits):
+    from normfold.io import read_model
+
+    path = _set_external(_external_model(tmp_path), **info)
+    if fits:
+        read_model(path, lazy=True)
+        return
+    message = _refused(path, lazy=True)
+    if fits is None:
+        assert message == "cannot read external data: tensor 'w' has an offset or length that is not a number"
+        return
+    offset, length = int(info.get("offset", 0)), int(info.get("length", 1200))
+    assert message == (f"cannot read external data: tensor 'w' ('m.data', offset {offset}, length {length}) does not "
+                       f"fit the file (1200 bytes) or the tensor's 1200 bytes")
+    assert _refused(path)  # and when it is loaded
+
+
+def test_a_tensor_without_a_fixed_item_size_takes_the_rest_of_its_file(tmp_path):
+    from normfold.io.external import _check_external_extents
+
+    model = build("g (string[2] x) => (string[2] y) { y = Identity (x) }")
+    tensor = model.graph.initializer.add()
+    tensor.name, tensor.data_type, tensor.data_location = "s", onnx.TensorProto.STRING, onnx.TensorProto.EXTERNAL
+    tensor.dims[:] = [2]
+    for key, value in (("location", "s.data"), ("offset", "2")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    (tmp_path / "s.data").write_bytes(b"0123456789")
+    _check_external_extents(tmp_path / "m.onnx", tmp_path, model)  # 8 bytes from 2: inside
+    tensor.external_data[1].value = "11"
+    with pytest.raises(Exception, match=r"offset 11, length -1\) does not fit the file \(10 bytes\) or the tensor's None bytes"):
+        _check_external_extents(tmp_path / "m.onnx", tmp_path, model)
+
+
+def test_external_locations_are_found_in_every_graph_and_function(tmp_path):
+    from normfold.io import external_locations
+
+    def external(name, location):
+        t = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [1], [0.0])
+        t.ClearField("float_data")
+        t.data_location = onnx.TensorProto.EXTERNAL
+        entry = t.external_data.add()
+        entry.key, entry.value = "location", location
+        return t
+
+    body = onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["c"], value=external("c", "branch.bin"))],
+                                  "b", [], [onnx.helper.make_tensor_value_info("c", 1, [1])])
+    node = onnx.helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body)
+    graph = onnx.helper.make_graph([node], "g", [], [], initializer=[external("w", "main.bin")])
+    model = onnx.helper.make_model(graph)
+    info = model.training_info.add()
+    info.initialization.CopyFrom(onnx.helper.make_graph([], "i", [], [], initializer=[external("t", "train.bin")]))
+    info.algorithm.CopyFrom(onnx.helper.make_graph([], "a", [], [], initializer=[external("u", "algo.bin")]))
+    model.functions.append(onnx.helper.make_function(
+        "local", "f", [], ["k"], [onnx.helper.make_node("Constant", [], ["k"], value=external("k", "fn.bin"))], []))
+    sparse = onnx.helper.make_sparse_tensor(external("v", "sparse_values.bin"), external("i", "sparse_idx.bin"), [4])
+    model.graph.sparse_initializer.append(sparse)
+    assert sorted(external_locations(model)) == sorted(["main.bin", "sparse_values.bin", "sparse_idx.bin", "branch.bin",
+                                                        "branch.bin", "train.bin", "algo.bin", "fn.bin"])
+
+
+def test_approximate_size_is_the_weights_plus_a_margin_per_node():
+    from normfold.io import approximate_size
+
+    model = _weights_model(300)
+    assert approximate_size(model) == 1200 + 64 * 2 * 16
+    model.graph.node.append(onnx.helper.make_node("Neg", ["y"], ["z"]))
+    assert approximate_size(model) == 1200 + 64 * 3 * 16
+
+
+def test_weights_move_to_one_external_file_and_small_or_constant_ones_stay(tmp_path):
+    from normfold.io.external import EXTERNAL_THRESHOLD, write_external_data
+
+    model = build("""g (float[256] x, float[255] z) => (float[256] a, float[255] b, float[300] c) {
+        c = Constant <value = float[300] {%s}> ()
+        a = Add (x, big)
+        b = Add (z, small) }""" % ", ".join(["1.0"] * 300),
+                  big=np.arange(EXTERNAL_THRESHOLD // 4, dtype=np.float32), small=np.ones(EXTERNAL_THRESHOLD // 4 - 1, np.float32))
+    assert write_external_data(model, tmp_path / "w.bin", "w.bin", None)
+    big, small = model.graph.initializer
+    assert big.data_location == onnx.TensorProto.EXTERNAL and not big.HasField("raw_data")
+    assert {e.key: e.value for e in big.external_data} == {"location": "w.bin", "offset": "0", "length": "1024"}
+    assert small.data_location == onnx.TensorProto.DEFAULT and small.HasField("raw_data")
+    assert model.graph.node[0].attribute[0].t.data_location == onnx.TensorProto.DEFAULT
+    assert (tmp_path / "w.bin").read_bytes() == np.arange(256, dtype=np.float32).tobytes()
+    nothing = _weights_model(3)
+    assert not write_external_data(nothing, tmp_path / "n.bin", "n.bin", None) and not (tmp_path / "n.bin").exists()
+
+
+def test_tensors_already_external_are_copied_file_to_file(tmp_path):
+    from normfold.io.external import write_external_data
+
+    src = tmp_path / "src"
+    src.mkdir()
+    model = build("g (float[N] x) => (float[N] y) { a = Add (x, u)\n y = Add (a, v) }",
+                  u=np.arange(300, dtype=np.float32), v=np.arange(300, 600, dtype=np.float32))
+    onnx.save(model, src / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy = onnx.load(src / "m.onnx", load_external_data=False)
+    entries = lazy.graph.initializer[1].external_data  # v without a length: to the end of the file
+    kept = [(e.key, e.value) for e in entries if e.key != "length"]
+    del entries[:]
+    for key, value in kept:
+        entry = entries.add()
+        entry.key, entry.value = key, value
+    before = (src / "m.data").read_bytes()
+    assert write_external_data(lazy, tmp_path / "out.bin", "out.bin", src)
+    assert (src / "m.data").read_bytes() == before  # the source is only read
+    data = (tmp_path / "out.bin").read_bytes()
+    assert data == np.arange(600, dtype=np.float32).tobytes()
+    u, v = lazy.graph.initializer
+    assert {e.key: e.value for e in u.external_data} == {"location": "out.bin", "offset": "0", "length": "1200"}
+    assert {e.key: e.value for e in v.external_data} == {"location": "out.bin", "offset": "1200", "length": "1200"}
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_a_range_is_copied_by_the_kernel_or_by_reads(tmp_path, monkeypatch, kernel):
+    import errno
+
+    from normfold.io.external import copy_range
+
+    if not kernel:
+        def refuse(*args):
+            raise OSError(errno.EXDEV, "cross-device")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    (tmp_path / "src").write_bytes(bytes(range(200)))
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "out", "wb") as out:
+        out.write(b"head")
+        copy_range(src, out, 10, 100, "w")
+    assert (tmp_path / "out").read_bytes() == b"head" + bytes(range(10, 110))
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "out", "wb") as out:
+        with pytest.raises(OSError, match="external data of 'w' ends early"):
+            copy_range(src, out, 150, 100, "w")
+
+
+def test_a_kernel_copy_error_that_is_not_a_refusal_is_raised(tmp_path, monkeypatch):
+    import errno
+
+    from normfold.io.external import copy_range
+
+    def failing(*args):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "copy_file_range", failing, raising=False)
+    (tmp_path / "src").write_bytes(b"x" * 10)
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "out", "wb") as out:
+        with pytest.raises(OSError, match="I/O error"):
+            copy_range(src, out, 0, 10, "w")
