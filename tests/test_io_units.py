@@ -76,14 +76,25 @@ def _dead_pid() -> int:
 
 
 def test_only_staging_folders_of_gone_processes_are_removed(tmp_path):
+    import subprocess
+
     from normfold.io.staging import STAGING_PREFIX, remove_stale_staging
 
     dead = _dead_pid()
+    alive = subprocess.Popen(["sleep", "60"])  # (not the parent: a wrong signal must not reach a real process)
+    try:
+        _check_stale_removal(tmp_path, dead, alive.pid, STAGING_PREFIX, remove_stale_staging)
+    finally:
+        alive.kill()
+        alive.wait()
+
+
+def _check_stale_removal(tmp_path, dead, alive, STAGING_PREFIX, remove_stale_staging):
     stale = tmp_path / f"{STAGING_PREFIX}{dead}-0badc0de"
     (stale / "m1").mkdir(parents=True)
     (stale / "m1" / "out.onnx").write_bytes(b"partial")
     keep = [tmp_path / f"{STAGING_PREFIX}{os.getpid()}-00000000",        # this process
-            tmp_path / f"{STAGING_PREFIX}{os.getppid()}-00000000",       # alive
+            tmp_path / f"{STAGING_PREFIX}{alive}-00000000",              # alive
             tmp_path / f"{STAGING_PREFIX}x{dead}-00000000",              # not a pid
             tmp_path / f"normfold-staging-{dead}-00000000"]              # not the prefix
     for folder in keep:
