@@ -425,3 +425,73 @@ def test_a_transposed_input_normalized_over_a_middle_axis_says_both_transposes()
     assert ops(folded) == ["Transpose", "Transpose", "LayerNormalization", "Transpose"]
     assert report.sites[0].detail.endswith("between Transposes [0, 2, 1] and back, on the input's Transpose "
                                            "[0, 2, 1] moved in front of it)")
+
+
+def _torchscript(out_dims: str = f"2,5,{D}", x_dims: str = f"2,5,{D}", opset: int = 18, **consts):
+    """The TorchScript LayerNorm (SPELLINGS) with other constants or shapes."""
+    body = SPELLINGS["torchscript"][1]
+    used = {k: v for k, v in {**CONSTS, **consts}.items() if re.search(rf"\b{k}\b", body)}
+    return build(f"g (float[{x_dims}] x) => (float[{out_dims}] y) {{{body}\n}}", opset=opset, **used)
+
+
+@pytest.mark.parametrize("model, options, reason, detail", [
+    (lambda: _torchscript(f"2,2,5,{D}", gamma=np.stack([GAMMA, 2 * GAMMA]).reshape(2, 1, 1, D)), {},
+     "not-per-channel", f"gamma of shape [2, 1, 1, {D}] has more axes than the input"),
+    (lambda: _torchscript(f"2,2,5,{D}", beta=np.stack([BETA, 2 * BETA]).reshape(2, 1, 1, D)), {},
+     "not-per-channel", f"beta of shape [2, 1, 1, {D}] has more axes than the input"),
+    (lambda: _torchscript(ax=np.array([-2]), gamma=GAMMA[:5].reshape(5, 1), beta=BETA[:5].reshape(5, 1)), {},
+     "unsupported-axis", "reduction over axes [1] of a rank-3 tensor: the fused op normalizes trailing axes only "
+     "(--allow-transpose wraps it in a Transpose pair)"),
+    (lambda: _variant("llama", "ax)", "ax2)", gamma=GAMMA[:5].reshape(5, 1)), {"target_opset": 23},
+     "unsupported-axis", "reduction over axes [1] of a rank-3 tensor: the fused op normalizes trailing axes only"),
+    (lambda: _torchscript(f"2,5,{D}", f"2,5,{D}", gamma=np.float32(1.5), beta=np.float32(0.5)), {}, None, None),
+    (lambda: _torchscript(gamma=np.resize(GAMMA, (5, D))), {}, "not-per-channel",
+     f"gamma of shape [5, {D}] varies along axes that are not normalized ([-1])"),
+    (lambda: _torchscript("2,5,d", "2,5,d", ax=np.array([-2, -1]), gamma=GAMMA[:5].reshape(5, 1),
+                          beta=BETA[:5].reshape(5, 1)), {}, "unknown-shape",
+     "the size of the normalized axes could not be inferred"),
+    (lambda: _torchscript("2,5,d", "2,5,d", gamma=np.float32(1.5), beta=np.float32(0.5)), {}, "unknown-shape",
+     "the size of the normalized axes could not be inferred"),
+    (lambda: _torchscript("2,5,d", "2,5,d", gamma=np.float32([1.5]), beta=np.float32([0.5])), {}, "unknown-shape",
+     "the size of the normalized axes could not be inferred"),
+])
+def test_a_norm_the_fused_op_cannot_express_is_left_with_its_reason(model, options, reason, detail):
+    folded, report = normfold.fold(model(), normfold.FoldOptions(**options))
+    [site] = report.sites
+    assert (site.reason, site.detail if reason else None) == (reason, detail), report.to_text(verbose=True)
+
+
+@pytest.mark.parametrize("size", [2, D])
+def test_a_dynamic_normalized_axis_takes_its_size_from_gamma(size):
+    """The last axis is dynamic: gamma's own shape, all of it larger than 1, is the normalized shape."""
+    model = _torchscript("2,5,d", "2,5,d", gamma=GAMMA[:size], beta=BETA[:size])
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["LayerNormalization"], report.to_text(verbose=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 5, size)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_an_unknown_rank_with_a_middle_axis_is_left_unknown_shape():
+    model = _torchscript(ax=np.array([-2]), gamma=GAMMA[:5].reshape(5, 1), beta=BETA[:5].reshape(5, 1))
+    model.graph.ClearField("value_info")
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    _, report = normfold.fold(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("unknown-shape", "the rank of 'x' could not be inferred")
+
+
+def test_a_norm_over_two_axes_takes_a_gamma_of_the_last_one():
+    model = _torchscript(ax=np.array([-2, -1]))
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]
+
+
+def test_parameters_computed_in_float64_report_their_rounding():
+    """gamma multiplied in twice: the product is computed exactly, then stored in float32, and the
+    report gives that rounding."""
+    model = _variant("llama", "y = Mul (gamma, nrm)", "yg = Mul (gamma, nrm)\n        y = Mul (yg, gamma)")
+    _, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    [site] = report.sites
+    exact = GAMMA.astype(np.float64) ** 2
+    assert site.max_rounding == float(np.max(np.abs(exact.astype(np.float32).astype(np.float64) - exact))) > 0
