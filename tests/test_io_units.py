@@ -643,3 +643,264 @@ def test_a_kernel_copy_error_that_is_not_a_refusal_is_raised(tmp_path, monkeypat
     with open(tmp_path / "src", "rb") as src, open(tmp_path / "out", "wb") as out:
         with pytest.raises(OSError, match="I/O error"):
             copy_range(src, out, 0, 10, "w")
+
+
+# ---- what the first run of io's mutants left alive ---------------------------------------------------
+def test_tensor_data_that_does_not_match_names_the_tensor_its_type_and_the_cut_reason(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Add (x, w) }", w=np.zeros(2, np.float32))
+    good = model.graph.initializer[0]
+    model.graph.initializer.append(onnx.TensorProto(name="big", data_type=1, dims=[2] * 40, float_data=[1.0, 2.0, 3.0]))
+    assert good.HasField("raw_data")  # the first tensor passes: the second is still checked
+    message = _refused(_save(model, tmp_path / "a.onnx"))
+    head = f"invalid model: tensor 'big' (FLOAT {[2] * 40}) has data that does not match its type and shape: "
+    assert message.startswith(head + "cannot reshape array of size 3 into shape (2,")
+    assert len(message) == len(head) + 120 and message.endswith("...")  # the reason cut at 120 characters
+
+
+def test_weights_in_raw_data_are_checked_by_size_never_decoded(tmp_path, monkeypatch):
+    import normfold.io.validate as validate
+
+    model = build("g (float[2] x) => (float[2] y) { a = Add (x, w)\n y = Add (a, v) }", w=np.zeros(2, np.float32),
+                  v=np.zeros(2, np.float32))
+    tensor = model.graph.initializer[1]
+    tensor.ClearField("raw_data")
+    tensor.float_data[:] = [1.0, 2.0]  # decoded: not in raw_data
+    path = _save(model, tmp_path / "a.onnx")
+    decoded = []
+    real = validate.numpy_helper.to_array
+    monkeypatch.setattr(validate.numpy_helper, "to_array", lambda t, *a: decoded.append(t.name) or real(t, *a))
+    validate.read_model(path)
+    assert decoded == ["v"]
+
+
+def test_a_model_that_fails_onnxs_full_check_only_is_refused(tmp_path):
+    """Add of a [2] and a [3]: the plain check lets it through, strict shape inference does not."""
+    model = build("g (float[2] x) => (float[2] y) { y = Add (x, w) }", w=np.zeros(2, np.float32))
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(np.zeros(3, np.float32), "w"))
+    onnx.checker.check_model(model)
+    message = _refused(_save(model, tmp_path / "a.onnx"))
+    assert message.startswith("invalid model: ") and "Incompatible dimensions" in message and "\n" not in message
+    external = tmp_path / "ext"
+    external.mkdir()
+    path = _save(model, external / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    assert "Incompatible dimensions" in _refused(path)
+
+
+def test_value_info_that_contradicts_inference_is_read_as_annotation(tmp_path):
+    from normfold.io import read_model
+
+    model = build("g (float[2] x) => (float[2] y) { a = Neg (x)\n y = Neg (a) }")
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [5]))
+    model, _ = read_model(_save(model, tmp_path / "a.onnx"))
+    assert model.graph.node[0].op_type == "Neg"
+
+
+def test_lazy_tensors_without_offset_or_length_and_empty_ones_fit(tmp_path):
+    from normfold.io import read_model
+
+    read_model(_set_external(_external_model(tmp_path), offset=None, length=None), lazy=True)
+    model = build("g (float[0] x) => (float[0] y) { a = Add (x, w)\n y = Add (a, e) }",
+                  w=np.zeros(0, np.float32), e=np.zeros(0, np.float32))
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy = onnx.load(folder / "m.onnx", load_external_data=False)
+    for tensor in lazy.graph.initializer:  # both external, both of length 0
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        del tensor.external_data[:]
+        for key, value in (("location", "m.data"), ("offset", "0"), ("length", "0")):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    (folder / "m.data").write_bytes(b"")
+    (folder / "m.onnx").write_bytes(lazy.SerializeToString())
+    read_model(folder / "m.onnx", lazy=True)
+
+
+def test_every_external_tensor_is_checked_not_only_the_first(tmp_path):
+    model = build("g (float[N] x) => (float[N] y) { a = Add (x, s)\n y = Add (a, w) }", s=np.zeros(1, np.float32),
+                  w=np.arange(300, dtype=np.float32))
+    path = _save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=100)
+    lazy = onnx.load(path, load_external_data=False)
+    assert lazy.graph.initializer[0].data_location == onnx.TensorProto.DEFAULT  # inline first, then external
+    for entry in lazy.graph.initializer[1].external_data:
+        if entry.key == "length":
+            entry.value = "1196"
+    path.write_bytes(lazy.SerializeToString())
+    assert "does not fit the file" in _refused(path, lazy=True)
+
+
+def test_a_kernel_copy_that_stops_short_goes_on_from_where_it_stopped(tmp_path, monkeypatch):
+    from normfold.io.external import copy_range
+
+    real = os.copy_file_range
+    calls = []
+
+    def short_first(src, dst, count, offset):
+        calls.append(count)
+        return real(src, dst, min(count, 7) if len(calls) == 1 else count, offset)
+
+    monkeypatch.setattr(os, "copy_file_range", short_first)
+    (tmp_path / "src").write_bytes(bytes(range(200)))
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "out", "wb") as out:
+        copy_range(src, out, 10, 100, "w")
+    assert (tmp_path / "out").read_bytes() == bytes(range(10, 110))
+
+
+def test_reads_of_more_than_one_chunk_copy_exactly_the_range(tmp_path, monkeypatch):
+    import errno
+
+    from normfold.io.external import copy_range
+
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSYS, "no")))
+    data = np.random.default_rng(0).integers(0, 256, (1 << 24) + 5000, dtype=np.uint8).tobytes()
+    (tmp_path / "src").write_bytes(data)
+    with open(tmp_path / "src", "rb") as src, open(tmp_path / "out", "wb") as out:
+        copy_range(src, out, 3, (1 << 24) + 1000, "w")
+    assert (tmp_path / "out").read_bytes() == data[3:3 + (1 << 24) + 1000]
+
+
+def _three_external(folder, offsets=True):
+    model = build("g (float[N] x) => (float[N] y) { a = Add (x, u)\n b = Add (a, v)\n y = Add (b, t) }",
+                  u=np.arange(300, dtype=np.float32), v=np.arange(300, 600, dtype=np.float32),
+                  t=np.arange(600, 900, dtype=np.float32))
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy = onnx.load(folder / "m.onnx", load_external_data=False)
+    if not offsets:
+        entries = lazy.graph.initializer[0].external_data  # the first at offset 0: no offset given
+        kept = [(e.key, e.value) for e in entries if e.key != "offset"]
+        del entries[:]
+        for key, value in kept:
+            entry = entries.add()
+            entry.key, entry.value = key, value
+    return lazy
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_three_external_tensors_are_laid_one_after_another(tmp_path, monkeypatch, kernel):
+    import errno
+
+    from normfold.io.external import write_external_data
+
+    if not kernel:
+        monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+    src = tmp_path / "src"
+    src.mkdir()
+    lazy = _three_external(src, offsets=False)
+    monkeypatch.chdir(src)  # no source_dir: relative to the working directory
+    assert write_external_data(lazy, tmp_path / "out.bin", "out.bin", None)
+    assert (tmp_path / "out.bin").read_bytes() == np.arange(900, dtype=np.float32).tobytes()
+    assert [{e.key: e.value for e in t.external_data}["offset"] for t in lazy.graph.initializer] == ["0", "1200", "2400"]
+
+
+def test_an_external_tensor_of_length_0_copies_nothing_and_one_byte_is_written(tmp_path):
+    from normfold.io.external import write_external_data
+
+    (tmp_path / "src.bin").write_bytes(b"\x07rest of the file")
+
+    def external(name, dtype, dims, length):
+        t = onnx.TensorProto(name=name, data_type=dtype, dims=dims, data_location=onnx.TensorProto.EXTERNAL)
+        for key, value in (("location", "src.bin"), ("offset", "0"), ("length", length)):
+            entry = t.external_data.add()
+            entry.key, entry.value = key, value
+        return t
+
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], [], initializer=[
+        external("e", onnx.TensorProto.FLOAT, [0], "0"), external("b", onnx.TensorProto.UINT8, [1], "1")]))
+    assert write_external_data(model, tmp_path / "out.bin", "out.bin", tmp_path)
+    assert (tmp_path / "out.bin").read_bytes() == b"\x07"
+
+
+def test_an_external_file_shorter_than_its_tensor_is_a_one_line_error(tmp_path, monkeypatch):
+    import errno
+
+    from normfold.errors import NormfoldError
+    from normfold.io import StagedModel
+
+    monkeypatch.setattr(os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.EXDEV, "x")))
+    src = tmp_path / "src"
+    src.mkdir()
+    lazy = _three_external(src)
+    with open(src / "m.data", "r+b") as f:
+        f.truncate(3000)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(NormfoldError) as info:
+        StagedModel(lazy, tmp_path / "out.onnx", tmp_path / "s", external_data=True, source_dir=src)
+    assert str(info.value) == f"{tmp_path / 'out.onnx'}: cannot write (external data of 't' ends early)"
+    assert list((tmp_path / "s").iterdir()) == []
+
+
+def test_a_staged_model_copies_external_weights_from_the_source_folder(tmp_path, monkeypatch):
+    from normfold.io import StagedModel
+
+    src = tmp_path / "src"
+    src.mkdir()
+    lazy = _three_external(src)
+    (tmp_path / "s").mkdir()
+    monkeypatch.chdir(tmp_path)
+    staged = StagedModel(lazy, tmp_path / "out.onnx", tmp_path / "s", external_data=True, source_dir=src)
+    assert (staged.folder / "out.onnx.data").read_bytes() == np.arange(900, dtype=np.float32).tobytes()
+
+
+def test_tensor_size_is_byte_size_with_every_header_field():
+    from normfold.io import tensor_size
+
+    t = onnx.numpy_helper.from_array(np.arange(300, dtype=np.float32), "w")
+    t.doc_string = "weights"
+    t.segment.begin, t.segment.end = 0, 300
+    entry = t.metadata_props.add()
+    entry.key, entry.value = "k", "v"
+    assert tensor_size(t) == t.ByteSize()
+    inline = onnx.helper.make_tensor("f", onnx.TensorProto.FLOAT, [2], [1.0, 2.0])
+    assert tensor_size(inline) == inline.ByteSize()
+
+
+def test_new_files_get_0o666_less_the_umask():
+    from normfold.io.staging import _default_mode
+
+    old = os.umask(0)
+    try:
+        assert _default_mode() == 0o666
+    finally:
+        os.umask(old)
+
+
+def test_discarding_twice_or_after_the_folder_went_is_harmless(tmp_path):
+    from normfold.io import StagedModel
+    from normfold.io.staging import make_staging_folder, remove_staging
+
+    folder = make_staging_folder(tmp_path)
+    staged = StagedModel(_weights_model(), tmp_path / "a.onnx", folder)
+    staged.discard()
+    staged.discard()
+    remove_staging(folder)
+    remove_staging(folder)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_commit_holds_interrupts_until_every_file_is_moved(tmp_path, monkeypatch):
+    import signal
+
+    from normfold.io import Transaction
+
+    tx = Transaction()
+    assert tx.committed is False
+    tx.stage_text(tmp_path / "a.json", "{}")
+    tx.stage_text(tmp_path / "b.json", "{}")
+    blocked = []
+    real = os.replace
+    monkeypatch.setattr(os, "replace", lambda a, b: blocked.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])) or real(a, b))
+    tx.commit()
+    assert len(blocked) == 2 and all({signal.SIGINT, signal.SIGTERM} <= mask for mask in blocked)
+    assert signal.SIGINT not in signal.pthread_sigmask(signal.SIG_BLOCK, [])  # unblocked after
+
+
+def test_a_move_onto_a_folder_names_the_reason(tmp_path):
+    from normfold.errors import NormfoldError
+    from normfold.io import Transaction
+
+    (tmp_path / "d").mkdir()
+    tx = Transaction()
+    tx.stage_text(tmp_path / "d", "{}")
+    with pytest.raises(NormfoldError) as info:
+        tx.commit()
+    assert str(info.value) == f"{tmp_path / 'd'}: cannot move the result into place (Is a directory)"
