@@ -904,3 +904,165 @@ def test_a_move_onto_a_folder_names_the_reason(tmp_path):
     with pytest.raises(NormfoldError) as info:
         tx.commit()
     assert str(info.value) == f"{tmp_path / 'd'}: cannot move the result into place (Is a directory)"
+
+
+# ---- what the second run of io's mutants left alive ---------------------------------------------------
+def test_an_unnamed_constant_with_bad_data_is_named_as_unnamed(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Add (x, w) }", w=np.zeros(2, np.float32))
+    bad = onnx.TensorProto(name="", data_type=1, dims=[2], raw_data=b"\0" * 12)
+    model.graph.node.append(onnx.helper.make_node("Constant", [], ["u"], value=bad))
+    assert _refused(_save(model, tmp_path / "a.onnx")).startswith(
+        "invalid model: tensor '<unnamed>' (FLOAT [2]) has data that does not match its type and shape: cannot reshape")
+
+
+def test_the_newest_opset_onnx_knows_is_read(tmp_path):
+    from normfold.io import load_model
+
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }", opset=onnx.defs.onnx_opset_version())
+    assert load_model(_save(model, tmp_path / "a.onnx")).graph.node[0].op_type == "Neg"
+
+
+def test_a_bad_string_in_a_repeated_field_is_found_and_shown_cut_at_40_bytes(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    long_name = "x" + "a" * 50
+    model.graph.input[0].name = long_name
+    model.graph.node[0].input[0] = long_name
+    data = model.SerializeToString().replace(long_name.encode(), b"\xff" + b"a" * 50)
+    (tmp_path / "a.onnx").write_bytes(data)
+    shown = repr(b"\xff" + b"a" * 39)
+    assert _refused(tmp_path / "a.onnx").endswith(f"holds a string that is not valid UTF-8 ({shown})")
+    assert "NodeProto.input" in _refused(tmp_path / "a.onnx") or "ValueInfoProto.name" in _refused(tmp_path / "a.onnx")
+
+
+def test_a_graph_with_neither_nodes_nor_outputs_is_no_model(tmp_path):
+    model = onnx.helper.make_model(onnx.helper.make_graph([], "g", [], []))
+    assert _refused(_save(model, tmp_path / "a.onnx")) == "not an ONNX model (no graph)"
+
+
+@pytest.mark.parametrize("error, shown", [(OSError(13, "Permission denied"), "Permission denied"),
+                                          (OSError("disk gone"), "disk gone")])
+def test_a_model_that_cannot_be_read_says_why(tmp_path, monkeypatch, error, shown):
+    path = _save(build("g (float[2] x) => (float[2] y) { y = Neg (x) }"), tmp_path / "a.onnx")
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(onnx, "load", fail)
+    assert _refused(path) == f"cannot read ({shown})"
+
+
+def test_bytes_that_are_no_protobuf_name_the_parse_error(tmp_path):
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xff\xff")
+    assert "Error parsing message" in _refused(tmp_path / "junk.onnx")
+
+
+def test_external_data_that_cannot_be_loaded_names_the_reason(tmp_path):
+    path = _set_external(_external_model(tmp_path, size=2), offset="4")
+    assert _refused(path) == ("cannot read external data: External data length (8) exceeds available data "
+                              "(4 bytes from offset 4) for tensor 'w'")
+
+
+def test_a_tensor_without_a_location_key_has_no_location(tmp_path):
+    path = _set_external(_external_model(tmp_path), location=None)
+    assert _refused(path) == "external data of a tensor has no location"
+
+
+def test_a_lazy_tensor_without_length_in_a_longer_file_takes_its_own_size(tmp_path):
+    from normfold.io import read_model
+
+    lazy = _three_external(tmp_path)
+    for tensor in lazy.graph.initializer:
+        kept = [(e.key, e.value) for e in tensor.external_data if e.key != "length"]
+        del tensor.external_data[:]
+        for key, value in kept:
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+    (tmp_path / "m.onnx").write_bytes(lazy.SerializeToString())
+    read_model(tmp_path / "m.onnx", lazy=True)
+
+
+def _external_tensor(name, location):
+    t = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [1], [0.0])
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", location
+    return t
+
+
+def test_tensors_in_every_kind_of_attribute_and_nested_graph_are_found():
+    from normfold.io import external_locations
+    from normfold.io.external import _all_graphs
+
+    def branch(name, location):
+        return onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["c"], value=_external_tensor("c", location))],
+                                      name, [], [onnx.helper.make_tensor_value_info("c", 1, [1])])
+
+    inner = onnx.helper.make_node("If", ["cond"], ["c"], then_branch=branch("inner", "nested.bin"),
+                                  else_branch=branch("inner2", "nested2.bin"))
+    outer = onnx.helper.make_graph([inner], "outer", [], [onnx.helper.make_tensor_value_info("c", 1, [1])])
+    node = onnx.helper.make_node("If", ["cond"], ["y"], then_branch=outer, else_branch=branch("plain", "plain.bin"))
+    ref = onnx.helper.make_node("Custom", [], ["r"], domain="x")
+    ref.attribute.append(onnx.AttributeProto(name="t", ref_attr_name="outer_t", type=onnx.AttributeProto.TENSOR))
+    ref.attribute.append(onnx.helper.make_attribute("ts", [_external_tensor("a", "tensors.bin")]))
+    sparse = onnx.helper.make_sparse_tensor(_external_tensor("v", "sv.bin"), _external_tensor("i", "si.bin"), [4])
+    ref.attribute.append(onnx.helper.make_attribute("s", sparse))
+    many = onnx.helper.make_sparse_tensor(_external_tensor("v2", "mv.bin"), _external_tensor("i2", "mi.bin"), [4])
+    ref.attribute.append(onnx.AttributeProto(name="ss", type=onnx.AttributeProto.SPARSE_TENSORS, sparse_tensors=[many]))
+    fn_if = onnx.helper.make_node("If", ["cond"], ["k"], then_branch=branch("fn_then", "fn_branch.bin"),
+                                  else_branch=branch("fn_else", "fn_else.bin"))
+    model = onnx.helper.make_model(onnx.helper.make_graph([node], "g", [], []))
+    model.functions.append(onnx.helper.make_function("local", "f", ["cond"], ["k", "r"], [fn_if, ref], []))
+    assert sorted(external_locations(model)) == sorted([
+        "nested.bin", "nested2.bin", "plain.bin", "fn_branch.bin", "fn_else.bin", "tensors.bin", "sv.bin", "si.bin",
+        "mv.bin", "mi.bin"])
+    assert sorted(g.name for g in _all_graphs(model)) == sorted(["g", "outer", "inner", "inner2", "plain", "fn_then",
+                                                                 "fn_else"])
+
+
+def test_repeated_fields_are_told_also_by_label_on_older_protobuf():
+    from types import SimpleNamespace
+
+    from normfold.io.protobuf import _is_repeated
+
+    assert _is_repeated(SimpleNamespace(label=3, LABEL_REPEATED=3)) is True
+    assert _is_repeated(SimpleNamespace(label=1, LABEL_REPEATED=3)) is False
+    assert _is_repeated(SimpleNamespace(is_repeated=False, label=3, LABEL_REPEATED=3)) is False
+
+
+def test_paths_that_cannot_even_be_looked_at_say_why(tmp_path, monkeypatch):
+    assert regular_file_problem(str(tmp_path / "a\0b")) == "cannot read (embedded null byte)"
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(os, "stat", denied)
+    assert regular_file_problem(tmp_path / "x") == "permission denied"
+
+
+def test_a_stale_folder_with_more_dashes_is_still_its_runs(tmp_path):
+    from normfold.io.staging import STAGING_PREFIX, remove_stale_staging
+
+    name = f"{STAGING_PREFIX}{_dead_pid()}-ab-cd"
+    (tmp_path / name).mkdir()
+    assert remove_stale_staging(tmp_path) == [name] and not (tmp_path / name).exists()
+
+
+def test_a_stale_folder_another_run_removed_meanwhile_is_no_error(tmp_path, monkeypatch):
+    import shutil
+
+    import normfold.io.staging as staging
+
+    name = f"{staging.STAGING_PREFIX}{_dead_pid()}-0badc0de"
+    (tmp_path / name).mkdir()
+    real = os.scandir
+
+    def scan_then_lose(folder):
+        entries = list(real(folder))
+        if os.fspath(folder) == os.fspath(tmp_path) and (tmp_path / name).exists():
+            monkeypatch.setattr(staging.os, "scandir", real)
+            shutil.rmtree(tmp_path / name)  # the other run was quicker
+        return entries
+
+    monkeypatch.setattr(staging.os, "scandir", scan_then_lose)
+    assert staging.remove_stale_staging(tmp_path) == [name]
