@@ -495,3 +495,58 @@ def test_parameters_computed_in_float64_report_their_rounding():
     [site] = report.sites
     exact = GAMMA.astype(np.float64) ** 2
     assert site.max_rounding == float(np.max(np.abs(exact.astype(np.float32).astype(np.float64) - exact))) > 0
+
+
+def _with_reader(nodes: list, outputs: list = (), value_info: list = ()) -> onnx.ModelProto:
+    """The TorchScript LayerNorm with extra nodes reading its tensors (and extra graph outputs)."""
+    model = spelling_model("torchscript")
+    model.graph.node.extend(nodes)
+    model.graph.output.extend(outputs)
+    model.graph.value_info.extend(value_info)
+    return model
+
+
+INT64 = onnx.TensorProto.INT64
+
+
+@pytest.mark.parametrize("domain", ["", "ai.onnx"])
+def test_a_shape_of_an_intermediate_that_nothing_reads_does_not_stop_the_fusion(domain):
+    """Shape(d) computes an integer that goes nowhere: no reader of d's value (either spelling of
+    the default domain)."""
+    model = _with_reader([onnx.helper.make_node("Shape", ["d"], ["shp"], domain=domain)],
+                         value_info=[onnx.helper.make_tensor_value_info("shp", INT64, [3])])
+    folded, report = normfold.fold(model)
+    assert [s.status for s in report.sites] == ["fused"], report.to_text(verbose=True)
+
+
+@pytest.mark.parametrize("case", ["graph-output", "to-float", "custom-domain"])
+def test_an_integer_reader_of_an_intermediate_whose_result_escapes_keeps_the_norm(case):
+    """Shape(d) whose result is a graph output, or becomes a float, or an op of another domain
+    (its output declared int64): d's value is read outside the norm, which stays as it was."""
+    shape = onnx.helper.make_tensor_value_info("shp", INT64, [3])
+    nodes, outputs, value_info = [onnx.helper.make_node("Shape", ["d"], ["shp"])], [], []
+    if case == "graph-output":
+        outputs = [shape]
+    elif case == "to-float":
+        nodes.append(onnx.helper.make_node("Cast", ["shp"], ["shf"], to=onnx.TensorProto.FLOAT))
+        outputs = [onnx.helper.make_tensor_value_info("shf", onnx.TensorProto.FLOAT, [3])]
+    else:
+        nodes = [onnx.helper.make_node("Size2", ["d"], ["shp"], domain="custom")]
+        value_info = [shape]  # an integer nothing reads, but what the op does with d is unknown
+    model = _with_reader(nodes, outputs, value_info)
+    if case == "custom-domain":
+        model.opset_import.append(onnx.helper.make_opsetid("custom", 1))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'d' inside the norm is also used outside it")
+
+
+@pytest.mark.parametrize("length, fused", [(16, True), (17, False)])
+def test_integer_readers_of_an_intermediate_are_followed_16_deep(length, fused):
+    """Shape(d) then a chain of integer Identities that ends nowhere: followed up to 16 readers
+    deep (then it counts as a reader of d's value)."""
+    chain = [onnx.helper.make_node("Shape", ["d"], ["i0"])]
+    chain += [onnx.helper.make_node("Identity", [f"i{k}"], [f"i{k + 1}"]) for k in range(length)]
+    folded, report = normfold.fold(_with_reader(chain))
+    assert [s.status for s in report.sites] == ["fused" if fused else "left"], report.to_text(verbose=True)
