@@ -246,3 +246,103 @@ def test_verify_local_runs_in_a_child_and_is_unavailable_in_local_mode(monkeypat
         verify.verify_local("a", "b", [])
     v = api._verified_locally(verify, "a", "b", [])
     assert (v.status, v.detail, v.mode, v.seed) == ("unavailable", "timed out: t", "local", 3)
+
+
+# ---- the whole job, on a tiny Conv + BatchNormalization --------------------------------------------
+def _conv_bn(opset: int = 13):
+    rng = np.random.default_rng(0)
+    return build("""g (float[1,2,4,4] x) => (float[1,3,4,4] y) {
+        c = Conv <pads = [1, 1, 1, 1]> (x, w)
+        y = BatchNormalization (c, s, b, m, v) }""", opset=opset, w=rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
+                 s=np.float32([1.0, 2.0, 0.5]), b=np.float32([0.1, 0.2, 0.3]), m=np.float32([0.0, 1.0, -1.0]),
+                 v=np.float32([1.0, 4.0, 0.25]))
+
+
+def test_fold_rewrites_a_copy_and_reports_before_and_after():
+    model = _conv_bn()
+    folded, report = api.fold(model)
+    assert [n.op_type for n in model.graph.node] == ["Conv", "BatchNormalization"]  # the caller's model untouched
+    assert [n.op_type for n in folded.graph.node] == ["Conv"]
+    assert (report.nodes_before, report.nodes_after, report.opset_before, report.opset_after) == (2, 1, 13, 13)
+    assert report.ops_before == {"Conv": 1, "BatchNormalization": 1} and report.ops_after == {"Conv": 1}
+    assert report.count("folded") == 1 and report.input is None and report.output is None
+    in_place, _ = api.fold(model, copy=False)
+    assert in_place is model and [n.op_type for n in model.graph.node] == ["Conv"]
+    with pytest.raises(NormfoldError, match="unknown pass"):
+        api.fold(_conv_bn(), api.FoldOptions(passes=("nope",)))
+    _, report = api.fold(_conv_bn(), api.FoldOptions(passes=("layernorm",)))
+    assert report.count("folded") == 0 and report.nodes_after == 2
+
+
+def test_fold_file_without_verification_writes_the_result_and_says_so(tmp_path):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    before = (tmp_path / "m.onnx").read_bytes()
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(enabled=False))
+    assert report.written and report.exit_code == exit_codes.OK and report.verification.status == "skipped"
+    assert report.verification.detail == "--no-verify" and (tmp_path / "m.onnx").read_bytes() == before
+    assert (report.input, report.output) == (str(tmp_path / "m.onnx"), str(tmp_path / "m.folded.onnx"))
+    assert [n.op_type for n in onnx.load(tmp_path / "m.folded.onnx").graph.node] == ["Conv"]
+    assert set(report.timings) == {"load", "fold", "save", "total"} and "verify" not in report.timings
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.folded.onnx", "m.onnx"]  # no staging left
+    assert report.sites[0].max_abs_error is None
+
+
+def test_fold_file_verifies_in_a_child_and_writes_when_it_passes(tmp_path):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions())
+    assert report.written and report.exit_code == exit_codes.OK and report.verification.status == "passed"
+    assert "verify" in report.timings and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx"]
+
+
+def test_fold_file_refuses_a_bad_input_and_writes_nothing(tmp_path):
+    (tmp_path / "m.onnx").write_bytes(b"junk")
+    with pytest.raises(NormfoldError, match="not a readable ONNX model"):
+        api.fold_file(tmp_path / "m.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_verification_that_fails_writes_nothing_and_exits_1(tmp_path, monkeypatch):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    real = api.StagedModel
+
+    def corrupting(model, *args, **kwargs):  # a wrong rewrite: the written weights changed
+        w = model.graph.initializer[0]
+        w.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(w) * 2, w.name))
+        return real(model, *args, **kwargs)
+
+    monkeypatch.setattr(api, "StagedModel", corrupting)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
+    assert (report.exit_code, report.written, report.verification.status) == (exit_codes.OUTPUTS_DIFFER, False, "failed")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_a_model_that_cannot_be_verified_exits_3_unless_allowed(tmp_path, monkeypatch):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    unavailable = Verification("unavailable", detail="no kernel")
+    monkeypatch.setattr(api, "_verified_with_conversion", lambda *a, **k: (unavailable, None))
+    monkeypatch.setattr(api.VerifyOptions, "start_reference", lambda self, ref, sites=None: None)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
+    assert (report.exit_code, report.written) == (exit_codes.UNVERIFIED, False)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False, allow_unverified=True))
+    assert (report.exit_code, report.written) == (exit_codes.OK, True)
+
+
+def test_an_opset_conversion_happens_only_when_a_site_needs_it():
+    norm = build("""g (float[2,4] x) => (float[2,4] y) {
+        m = ReduceMean <axes = [-1]> (x)
+        d = Sub (x, m)
+        q = Mul (d, d)
+        v = ReduceMean <axes = [-1]> (q)
+        e = Add (v, eps)
+        s = Sqrt (e)
+        y = Div (d, s) }""", opset=13, eps=np.float32(1e-5))
+    assert api.needs_newer_opset(norm, api.FoldOptions(target_opset=17))
+    assert not api.needs_newer_opset(norm, api.FoldOptions())  # no target: nothing held back
+    assert not api.needs_newer_opset(norm, api.FoldOptions(target_opset=13))
+    assert not api.needs_newer_opset(norm, api.FoldOptions(target_opset=17, passes=("batchnorm",)))
+    assert not api.needs_newer_opset(_conv_bn(), api.FoldOptions(target_opset=17))  # BN needs no newer opset
+    folded, report = api.fold(norm, api.FoldOptions(target_opset=17))
+    assert report.opset_before == 13 and report.opset_after == 17 and report.count("fused") == 1
+    assert [n.op_type for n in folded.graph.node] == ["LayerNormalization"]
+    _, report = api.fold(_conv_bn(), api.FoldOptions(target_opset=17))
+    assert report.opset_after == 13  # nothing needed it: not converted
