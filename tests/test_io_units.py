@@ -924,14 +924,12 @@ def test_the_newest_opset_onnx_knows_is_read(tmp_path):
 
 def test_a_bad_string_in_a_repeated_field_is_found_and_shown_cut_at_40_bytes(tmp_path):
     model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
-    long_name = "x" + "a" * 50
-    model.graph.input[0].name = long_name
-    model.graph.node[0].input[0] = long_name
+    long_name = "z" + "a" * 50
+    model.graph.node[0].input[0] = long_name  # only in a repeated field (NodeProto.input)
     data = model.SerializeToString().replace(long_name.encode(), b"\xff" + b"a" * 50)
     (tmp_path / "a.onnx").write_bytes(data)
     shown = repr(b"\xff" + b"a" * 39)
-    assert _refused(tmp_path / "a.onnx").endswith(f"holds a string that is not valid UTF-8 ({shown})")
-    assert "NodeProto.input" in _refused(tmp_path / "a.onnx") or "ValueInfoProto.name" in _refused(tmp_path / "a.onnx")
+    assert _refused(tmp_path / "a.onnx") == f"invalid model: NodeProto.input holds a string that is not valid UTF-8 ({shown})"
 
 
 def test_a_graph_with_neither_nodes_nor_outputs_is_no_model(tmp_path):
