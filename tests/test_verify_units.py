@@ -317,7 +317,8 @@ class _FakeOrt:
         self.runs.append({k: v.shape for k, v in feeds.items()})
         if not self.accepts(feeds):
             raise RuntimeError(f"shape {[v.shape for v in feeds.values()]} rejected")
-        return [np.full(1, i, np.float32) for i, _ in enumerate(names or self.outputs)]
+        known = [o.name for o in self.outputs]
+        return [np.full(1, known.index(n), np.float32) for n in (names or known)]
 
 
 def _session(*inputs, **kwargs):
@@ -333,7 +334,7 @@ def test_the_default_free_dimension_is_used_when_it_runs():
     feeds, outputs, note = _generate_and_run(session, RunOptions(batches=2, int_ranges={"ids": (5, 6)}), ["z"])
     assert note == "" and len(feeds) == len(outputs) == 2 and session.session.runs == [{"x": (1, 1), "ids": (1, 4)}] * 2
     assert np.all(feeds[0]["ids"] == 5)  # the range given for it, not DEFAULT_INT_RANGE
-    assert list(outputs[0]) == ["z"]  # only the outputs asked for
+    assert list(outputs[0]) == ["z"] and outputs[0]["z"][0] == 1  # only the outputs asked for, by name
 
 
 def test_a_rejected_default_is_retried_and_the_shapes_that_ran_named():
@@ -515,7 +516,9 @@ def test_the_child_sends_an_unexpected_error_with_its_traceback(monkeypatch):
     sender = _Sender()
     _child(sender, int, ("x",), 1)
     [(kind, text)] = sender.sent
-    assert kind == "internal" and text.startswith("Traceback") and "ValueError: invalid literal" in text
+    lines = text.splitlines()
+    assert kind == "internal" and lines[0] == "Traceback (most recent call last):" and lines[1].startswith("  File ")
+    assert lines[-1] == "ValueError: invalid literal for int() with base 10: 'x'"
 
 
 # ---- float types inside subgraphs ---------------------------------------------------------------
@@ -820,7 +823,8 @@ def test_compare_models_runs_both_on_the_options_inputs():
     assert [s.name for s in v.sites] == ["a"] and [o.name for o in v.outputs] == ["y"]
     v = compare_models(_shifted(0.0, "N,T"), _shifted(0.0, "N,T"), dims={"T": 5}, accuracy=False)
     assert v.inputs == {"x": [1, 5]}
-    assert compare_models(_shifted(0.0), _shifted(0.0), feeds={"x": np.zeros((7, 2), np.float32)}).inputs == {"x": [7, 2]}
+    v = compare_models(_shifted(0.0), _shifted(0.0), feeds={"x": np.zeros((7, 2), np.float32)})
+    assert v.inputs == {"x": [7, 2]} and v.status == "passed"  # the candidate runs on the same feeds
 
 
 def test_compare_models_reads_input_files_and_ints_in_their_range(tmp_path):
@@ -882,3 +886,101 @@ def test_compare_models_isolates_both_runs_when_asked(monkeypatch):
     assert calls == ["original", "folded"]
     verify.compare_models(_shifted(0.0), _shifted(0.0), isolate=False)
     assert calls == ["original", "folded"]
+
+
+# ---- what the run of verify's mutants left alive --------------------------------------------------
+def test_model_bytes_counts_the_external_data_files_it_names(tmp_path, monkeypatch):
+    import onnx
+
+    import normfold.verify as verify
+
+    model = build("g (float[300] x) => (float[300] y) { a = Add (x, w)\n y = Add (a, v) }",
+                  w=np.arange(300, dtype=np.float32), v=np.ones(300, np.float32))
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    size = (tmp_path / "m.onnx").stat().st_size
+    assert verify.model_bytes(tmp_path / "m.onnx") == size + 2400  # one file counted once
+    assert verify.model_bytes(b"12345") == 5
+    monkeypatch.chdir("/")
+    assert verify.model_bytes(str(tmp_path / "m.onnx")) == size + 2400  # the data beside the model, not here
+    monkeypatch.setattr(verify, "ISOLATE_BYTES", size)  # not below it: not parsed, the file alone
+    assert verify.model_bytes(tmp_path / "m.onnx") == size
+    monkeypatch.setattr(verify, "ISOLATE_BYTES", size + 1)
+    assert verify.model_bytes(tmp_path / "m.onnx") == size + 2400
+    (tmp_path / "m.data").unlink()
+    assert verify.model_bytes(tmp_path / "m.onnx") == size  # a missing data file counts nothing
+    (tmp_path / "junk.onnx").write_bytes(b"\xff\xff")
+    assert verify.model_bytes(tmp_path / "junk.onnx") == 2
+
+
+def test_the_float_type_of_a_cast_alone_and_a_path_reached_twice():
+    """The inputs are walked last first: x is reached through Neg, then again beside the Cast."""
+    model = build("""g (float[2] x) => (float[2] y) {
+        h = Cast <to=10> (x)
+        r = Cast <to=1> (h)
+        p = Neg (x)
+        q = Add (r, x)
+        y = Add (q, p) }""")
+    assert lowest_float_types(model, ["y"], shapes={}) == {"y": "float16"}
+
+
+def test_bool_inputs_are_0_or_1_whatever_the_int_range():
+    from normfold.verify import make_inputs
+
+    feeds = make_inputs(_session(_Spec("m", [200], "tensor(bool)")), int_ranges={"m": (1, 2)})
+    expected = np.random.default_rng(0).integers(0, 2, size=[200]).astype(np.bool_)
+    np.testing.assert_array_equal(feeds["m"], expected)
+    assert 0 < feeds["m"].sum() < 200
+
+
+def test_a_nan_on_one_side_is_an_infinite_error():
+    c = compare_arrays("y", np.array([1.0, np.nan], np.float32), np.array([np.nan, np.nan], np.float32))
+    assert not c.passed and c.max_abs_error == float("inf") and c.needed_atol == float("inf")
+
+
+def test_sizes_0_stay_0_and_the_input_size_limit_is_inclusive(monkeypatch):
+    import normfold.verify as verify
+
+    assert verify.make_inputs(_session(_Spec("x", [0, 3])))["x"].shape == (0, 3)
+    monkeypatch.setattr(verify, "MAX_INPUT_BYTES", 24)
+    assert verify.make_inputs(_session(_Spec("x", [2, 3])))["x"].shape == (2, 3)  # 24 bytes: allowed
+    with pytest.raises(VerificationUnavailable) as info:
+        verify.make_inputs(_session(_Spec("x", [5, 5])))
+    assert str(info.value) == ("input 'x' of shape [5, 5] would take 0.0 GiB; give smaller dimensions with --shape "
+                               "or --dim")
+
+
+def test_a_shape_whose_element_count_overflows_int64_is_still_too_large():
+    from normfold.verify import make_inputs
+
+    with pytest.raises(VerificationUnavailable, match=r"would take \d+\.\d GiB"):
+        make_inputs(_session(_Spec("x", [1 << 32, 1 << 32])))
+
+
+def test_too_large_at_the_default_names_the_default_shape():
+    from normfold.verify import RunOptions, _generate_and_run
+
+    session = _session(_Spec("x", ["N", "T", 1 << 16, 1 << 16]))
+    with pytest.raises(VerificationUnavailable, match=r"^input 'x' of shape \[1, 1, 65536, 65536\] would take"):
+        _generate_and_run(session, RunOptions(), ["y"])
+
+
+def test_after_the_accuracy_rule_the_verdict_names_the_first_failing_site(monkeypatch):
+    import normfold.accuracy
+    from normfold.verify import compare_models, run_reference
+
+    ref = run_reference(_shifted(0.0), sites=["a"])
+    monkeypatch.setattr(normfold.accuracy, "judge_by_accuracy", lambda *args: None)  # judges nothing
+    v = compare_models(b"x", _shifted(1.0), reference_run=ref)
+    assert v.status == "failed" and v.first_failing_site == "a"
+    assert v.detail == "outputs differ: y; first failing site (in graph order): a"
+
+
+def test_compare_models_runs_both_at_the_optimization_level_asked(monkeypatch):
+    import normfold.verify as verify
+
+    levels = []
+    real = verify.open_session
+    monkeypatch.setattr(verify, "open_session", lambda model, label, level=False, **k: levels.append((label, level))
+                        or real(model, label, level, **k))
+    verify.compare_models(_shifted(0.0), _shifted(0.0), opt_level="basic")
+    assert levels == [("original", "basic"), ("folded", "basic")]
