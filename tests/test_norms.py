@@ -328,6 +328,7 @@ def test_a_near_norm_is_reported_by_the_catch_all_of_its_family(monkeypatch, nam
     [site] = report.sites
     assert (site.pass_name, site.status, site.reason) == (pass_name, "left", "unrecognized-pattern")
     assert site.kind == f"{ {'layernorm': 'LayerNorm', 'rmsnorm': 'RMSNorm'}[pass_name]}-like (unrecognized spelling)"
+    assert site.output in {o for n in folded.graph.node for o in n.output}
 
 
 def _named(model: onnx.ModelProto, output: str, name: str) -> onnx.ModelProto:
@@ -550,3 +551,17 @@ def test_integer_readers_of_an_intermediate_are_followed_16_deep(length, fused):
     chain += [onnx.helper.make_node("Identity", [f"i{k}"], [f"i{k + 1}"]) for k in range(length)]
     folded, report = normfold.fold(_with_reader(chain))
     assert [s.status for s in report.sites] == ["fused" if fused else "left"], report.to_text(verbose=True)
+
+
+def test_a_layernorm_reports_the_rounding_of_gamma_when_it_has_a_beta():
+    model = _variant("torchscript", "g = Mul (nrm, gamma)", "g0 = Mul (nrm, gamma)\n        g = Mul (g0, gamma)")
+    _, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    exact = GAMMA.astype(np.float64) ** 2
+    assert report.sites[0].max_rounding == float(np.max(np.abs(exact.astype(np.float32) - exact))) > 0
+
+
+def test_a_negative_epsilon_is_left_invalid_statistics():
+    _, report = normfold.fold(_torchscript(eps=np.float32(-1e-5)))
+    [site] = report.sites
+    assert site.reason == "invalid-statistics"
+    assert re.fullmatch(r"epsilon -[0-9.e-]+ is negative or not finite", site.detail), site.detail
