@@ -711,3 +711,49 @@ def test_a_bfloat16_group_norm_is_left():
     [site] = gn_sites(report)
     assert (site.reason, site.detail) == ("unsupported-dtype", "'x' is BFLOAT16; the fused op is written only for "
                                                                "float32, float16 and float64")
+
+
+def dynamic_grouping(first: str = "n", last: str = "h", back: str = "s") -> onnx.ModelProto:
+    """X [N, 8, H] with both N and H dynamic, grouped by a Reshape whose target the graph computes
+    from Shape(X) (first, 4, 2, last), normalized over (C/G, H), reshaped back to `back`."""
+    text = f"""g (float[N,8,H] x) => (float[N,8,H] y) {{
+      s = Shape (x)
+      n = Slice (s, i0, i1)
+      h = Slice (s, i2, i3)
+      k1 = Concat <axis=0> ({first}, gc, {last})
+      z = Reshape (x, k1)
+      mean = ReduceMean (z, ax)
+      d = Sub (z, mean)
+      sq = Mul (d, d)
+      var = ReduceMean (sq, ax)
+      ve = Add (var, eps)
+      sd = Sqrt (ve)
+      r = Reciprocal (sd)
+      o = Mul (d, r)
+      y = Reshape (o, {back})
+    }}"""
+    consts = dict(i0=np.array([0]), i1=np.array([1]), i2=np.array([2]), i3=np.array([3]), gc=np.array([4, 2]),
+                  ax=np.array([2, 3]), eps=np.float32(1e-5), m1=np.array([-1]), zero=np.array([0]))
+    words = set(text.replace("(", " ").replace(")", " ").replace(",", " ").split())
+    return build(text, opset=21, **{k: v for k, v in consts.items() if k in words})
+
+
+@pytest.mark.parametrize("first, last, back", [("n", "h", "s"), ("m1", "h", "s"), ("zero", "h", "s")])
+def test_a_grouping_of_several_dynamic_dimensions_is_proven_from_the_shape_arithmetic(first, last, back):
+    """N and H both dynamic: the Reshape targets name each size by the dimension of X it is
+    (Shape(X) sliced, a -1 or a 0 for the batch), which proves Z splits only the channels."""
+    model = dynamic_grouping(first, last, back)
+    folded, report = normfold.fold(model)
+    # a Slice of Shape(X) the builder's target does not use was dead in the model already: it stays
+    assert [op for op in ops(folded) if op not in ("Shape", "Slice")] == ["GroupNormalization"], \
+        report.to_text(verbose=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 8, 5)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first, last", [("h", "n"), ("n", "n")])
+def test_a_dynamic_grouping_that_moves_a_dimension_is_not_a_group_norm(first, last):
+    model = dynamic_grouping(first, last)
+    folded, report = normfold.fold(model)
+    assert "GroupNormalization" not in ops(folded)
+    assert [s.reason for s in gn_sites(report)] in ([], ["unknown-shape"]), report.to_text(verbose=True)
