@@ -575,6 +575,7 @@ def test_a_session_is_made_with_the_options_asked():
         assert session.session.get_providers() == ["CPUExecutionProvider"]
     options = open_session(data, "x", threads=3, external_folder="/some/where").session.get_session_options()
     assert options.intra_op_num_threads == 3
+    assert options.graph_optimization_level.name == "ORT_DISABLE_ALL"  # by default: no optimization
     assert options.get_session_config_entry("session.model_external_initializers_file_folder_path") == "/some/where"
 
 
