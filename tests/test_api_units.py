@@ -249,13 +249,13 @@ def test_verify_local_runs_in_a_child_and_is_unavailable_in_local_mode(monkeypat
 
 
 # ---- the whole job, on a tiny Conv + BatchNormalization --------------------------------------------
-def _conv_bn(opset: int = 13):
+def _conv_bn(opset: int = 13, out: int = 3):
     rng = np.random.default_rng(0)
-    return build("""g (float[1,2,4,4] x) => (float[1,3,4,4] y) {
+    return build(f"""g (float[1,2,4,4] x) => (float[1,{out},4,4] y) {{
         c = Conv <pads = [1, 1, 1, 1]> (x, w)
-        y = BatchNormalization (c, s, b, m, v) }""", opset=opset, w=rng.standard_normal((3, 2, 3, 3)).astype(np.float32),
-                 s=np.float32([1.0, 2.0, 0.5]), b=np.float32([0.1, 0.2, 0.3]), m=np.float32([0.0, 1.0, -1.0]),
-                 v=np.float32([1.0, 4.0, 0.25]))
+        y = BatchNormalization (c, s, b, m, v) }}""", opset=opset, w=rng.standard_normal((out, 2, 3, 3)).astype(np.float32),
+                 s=rng.uniform(0.5, 2, out).astype(np.float32), b=rng.standard_normal(out).astype(np.float32),
+                 m=rng.standard_normal(out).astype(np.float32), v=rng.uniform(0.5, 2, out).astype(np.float32))
 
 
 def test_fold_rewrites_a_copy_and_reports_before_and_after():
@@ -346,3 +346,115 @@ def test_an_opset_conversion_happens_only_when_a_site_needs_it():
     assert [n.op_type for n in folded.graph.node] == ["LayerNormalization"]
     _, report = api.fold(_conv_bn(), api.FoldOptions(target_opset=17))
     assert report.opset_after == 13  # nothing needed it: not converted
+
+
+# ---- the job's details: timings, benchmark, external data, the opset conversion's own check --------
+def test_the_timings_are_durations_and_the_total_counts_from_started(tmp_path):
+    import time
+
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    target = api.make_target(tmp_path / "m.onnx")
+    staging = tmp_path / "s"
+    staging.mkdir()
+    report, moves = api.fold_job(target, staging, api.FoldOptions(), api.VerifyOptions(enabled=False),
+                                 started=time.perf_counter() - 100)
+    assert set(report.timings) == {"load", "fold", "save", "total"} and moves
+    assert all(0 <= v < 60 for k, v in report.timings.items() if k != "total")
+    assert 100 <= report.timings["total"] < 160
+    report, _ = api.fold_job(target, staging, api.FoldOptions(), api.VerifyOptions(enabled=False))
+    assert 0 <= report.timings["total"] < 60
+
+
+def test_the_benchmark_times_both_models_unless_verification_was_unavailable(tmp_path, monkeypatch):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 2, 4, 4), np.float32))
+    for inputs in ([], [str(tmp_path / "x.npy")]):
+        report = api.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx",
+                               verify=api.VerifyOptions(benchmark=True, input_files=inputs))
+        assert report.written and sorted(report.benchmark) == ["folded", "original"]
+        assert sorted(report.benchmark["folded"]) == ["all", "disabled"]
+        assert report.benchmark["original"]["all"]["latency_ms"] > 0 and 0 <= report.timings["benchmark"] < 60
+    monkeypatch.setattr(api, "_verified_with_conversion", lambda *a, **k: (Verification("unavailable", detail="x"), None))
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "p.onnx",
+                           verify=api.VerifyOptions(benchmark=True, allow_unverified=True, local=False))
+    assert report.written and not report.benchmark and "benchmark" not in report.timings
+
+
+def test_external_weights_stay_external_and_are_read_from_the_models_folder(tmp_path, monkeypatch):
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(_conv_bn(out=16), src / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    monkeypatch.chdir("/")
+    report = api.fold_file(src / "m.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions(enabled=False))
+    assert report.written and sorted(p.name for p in tmp_path.iterdir()) == ["o.onnx", "o.onnx.data", "src"]
+    assert sorted(p.name for p in src.iterdir()) == ["m.data", "m.onnx"]
+    onnx.save(_conv_bn(out=16), tmp_path / "inline.onnx")
+    api.fold_file(tmp_path / "inline.onnx", tmp_path / "i.onnx", verify=api.VerifyOptions(enabled=False))
+    assert not (tmp_path / "i.onnx.data").exists()  # inline stays inline
+    api.fold_file(tmp_path / "inline.onnx", tmp_path / "e.onnx", options=api.FoldOptions(external_data=""),
+                  verify=api.VerifyOptions(enabled=False))
+    assert (tmp_path / "e.onnx.data").exists()  # forced
+
+
+def _layernorm(opset: int = 13):
+    return build("""g (float[2,4] x) => (float[2,4] y) {
+        m = ReduceMean <axes = [-1]> (x)
+        d = Sub (x, m)
+        q = Mul (d, d)
+        v = ReduceMean <axes = [-1]> (q)
+        e = Add (v, eps)
+        s = Sqrt (e)
+        n = Div (d, s)
+        y = Mul (n, g) }""", opset=opset, eps=np.float32(1e-5), g=np.float32([1.0, 2.0, 3.0, 4.0]))
+
+
+def test_a_converted_model_is_checked_on_its_own_only_when_the_result_fails(tmp_path, monkeypatch):
+    onnx.save(_layernorm(), tmp_path / "m.onnx")
+    options = api.FoldOptions(target_opset=17)
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "ok.onnx", options=options)
+    assert report.written and report.conversion is None and report.opset_after == 17
+    real = api.run_rules
+
+    def corrupting(graph, *args, **kwargs):  # a wrong rewrite: the LayerNorm's scale tripled
+        records = real(graph, *args, **kwargs)
+        if not kwargs.get("dry"):
+            node = next(n for n in graph.node if n.op_type == "LayerNormalization")
+            scale = next(t for t in graph.initializer if t.name == node.input[1])
+            scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 3, scale.name))
+        return records
+
+    monkeypatch.setattr(api, "run_rules", corrupting)
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "bad.onnx", options=options)
+    assert (report.exit_code, report.written) == (exit_codes.OUTPUTS_DIFFER, False)
+    assert report.conversion.status == "passed" and report.verification.detail.startswith("outputs differ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "ok.onnx"]
+
+
+def test_a_converter_that_changes_the_outputs_is_named_as_such(tmp_path, monkeypatch):
+    onnx.save(_layernorm(), tmp_path / "m.onnx")
+    real = api.convert_opset
+
+    def bad_converter(model, target):
+        converted = real(model, target)
+        g = next(t for t in converted.graph.initializer if t.name == "g")
+        g.CopyFrom(onnx.numpy_helper.from_array(np.float32([5.0, 5.0, 5.0, 5.0]), "g"))
+        return converted
+
+    monkeypatch.setattr(api, "convert_opset", bad_converter)
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "bad.onnx", options=api.FoldOptions(target_opset=17))
+    assert (report.exit_code, report.written, report.conversion.status) == (exit_codes.OUTPUTS_DIFFER, False, "failed")
+    assert report.verification.detail == report.conversion.detail
+    assert report.conversion.detail.startswith("converting the opset alone changed the outputs: outputs differ: y")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_a_timeout_is_unverified_and_never_written(tmp_path, monkeypatch):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+
+    def slow(self, *args, **kwargs):
+        raise VerificationTimeout("after 1 s")
+
+    monkeypatch.setattr(api.VerifyOptions, "verify", slow)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(allow_unverified=True, local=False, timeout=1.0))
+    assert (report.exit_code, report.written) == (exit_codes.UNVERIFIED, False)
+    assert (report.verification.status, report.verification.detail) == ("unavailable", "timed out: after 1 s")
