@@ -375,6 +375,7 @@ def test_the_benchmark_times_both_models_unless_verification_was_unavailable(tmp
         assert sorted(report.benchmark["folded"]) == ["all", "disabled"]
         assert report.benchmark["original"]["all"]["latency_ms"] > 0 and 0 <= report.timings["benchmark"] < 60
     monkeypatch.setattr(api, "_verified_with_conversion", lambda *a, **k: (Verification("unavailable", detail="x"), None))
+    monkeypatch.setattr(api.VerifyOptions, "start_reference", lambda self, ref, sites=None: None)  # (no child left)
     report = api.fold_file(tmp_path / "m.onnx", tmp_path / "p.onnx",
                            verify=api.VerifyOptions(benchmark=True, allow_unverified=True, local=False))
     assert report.written and not report.benchmark and "benchmark" not in report.timings
@@ -455,6 +456,7 @@ def test_a_timeout_is_unverified_and_never_written(tmp_path, monkeypatch):
         raise VerificationTimeout("after 1 s")
 
     monkeypatch.setattr(api.VerifyOptions, "verify", slow)
+    monkeypatch.setattr(api.VerifyOptions, "start_reference", lambda self, ref, sites=None: None)  # (no child left)
     report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(allow_unverified=True, local=False, timeout=1.0))
     assert (report.exit_code, report.written) == (exit_codes.UNVERIFIED, False)
     assert (report.verification.status, report.verification.detail) == ("unavailable", "timed out: after 1 s")
