@@ -135,7 +135,8 @@ def equivalent_names() -> set[str]:
         return set()
     names = set()
     for line in SURVIVORS_MD.read_text().splitlines():
-        cells = [c.strip().strip("`") for c in line.strip().strip("|").split("|")]
+        # `\|` in a cell is a pipe of the mutated code (show_survivors escapes them), not a column
+        cells = [c.strip().strip("`") for c in re.split(r"(?<!\\)\|", line.strip().strip("|"))]
         if len(cells) >= 4 and cells[3].startswith("equivalent"):
             names.add(cells[0])
     return names
