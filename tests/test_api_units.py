@@ -460,3 +460,50 @@ def test_a_timeout_is_unverified_and_never_written(tmp_path, monkeypatch):
     report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(allow_unverified=True, local=False, timeout=1.0))
     assert (report.exit_code, report.written) == (exit_codes.UNVERIFIED, False)
     assert (report.verification.status, report.verification.detail) == ("unavailable", "timed out: after 1 s")
+
+
+# ---- which verification a job runs, and each site's error ------------------------------------------
+def _conv_bn_relu():
+    model = _conv_bn()
+    model.graph.node[1].output[0] = "n"
+    model.graph.node.append(onnx.helper.make_node("Relu", ["n"], ["y"]))
+    return model
+
+
+def test_sites_are_compared_in_the_whole_model_and_each_gets_its_error(tmp_path):
+    onnx.save(_conv_bn_relu(), tmp_path / "m.onnx")
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(sites=True, local=False))
+    assert report.written and report.verification.mode != "local"
+    [site] = report.sites
+    assert [s.name for s in report.verification.sites] == [site.output] == ["n"]
+    assert site.max_abs_error == report.verification.sites[0].max_abs_error and site.max_abs_error < 1e-4
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions(local=False))
+    assert report.verification.sites == [] and report.sites[0].max_abs_error is None
+
+
+def test_local_verification_checks_each_site_and_says_why_it_was_chosen(tmp_path, monkeypatch):
+    """The local check itself is replaced (normfold.verify_local has its own tests): which one runs,
+    on what, and how its per-site results reach the report's sites (by site id)."""
+    import normfold.verify_local
+    from normfold.verify import compare_arrays
+
+    onnx.save(_conv_bn_relu(), tmp_path / "m.onnx")
+    started, calls = [], []
+    monkeypatch.setattr(api.VerifyOptions, "start_reference", lambda self, *a: started.append(a))
+
+    def local(self, reference, candidate, sites):
+        calls.append((reference, candidate.name, [s.id for s in sites]))
+        v = Verification("passed", mode="local", notes=["checked"])
+        v.sites = [compare_arrays(sites[0].id, np.zeros(2, np.float32), np.full(2, 0.25, np.float32), 1.0, 0.0)]
+        return v
+
+    monkeypatch.setattr(api.VerifyOptions, "verify_local", local)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=True))
+    assert report.written and report.verification.mode == "local" and started == []  # no whole-model run
+    assert calls == [(tmp_path / "m.onnx", "m.folded.onnx", ["main:n"])]
+    assert report.sites[0].max_abs_error == 0.25 and report.verification.notes == ["checked"]
+    monkeypatch.setattr(normfold.verify_local, "whole_model_too_big", lambda src: (True, "the model needs 9 GiB"))
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions())
+    assert report.verification.mode == "local" and started == []
+    assert report.verification.notes == ["the model needs 9 GiB: verified each rewritten site on its own (as --verify local)",
+                                         "checked"]
