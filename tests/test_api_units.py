@@ -507,3 +507,19 @@ def test_local_verification_checks_each_site_and_says_why_it_was_chosen(tmp_path
     assert report.verification.mode == "local" and started == []
     assert report.verification.notes == ["the model needs 9 GiB: verified each rewritten site on its own (as --verify local)",
                                          "checked"]
+
+
+def test_a_job_that_fails_while_writing_cancels_the_originals_run(tmp_path, monkeypatch):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    child = _Child()
+    child.cancelled = 0
+    child.cancel = lambda: setattr(child, "cancelled", child.cancelled + 1)
+    monkeypatch.setattr(api.VerifyOptions, "start_reference", lambda self, *a: child)
+
+    def full(*args, **kwargs):
+        raise NormfoldError("out.onnx: cannot write (No space left on device)")
+
+    monkeypatch.setattr(api, "StagedModel", full)
+    with pytest.raises(NormfoldError, match="No space left"):
+        api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
+    assert child.cancelled == 1 and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
