@@ -87,7 +87,7 @@ def build(folder: str, layers: int = 6, width: int = 4096, ffn: int = 11008, voc
         small.append(onnx.numpy_helper.from_array(np.asarray(value), name))
         return name
 
-    two, eps, one = const("pow_two", np.array(2.0, np.float32)), const("eps", np.array(1e-6, np.float32)), None
+    two, eps = const("pow_two", np.array(2.0, np.float32)), const("eps", np.array(1e-6, np.float32))
     head_dim = width // heads
     heads_shape = const("heads_shape", np.array([0, 0, heads, head_dim], np.int64))
     merge_shape = const("merge_shape", np.array([0, 0, width], np.int64))
@@ -116,7 +116,7 @@ def build(folder: str, layers: int = 6, width: int = 4096, ffn: int = 11008, voc
         up = node("MatMul", [n2, w.add(p + "mlp.up_proj.weight", [width, ffn])])
         act = node("Mul", [node("Mul", [gate, node("Sigmoid", [gate])]), up])
         h = node("Add", [h, node("MatMul", [act, w.add(p + "mlp.down_proj.weight", [ffn, width])])])
-    logits = node("MatMul", [rmsnorm(h, w.add("norm.weight", [width], ones)), w.add("lm_head.weight", [width, vocab])])
+    node("MatMul", [rmsnorm(h, w.add("norm.weight", [width], ones)), w.add("lm_head.weight", [width, vocab])])
     w.close()
     nodes[-1].output[0] = "logits"
     graph = helper.make_graph(nodes, "llama",

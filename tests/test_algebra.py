@@ -10,13 +10,11 @@ from fractions import Fraction
 import numpy as np
 import onnx
 import pytest
-from onnx import helper
 
 from builders import build, run
 from normfold.graph import GraphView
 from normfold.passes import _algebra as A
-from normfold.passes._algebra import (Count, CanonicalView, Expr, Leaf, Mean, Root, make_mean, mean, power,
-                                      transpose)
+from normfold.passes._algebra import Count, CanonicalView, Expr, Leaf, Mean, Root, power
 from normfold.shapes import infer_shapes
 
 RNG = np.random.default_rng(3)
@@ -70,18 +68,6 @@ def feeds_for(model: onnx.ModelProto, positive: bool = False) -> dict[str, np.nd
             value = RNG.standard_normal(shape)
             feeds[vi.name] = (np.abs(value) + 0.5 if positive else value).astype(np.float32)
     return feeds
-
-
-def assert_reads_as_computed(text: str, out: str = "y", positive: bool = False, opset: int = 18, **consts) -> Expr:
-    """The view looks into `out` (it is not a Leaf of itself) and the expression it reads has the
-    value onnxruntime computes."""
-    cv, model = view(text, opset=opset, **consts)
-    e = cv.expr(out)
-    assert e.leaves and out not in e.leaves, f"{out} was not looked into: {e!r}"
-    feeds = feeds_for(model, positive)
-    [expected] = run(model, feeds)
-    np.testing.assert_allclose(evaluate(e, feeds), expected, rtol=1e-5, atol=1e-6)
-    return e
 
 
 def is_leaf(e: Expr, name: str) -> bool:

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper, numpy_helper
+from onnx import helper
 
 import normfold
 from builders import build, fold_and_compare, load_report, ops, random_feeds, run, sites

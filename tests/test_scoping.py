@@ -108,6 +108,7 @@ def test_branch_initializer_shadowing_the_outer_weight_is_left():
     model = shadowing_model("If", {"W": "shadow", "s": "outer", "b": "outer", "m": "outer", "v": "outer"}, "x", 0)
     report = _check_equivalent(model)
     inner = [s for s in report.sites if s.graph != "main"]
+    assert inner, "the body's BatchNormalization was not seen"  # a walk that skips bodies must not pass
     # both branches read a W that is ambiguous (then: its own or the outer one; else: the outer one)
     assert [(s.status, s.reason) for s in inner] == [("left", "non-constant-weights")] * 2
     # Nor the main graph's Conv + BN on the outer W: once no main-graph node reads W, onnxruntime
@@ -147,6 +148,7 @@ def test_new_names_never_clash_with_a_subgraph_name():
 def test_folding_keeps_outputs_whatever_shadows_what(kind, choices, scan_input, seed):
     report = _check_equivalent(shadowing_model(kind, choices, scan_input, seed))
     inner = [s for s in report.sites if s.graph != "main"]
+    assert inner, "the body's BatchNormalization was not seen"  # a walk that skips bodies must not pass
     shadowed = any(c == "shadow" for c in choices.values()) or (kind == "Scan" and scan_input == "x")
     if not shadowed:
         assert all(s.status == "folded" for s in report.sites), report.sites

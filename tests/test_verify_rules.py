@@ -226,10 +226,10 @@ def test_verify_sites_compares_only_tensors_in_both(tmp_path):
 
 def conv1d_model(kernel: int) -> onnx.ModelProto:
     """A 1-D Conv on [batch, samples]: onnxruntime rejects fewer samples than the kernel."""
-    return build(f"""g (float[batch, samples] x) => (float[batch, 1, n] y) {{
+    return build("""g (float[batch, samples] x) => (float[batch, 1, n] y) {
       e = Unsqueeze (x, one)
       y = Conv (e, w)
-    }}""", one=np.array([1], np.int64), w=RNG.standard_normal((1, 1, kernel)).astype(np.float32))
+    }""", one=np.array([1], np.int64), w=RNG.standard_normal((1, 1, kernel)).astype(np.float32))
 
 
 def test_free_dimensions_are_raised_until_onnxruntime_accepts_them():
