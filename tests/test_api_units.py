@@ -328,14 +328,7 @@ def test_a_model_that_cannot_be_verified_exits_3_unless_allowed(tmp_path, monkey
 
 
 def test_an_opset_conversion_happens_only_when_a_site_needs_it():
-    norm = build("""g (float[2,4] x) => (float[2,4] y) {
-        m = ReduceMean <axes = [-1]> (x)
-        d = Sub (x, m)
-        q = Mul (d, d)
-        v = ReduceMean <axes = [-1]> (q)
-        e = Add (v, eps)
-        s = Sqrt (e)
-        y = Div (d, s) }""", opset=13, eps=np.float32(1e-5))
+    norm = _layernorm()
     assert api.needs_newer_opset(norm, api.FoldOptions(target_opset=17))
     assert not api.needs_newer_opset(norm, api.FoldOptions())  # no target: nothing held back
     assert not api.needs_newer_opset(norm, api.FoldOptions(target_opset=13))

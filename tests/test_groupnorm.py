@@ -617,6 +617,17 @@ def test_the_fused_op_stands_where_the_site_s_last_node_stood():
 
 
 # ---- a LayerNorm between two Reshapes is a GroupNorm only when Z splits the channels -------------
+# Keras 3's normalization of z over the axes `ax` (its moments, then (z - mean) / sqrt(var + eps)) as
+# ONNX text, for the grouped-Reshape graphs below.
+MOMENTS_OF_Z = """mean = ReduceMean (z, ax)
+      d = Sub (z, mean)
+      sq = Mul (d, d)
+      var = ReduceMean (sq, ax)
+      ve = Add (var, eps)
+      sd = Sqrt (ve)
+      r = Reciprocal (sd)
+      o = Mul (d, r)"""
+
 
 def reshaped_layernorm(xshape, zshape, axes, out_cast: bool = False):
     """Z = Reshape(X, zshape); the Keras 3 moments over `axes` of Z; Reshape back to X's shape (with
@@ -626,14 +637,7 @@ def reshaped_layernorm(xshape, zshape, axes, out_cast: bool = False):
     tail = "o16 = Cast <to=10> (o)\n      y = Reshape (o16, k2)" if out_cast else "y = Reshape (o, k2)"
     text = f"""g (float[{dims}] x) => ({out_type}[{dims}] y) {{
       z = Reshape (x, k1)
-      mean = ReduceMean (z, ax)
-      d = Sub (z, mean)
-      sq = Mul (d, d)
-      var = ReduceMean (sq, ax)
-      ve = Add (var, eps)
-      sd = Sqrt (ve)
-      r = Reciprocal (sd)
-      o = Mul (d, r)
+      {MOMENTS_OF_Z}
       {tail}
     }}"""
     consts = {"k1": np.array(zshape, np.int64), "k2": np.array(xshape, np.int64), "ax": np.array(axes, np.int64),
@@ -722,14 +726,7 @@ def dynamic_grouping(first: str = "n", last: str = "h", back: str = "s") -> onnx
       h = Slice (s, i2, i3)
       k1 = Concat <axis=0> ({first}, gc, {last})
       z = Reshape (x, k1)
-      mean = ReduceMean (z, ax)
-      d = Sub (z, mean)
-      sq = Mul (d, d)
-      var = ReduceMean (sq, ax)
-      ve = Add (var, eps)
-      sd = Sqrt (ve)
-      r = Reciprocal (sd)
-      o = Mul (d, r)
+      {MOMENTS_OF_Z}
       y = Reshape (o, {back})
     }}"""
     consts = dict(i0=np.array([0]), i1=np.array([1]), i2=np.array([2]), i3=np.array([3]), gc=np.array([4, 2]),

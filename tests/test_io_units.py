@@ -532,14 +532,7 @@ def test_a_tensor_without_a_fixed_item_size_takes_the_rest_of_its_file(tmp_path)
 def test_external_locations_are_found_in_every_graph_and_function(tmp_path):
     from normfold.io import external_locations
 
-    def external(name, location):
-        t = onnx.helper.make_tensor(name, onnx.TensorProto.FLOAT, [1], [0.0])
-        t.ClearField("float_data")
-        t.data_location = onnx.TensorProto.EXTERNAL
-        entry = t.external_data.add()
-        entry.key, entry.value = "location", location
-        return t
-
+    external = _external_tensor
     body = onnx.helper.make_graph([onnx.helper.make_node("Constant", [], ["c"], value=external("c", "branch.bin"))],
                                   "b", [], [onnx.helper.make_tensor_value_info("c", 1, [1])])
     node = onnx.helper.make_node("If", ["cond"], ["y"], then_branch=body, else_branch=body)
