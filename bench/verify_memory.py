@@ -110,11 +110,16 @@ def measure(command: list[str], sample: bool = True) -> tuple[float, int, int]:
 COPY = r"""
 import shutil, sys
 from pathlib import Path
-model, dest = Path(sys.argv[1]), Path(sys.argv[2])
+dest = Path(sys.argv[1])
 dest.mkdir(exist_ok=True)
-for f in sorted(model.parent.glob(model.name + "*")):
+for f in map(Path, sys.argv[2:]):
     shutil.copyfile(f, dest / f.name)
 """
+
+
+def model_files(model: Path) -> list[Path]:
+    """The model and its external data files (named after it, as bench/make_llama.py writes them)."""
+    return sorted(model.parent.glob(model.name + "*"))
 
 
 def floor_write(model: Path, work: Path) -> float:
@@ -122,7 +127,7 @@ def floor_write(model: Path, work: Path) -> float:
     any tool that writes the result, since a fold rewrites every tensor it keeps."""
     dest = work / "copy"
     _warm()
-    wall, _, _ = measure([sys.executable, "-c", COPY, str(model), str(dest)], sample=False)
+    wall, _, _ = measure([sys.executable, "-c", COPY, str(dest), *map(str, model_files(model))], sample=False)
     shutil.rmtree(dest, ignore_errors=True)
     return wall
 
@@ -196,7 +201,7 @@ def main() -> None:
         fold_cmd += ["--target-opset", str(args.target_opset)]
     fold_cmd += args.fold_args.split()
     gib = 2**30
-    print(f"{model}: {sum(f.stat().st_size for f in model.parent.glob(model.name + '*')) / gib:.2f} GiB; "
+    print(f"{model}: {sum(f.stat().st_size for f in model_files(model)) / gib:.2f} GiB; "
           f"{platform.node()}, {os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / gib:.1f} GiB, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {WARM_GIB:.1f} GiB touched before each timed command")
     rows, ratios = [], []
