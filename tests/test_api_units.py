@@ -11,6 +11,7 @@ import pytest
 from builders import build
 from normfold import api, exit_codes
 from normfold.errors import NormfoldError, VerificationTimeout, VerificationUnavailable
+from normfold.paths import PathConflict
 from normfold.report import Verification
 
 
@@ -407,17 +408,7 @@ def test_a_converted_model_is_checked_on_its_own_only_when_the_result_fails(tmp_
     options = api.FoldOptions(target_opset=17)
     report = api.fold_file(tmp_path / "m.onnx", tmp_path / "ok.onnx", options=options)
     assert report.written and report.conversion is None and report.opset_after == 17
-    real = api.run_rules
-
-    def corrupting(graph, *args, **kwargs):  # a wrong rewrite: the LayerNorm's scale tripled
-        records = real(graph, *args, **kwargs)
-        if not kwargs.get("dry"):
-            node = next(n for n in graph.node if n.op_type == "LayerNormalization")
-            scale = next(t for t in graph.initializer if t.name == node.input[1])
-            scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 3, scale.name))
-        return records
-
-    monkeypatch.setattr(api, "run_rules", corrupting)
+    monkeypatch.setattr(api, "run_rules", _tripling_scale(api.run_rules))
     report = api.fold_file(tmp_path / "m.onnx", tmp_path / "bad.onnx", options=options)
     assert (report.exit_code, report.written) == (exit_codes.OUTPUTS_DIFFER, False)
     assert report.conversion.status == "passed" and report.verification.detail.startswith("outputs differ")
@@ -516,3 +507,427 @@ def test_a_job_that_fails_while_writing_cancels_the_originals_run(tmp_path, monk
     with pytest.raises(NormfoldError, match="No space left"):
         api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
     assert child.cancelled == 1 and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+# ---- what fold() hands to the passes: the options, the folder of external weights, the notes ------
+def _rmsnorm():
+    return build("""g (float[2,4] x) => (float[2,4] y) {
+        q = Mul (x, x)
+        v = ReduceMean <axes = [-1]> (q)
+        e = Add (v, eps)
+        s = Sqrt (e)
+        n = Div (x, s)
+        y = Mul (n, g) }""", opset=13, eps=np.float32(1e-6), g=np.float32([1.0, 2.0, 3.0, 4.0]))
+
+
+def _listed(model, names=None):
+    """Every initializer (or those named) also listed as a graph input, as IR < 4 requires."""
+    for t in model.graph.initializer:
+        if names is None or t.name in names:
+            model.graph.input.append(onnx.helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
+    return model
+
+
+def test_fold_options_reach_the_passes():
+    folded, report = api.fold(_rmsnorm(), api.FoldOptions(allow_contrib=True))
+    assert [(n.op_type, n.domain) for n in folded.graph.node] == [("SimplifiedLayerNormalization", "com.microsoft")]
+    _, report = api.fold(_rmsnorm())
+    assert [(s.status, s.reason) for s in report.sites] == [("left", "opset-too-old")]
+    over_channels = build("""g (float[2,4,3] x) => (float[2,4,3] y) {
+        m = ReduceMean <axes = [1]> (x)
+        d = Sub (x, m)
+        q = Mul (d, d)
+        v = ReduceMean <axes = [1]> (q)
+        e = Add (v, eps)
+        s = Sqrt (e)
+        y = Div (d, s) }""", opset=17, eps=np.float32(1e-5))
+    folded, _ = api.fold(over_channels, api.FoldOptions(allow_transpose=True))
+    assert [n.op_type for n in folded.graph.node] == ["Transpose", "LayerNormalization", "Transpose"]
+    _, report = api.fold(over_channels)
+    assert [(s.status, s.reason) for s in report.sites] == [("left", "unsupported-axis")]
+    model = _conv_bn()
+    model.graph.node[1].name = "bn0"
+    folded, report = api.fold(model, api.FoldOptions(exclude_nodes=frozenset({"bn0"})))
+    assert [n.op_type for n in folded.graph.node] == ["Conv", "BatchNormalization"]
+    assert [(s.status, s.reason) for s in report.sites] == [("left", "excluded")]
+
+
+def _lazy(model, folder, opset_target=None):
+    """`model` saved with every weight in an external file in `folder`, read back without them."""
+    from normfold.io import read_model
+
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    lazy, files = read_model(folder / "m.onnx", lazy=True)
+    assert files == ["m.data"] and all(t.data_location == onnx.TensorProto.EXTERNAL for t in lazy.graph.initializer)
+    return lazy
+
+
+def test_weights_still_in_their_files_are_read_from_base_dir(tmp_path, monkeypatch):
+    folder = tmp_path / "src"
+    lazy = _lazy(_layernorm(), folder)
+    monkeypatch.chdir(tmp_path)  # not the model's folder
+    options = api.FoldOptions(target_opset=17)
+    assert api.needs_newer_opset(lazy, options, base_dir=folder)
+    folded, report = api.fold(lazy, options, base_dir=folder)  # converted, then fused
+    assert [n.op_type for n in folded.graph.node] == ["LayerNormalization"] and report.count("fused") == 1
+    [scale] = folded.graph.initializer
+    assert np.array_equal(onnx.numpy_helper.to_array(scale), [1.0, 2.0, 3.0, 4.0])
+    _, report = api.fold(_lazy(_rmsnorm(), tmp_path / "rms"), api.FoldOptions(allow_contrib=True),
+                         base_dir=tmp_path / "rms")  # not converted
+    assert report.count("fused") == 1
+    monkeypatch.chdir(folder)  # by default, relative to the working directory
+    assert api.needs_newer_opset(lazy, options)
+    assert api.fold(lazy, options)[1].count("fused") == 1
+
+
+def test_fold_reports_what_preparing_the_model_did():
+    ir3 = _listed(_conv_bn())
+    ir3.ir_version = 3
+    folded, report = api.fold(ir3)
+    assert report.notes == ["5 initializer(s) listed as graph inputs treated as constants and removed from the inputs "
+                            "(IR version 3 requires the listing; raised to 4, which does not; --initializer-inputs "
+                            "input keeps them as inputs)"]
+    assert [n.op_type for n in folded.graph.node] == ["Conv"] and folded.ir_version == 4
+    folded, report = api.fold(_listed(_layernorm()), api.FoldOptions(target_opset=17, initializer_inputs="constant"))
+    assert report.notes == ["2 initializer(s) listed as graph inputs treated as constants and removed from the "
+                            "inputs (--initializer-inputs constant)"]
+    assert [n.op_type for n in folded.graph.node] == ["LayerNormalization"] and report.opset_after == 17
+    folded, report = api.fold(_listed(_conv_bn()), api.FoldOptions(initializer_inputs="constant"))
+    assert [n.op_type for n in folded.graph.node] == ["Conv"] and len(report.notes) == 1
+    _, report = api.fold(_listed(_conv_bn()))  # IR 8: listed initializers are defaults a caller may override
+    assert report.notes == [] and [s.reason for s in report.sites] == ["non-constant-parameters"]
+
+
+def test_a_site_left_for_a_listed_initializer_names_the_option():
+    model = _listed(build("""g (float[1,3,4] x) => (float[1,3,4] y) {
+        n = InstanceNormalization (x, s, b)
+        y = Mul (n, g) }""", s=np.ones(3, np.float32), b=np.zeros(3, np.float32), g=np.float32([[1], [2], [3]])),
+                    names={"s", "b"})
+    _, report = api.fold(model)
+    [site] = report.sites
+    assert (site.status, site.reason) == ("left", "non-constant-parameters")
+    assert site.detail.endswith("scale or bias is not a constant ('b', 's': initializer(s) also listed as graph "
+                                "inputs, so a caller may override them; --initializer-inputs constant treats such "
+                                "initializers as constants)")
+
+
+def test_a_fold_that_overflows_the_weights_type_warns_nothing(recwarn):
+    model = _conv_bn()
+    scale = next(t for t in model.graph.initializer if t.name == "s")
+    scale.CopyFrom(onnx.numpy_helper.from_array(np.full(3, 3e38, np.float32), "s"))
+    _, report = api.fold(model)  # 3e38 * w overflows float32: the site is left with its reason
+    assert [s.status for s in report.sites] == ["left"]
+    assert [str(w.message) for w in recwarn] == []
+
+
+# ---- fold_file's paths: in place, the data file's name, the run's plan --------------------------------
+def test_in_place_replaces_the_input_and_writes_nothing_else(tmp_path):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    report = api.fold_file(tmp_path / "m.onnx", in_place=True, verify=api.VerifyOptions(enabled=False))
+    assert report.written and report.output == str(tmp_path / "m.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    assert [n.op_type for n in onnx.load(tmp_path / "m.onnx").graph.node] == ["Conv"]
+
+
+def test_the_external_data_file_takes_the_name_asked_for(tmp_path):
+    onnx.save(_conv_bn(out=16), tmp_path / "m.onnx")
+    report = api.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx", options=api.FoldOptions(external_data="w.bin"),
+                           verify=api.VerifyOptions(enabled=False))
+    assert report.written and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "o.onnx", "w.bin"]
+    out = onnx.load(tmp_path / "o.onnx", load_external_data=False)
+    assert {e.value for t in out.graph.initializer for e in t.external_data if e.key == "location"} == {"w.bin"}
+
+
+def test_fold_file_plans_its_paths_before_any_work(tmp_path):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    with pytest.raises(PathConflict, match="output is the input file; pass --in-place to overwrite it"):
+        api.fold_file(tmp_path / "m.onnx", tmp_path / "m.onnx", verify=api.VerifyOptions(enabled=False))
+    # the output's data file would be the input's own external data: known once the model is read
+    onnx.save(_conv_bn(out=16), tmp_path / "e.onnx", save_as_external_data=True, location="o.onnx.data",
+              size_threshold=0)
+    data = (tmp_path / "o.onnx.data").read_bytes()
+    with pytest.raises(PathConflict, match="external data file of .*e.onnx"):
+        api.fold_file(tmp_path / "e.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions(enabled=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.onnx", "m.onnx", "o.onnx.data"]
+    assert (tmp_path / "o.onnx.data").read_bytes() == data
+
+
+def test_a_file_name_onnxruntime_cannot_open_is_refused_only_when_verifying(tmp_path):
+    import os
+
+    name = os.fsdecode(b"m\xff.onnx")  # not UTF-8
+    onnx.save(_conv_bn(), str(tmp_path / name))
+    with pytest.raises(NormfoldError, match="the input's file name is not valid UTF-8"):
+        api.fold_file(tmp_path / name, tmp_path / "o.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+    report = api.fold_file(tmp_path / name, tmp_path / "o.onnx", verify=api.VerifyOptions(enabled=False))
+    assert report.written and (tmp_path / "o.onnx").exists()
+
+
+def test_the_total_time_counts_the_planning_too(tmp_path, monkeypatch):
+    import time
+
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    real = api.plan_run
+
+    def slow_plan(*args, **kwargs):
+        time.sleep(0.5)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "plan_run", slow_plan)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(enabled=False))
+    steps = sum(v for k, v in report.timings.items() if k != "total")
+    assert report.timings["total"] - steps >= 0.5
+
+
+def test_the_timings_are_rounded_to_a_tenth_of_a_millisecond():
+    import time
+
+    report = api._finish(api.Report(), {"load": 0.123456789, "fold": 2.0}, time.perf_counter() - 1.0)
+    assert report.timings["load"] == 0.1235 and report.timings["fold"] == 2.0
+    assert isinstance(report.timings["load"], float) and 1.0 <= report.timings["total"] < 60
+    assert report.timings["total"] == round(report.timings["total"], 4)
+
+
+def test_a_converted_models_timings_include_the_conversion(tmp_path):
+    onnx.save(_layernorm(), tmp_path / "m.onnx")
+    report = api.fold_file(tmp_path / "m.onnx", options=api.FoldOptions(target_opset=17))
+    assert report.written and set(report.timings) == {"load", "convert", "fold", "save", "verify", "total"}
+    assert all(0 <= v < 60 for v in report.timings.values())
+    assert report.timings["convert"] + report.timings["fold"] <= report.timings["total"]
+
+
+def test_weights_the_passes_leave_alone_are_copied_from_the_models_folder(tmp_path, monkeypatch):
+    model = _conv_bn()
+    rng = np.random.default_rng(1)
+    model.graph.node[1].output[0] = "n"
+    model.graph.node.append(onnx.helper.make_node("Conv", ["n", "w2"], ["y"], pads=[1, 1, 1, 1]))
+    w2 = rng.standard_normal((3, 3, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w2, "w2"))
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(model, src / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    monkeypatch.chdir("/")
+    report = api.fold_file(src / "m.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions(enabled=False))
+    assert report.written and [n.op_type for n in onnx.load(tmp_path / "o.onnx").graph.node] == ["Conv", "Conv"]
+    out = onnx.load(str(tmp_path / "o.onnx"))
+    assert np.array_equal(onnx.numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == "w2")), w2)
+
+
+# ---- the verification a job runs: --inputs, --timeout, the original run once, the conversion's check --
+def test_input_files_are_checked_before_anything_is_written_unless_not_verifying(tmp_path):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 2, 5, 5), np.float32))
+    verify = api.VerifyOptions(input_files=[str(tmp_path / "x.npy")])
+    with pytest.raises(NormfoldError, match=r"'x' has shape \[1, 2, 5, 5\], the model's input is \[1, 2, 4, 4\]"):
+        api.fold_file(tmp_path / "m.onnx", verify=verify)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "x.npy"]
+    verify.enabled = False  # --no-verify: the inputs are not used
+    assert api.fold_file(tmp_path / "m.onnx", verify=verify).written
+
+
+def test_a_verification_within_its_timeout_passes(tmp_path):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(timeout=60.0, local=False))
+    assert (report.exit_code, report.written, report.verification.status) == (exit_codes.OK, True, "passed")
+    assert 0 <= report.timings["verify"] < 60
+
+
+def test_a_timeout_keeps_the_seed_in_the_report(monkeypatch):
+    def slow(self, *args, **kwargs):
+        raise VerificationTimeout("after 1 s")
+
+    monkeypatch.setattr(api.VerifyOptions, "verify", slow)
+    v, conversion = api._verified_with_conversion(api.VerifyOptions(seed=7, timeout=1.0), "a", "b", None, None,
+                                                  pending="p")
+    assert (v.status, v.seed, v.detail, conversion) == ("unavailable", 7, "timed out: after 1 s", None)
+
+
+class _Staged:
+    path = "conv.onnx"
+
+    def __init__(self):
+        self.discarded = 0
+
+    def discard(self):
+        self.discarded += 1
+
+
+def test_the_conversions_check_shares_the_deadline_and_the_originals_run(monkeypatch):
+    """--timeout counts from the start of verification over every step: the original's run (here
+    3 s), the result's comparison and the converted original's own comparison."""
+    clock = [100.0]
+    monkeypatch.setattr(api.time, "monotonic", lambda: clock[0])
+    timeouts = []
+
+    def reference(self, ref, sites, deadline, pending):
+        timeouts.append(("reference", api._remaining(deadline, self.timeout), pending))
+        clock[0] += 3.0
+        return "the original's run"
+
+    def compare(self, ref, cand, reference_run, deadline):
+        timeouts.append((cand, api._remaining(deadline, self.timeout), reference_run))
+        return Verification("failed" if cand == "b.onnx" else "passed", detail="outputs differ: y")
+
+    monkeypatch.setattr(api.VerifyOptions, "reference", reference)
+    monkeypatch.setattr(api.VerifyOptions, "compare", compare)
+    staged = _Staged()
+    v, conversion = api._verified_with_conversion(api.VerifyOptions(timeout=5.0), "a.onnx", "b.onnx", None,
+                                                  lambda: staged, pending="pending")
+    assert (v.status, conversion.status, staged.discarded) == ("failed", "passed", 1)
+    assert timeouts == [("reference", 5.0, "pending"), ("b.onnx", 2.0, "the original's run"),
+                        ("conv.onnx", 2.0, "the original's run")]
+    timeouts.clear()
+    api._verified_with_conversion(api.VerifyOptions(), "a.onnx", "b.onnx", None, lambda: staged, pending="p")
+    assert [t[1] for t in timeouts] == [None, None, None]
+
+
+def test_the_original_runs_once_for_the_result_and_the_conversion(tmp_path, monkeypatch):
+    """A job starts the original's run while it writes the result; both comparisons use it."""
+    onnx.save(_layernorm(), tmp_path / "m.onnx")
+    real_start, real_compare, starts, runs = api.VerifyOptions.start_reference, api.VerifyOptions.compare, [], []
+
+    def start(self, reference, sites=None):
+        starts.append(reference)
+        return real_start(self, reference, sites)
+
+    def compare(self, reference, candidate, sites=None, reference_run=None, *, deadline=None):
+        runs.append(reference_run)
+        return real_compare(self, reference, candidate, sites, reference_run, deadline=deadline)
+
+    monkeypatch.setattr(api.VerifyOptions, "start_reference", start)
+    monkeypatch.setattr(api.VerifyOptions, "compare", compare)
+    monkeypatch.setattr(api, "run_rules", _tripling_scale(api.run_rules))
+    report = api.fold_file(tmp_path / "m.onnx", options=api.FoldOptions(target_opset=17),
+                           verify=api.VerifyOptions(local=False))
+    assert (report.verification.status, report.conversion.status) == ("failed", "passed")
+    assert starts == [tmp_path / "m.onnx"] and len(runs) == 2
+    assert isinstance(runs[0], api.ModelRun) and runs[1] is runs[0]
+
+
+def _tripling_scale(real):
+    def corrupting(graph, *args, **kwargs):  # a wrong rewrite: the LayerNorm's scale tripled
+        records = real(graph, *args, **kwargs)
+        if not kwargs.get("dry"):
+            node = next(n for n in graph.node if n.op_type == "LayerNormalization")
+            scale = next(t for t in graph.initializer if t.name == node.input[1])
+            scale.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(scale) * 3, scale.name))
+        return records
+
+    return corrupting
+
+
+def test_a_converted_model_with_external_weights_is_checked_without_loading_them(tmp_path, monkeypatch):
+    """The converted original is staged from the weights' own files (never loaded whole, copied
+    file to file from the model's folder, whatever the working directory)."""
+    from normfold.io import validate
+
+    src = tmp_path / "src"
+    src.mkdir()
+    onnx.save(_layernorm(), src / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+
+    def never(*args, **kwargs):
+        raise AssertionError("external weights loaded whole")
+
+    monkeypatch.setattr(validate.external_data_helper, "load_external_data_for_model", never)
+    monkeypatch.setattr(api, "run_rules", _tripling_scale(api.run_rules))
+    monkeypatch.chdir(tmp_path)
+    report = api.fold_file(src / "m.onnx", tmp_path / "o.onnx", options=api.FoldOptions(target_opset=17),
+                           verify=api.VerifyOptions(local=False))
+    assert (report.exit_code, report.verification.status) == (exit_codes.OUTPUTS_DIFFER, "failed")
+    assert report.conversion.status == "passed", report.conversion.detail
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+# ---- the benchmark's inputs, --inputs checks past an input they cannot check, long messages ----------
+def test_the_benchmark_runs_on_the_inputs_verification_uses(tmp_path, monkeypatch):
+    import normfold.verify
+
+    model = build("""g (float[N,4] x, float[2,K] z, int64[3] ids) => (float[N,4] y, float[2,K] u, int64[3] i) {
+        y = Neg (x)
+        u = Neg (z)
+        i = Identity (ids) }""")
+    onnx.save(model, tmp_path / "m.onnx")
+    seen = []
+    monkeypatch.setattr(normfold.verify, "benchmark_models", lambda models, feeds: seen.append((models, feeds)) or {})
+    verify = api.VerifyOptions(seed=4, shapes={"z": [2, 5]}, dims={"N": 3}, int_ranges={"ids": (5, 9)})
+    api.benchmark_files(tmp_path / "m.onnx", tmp_path / "f.onnx", verify)
+    [(models, feeds)] = seen
+    assert models == {"original": tmp_path / "m.onnx", "folded": tmp_path / "f.onnx"}
+    assert (feeds["x"].shape, feeds["z"].shape) == ((3, 4), (2, 5)) and set(feeds["ids"]) <= {5, 6, 7, 8}
+    probe = normfold.verify.open_session(tmp_path / "m.onnx", "original")
+    expected = normfold.verify.make_inputs(probe, 4, {"z": [2, 5]}, {"N": 3}, {"ids": (5, 9)})
+    assert all(np.array_equal(feeds[k], expected[k]) for k in expected)
+    arrays = {"x": np.ones((6, 4), np.float32), "z": np.ones((2, 1), np.float32), "ids": np.arange(3)}
+    np.savez(tmp_path / "in.npz", **arrays)
+    verify.input_files = [str(tmp_path / "in.npz")]
+    api.benchmark_files(tmp_path / "m.onnx", tmp_path / "f.onnx", verify)
+    assert all(np.array_equal(seen[1][1][k], arrays[k]) for k in arrays)
+
+
+def test_a_benchmark_of_an_original_onnxruntime_cannot_load_says_which_model(tmp_path):
+    model = build("g (float[2] x) => (float[2] y) { y = Neg (x) }")
+    model.graph.node[0].op_type, model.graph.node[0].domain = "Nope", "x.custom"
+    model.opset_import.append(onnx.helper.make_opsetid("x.custom", 1))
+    onnx.save(model, tmp_path / "m.onnx")
+    with pytest.raises(VerificationUnavailable, match="^onnxruntime cannot load the original model: "):
+        api.benchmark_files(tmp_path / "m.onnx", tmp_path / "m.onnx", api.VerifyOptions())
+
+
+@pytest.mark.parametrize("first", ["sequence", "undefined type"])
+def test_an_input_that_cannot_be_checked_does_not_stop_the_checks_of_the_next(tmp_path, first):
+    model = _inputs_model()
+    if first == "sequence":
+        model.graph.input[0].CopyFrom(onnx.helper.make_tensor_sequence_value_info("x", onnx.TensorProto.FLOAT, None))
+    else:
+        model.graph.input[0].type.tensor_type.elem_type = onnx.TensorProto.UNDEFINED
+    np.savez(tmp_path / "in.npz", x=np.zeros((2, 5), np.float32), ids=np.zeros(3, np.int32))
+    with pytest.raises(NormfoldError, match="'ids' is int32, the model's input is int64"):
+        api.check_input_files(model, [str(tmp_path / "in.npz")])
+
+
+def test_a_long_conversion_error_is_cut_at_200_characters(monkeypatch):
+    def refuse(model, target):
+        raise RuntimeError("x" * 300)
+
+    monkeypatch.setattr(api.version_converter, "convert_version", refuse)
+    with pytest.raises(NormfoldError) as info:
+        api.convert_opset(build("g (float[2] x) => (float[2] y) { y = Neg (x) }", opset=13), 17)
+    assert str(info.value) == "cannot convert the model from opset 13 to 17: " + "x" * 197 + "..."
+
+
+def test_the_originals_run_gets_what_is_left_of_the_deadline(monkeypatch):
+    monkeypatch.setattr(api.time, "monotonic", lambda: 10.0)
+    child = _Child(value="the run")
+    assert api.VerifyOptions(timeout=5.0).reference("a.onnx", deadline=12.5, pending=child) == "the run"
+    assert child.timeouts == [2.5]
+
+
+# ---- which sites are compared, and a job with no verification that fails while writing ------------------
+def test_only_the_rewritten_sites_are_compared(tmp_path):
+    model = _conv_bn_relu()  # Conv -> BN (folded) -> Relu -> BN whose scale is a graph input (left) -> Relu
+    model.graph.node[2].output[0] = "r"
+    model.graph.node.append(onnx.helper.make_node("BatchNormalization", ["r", "s2", "b", "m", "v"], ["t"]))
+    model.graph.node.append(onnx.helper.make_node("Relu", ["t"], ["y"]))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("s2", onnx.TensorProto.FLOAT, [3]))
+    onnx.save(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "in.npz", x=np.ones((1, 2, 4, 4), np.float32), s2=np.ones(3, np.float32))
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(sites=True, local=False,
+                                                                          input_files=[str(tmp_path / "in.npz")]))
+    assert report.written and [(s.status, s.output) for s in report.sites] == [("folded", "n"), ("left", "t")]
+    assert [s.name for s in report.verification.sites] == ["n"]
+    assert report.sites[0].max_abs_error is not None and report.sites[1].max_abs_error is None
+
+
+def test_a_job_without_verification_that_fails_while_writing_says_why(tmp_path, monkeypatch):
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+
+    def full(*args, **kwargs):
+        raise NormfoldError("out.onnx: cannot write (No space left on device)")
+
+    monkeypatch.setattr(api, "StagedModel", full)
+    for verify in (api.VerifyOptions(enabled=False), api.VerifyOptions(local=True)):
+        with pytest.raises(NormfoldError, match="No space left"):
+            api.fold_file(tmp_path / "m.onnx", verify=verify)
+    assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
