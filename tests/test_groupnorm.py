@@ -754,3 +754,23 @@ def test_a_dynamic_grouping_that_moves_a_dimension_is_not_a_group_norm(first, la
     folded, report = normfold.fold(model)
     assert "GroupNormalization" not in ops(folded)
     assert [s.reason for s in gn_sites(report)] in ([], ["unknown-shape"]), report.to_text(verbose=True)
+
+
+def test_a_rank_1_input_through_the_instance_norm_spelling_is_left_not_a_crash():
+    """Reshape(X[16], [1, 2, -1]) -> InstanceNormalization -> Reshape(Shape(X)) -> Mul: the match asked
+    whether the Mul constant is per channel of X before any check of X's rank, and X has no channel
+    axis (an IndexError out of fold() before the fix)."""
+    model = build("""g (float[16] x) => (float[16] y) {
+      r = Reshape (x, k)
+      n = InstanceNormalization (r, s, b)
+      sh = Shape (x)
+      bk = Reshape (n, sh)
+      y = Mul (bk, c)
+    }""", opset=21, k=np.array([1, 2, -1], np.int64), s=np.ones(2, np.float32), b=np.zeros(2, np.float32),
+                  c=np.full(16, 2, np.float32))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = gn_sites(report)
+    assert site.status == "left" and site.reason == "unknown-shape"
+    assert site.detail == "'x' has rank 1; GroupNormalization needs (N, C, ...)"
+    assert "Mul(y)" not in site.nodes  # not a per-channel constant: not part of the site

@@ -31,14 +31,11 @@ def other_input(node: onnx.NodeProto, tensor: str) -> str | None:
 
 def reduce_axes(view: GraphView, node: onnx.NodeProto) -> tuple[int, ...] | None:
     """Axes of a Reduce* node: the `axes` attribute (opset < 18) or the constant second input
-    (opset >= 18, possibly written by a Constant or Cast node). None when unknown or all axes."""
+    (opset >= 18, possibly written by a Constant or Cast node: `view.const` evaluates those). None
+    when unknown or all axes."""
     axes = attr(node, "axes")
     if axes is None and len(node.input) > 1 and node.input[1]:
         value = view.const(node.input[1])
-        if value is None:
-            cast = view.producer.get(node.input[1])
-            if is_op(cast, "Cast"):
-                value = view.const(cast.input[0])
         if value is None:
             return None
         axes = [int(a) for a in np.asarray(value).reshape(-1)]
@@ -71,8 +68,9 @@ def reuse_or_add(view: GraphView, name: str | None, value: np.ndarray, base: str
 
 def channel_vector(value: np.ndarray | None, dims: list) -> np.ndarray | None:
     """A [C] vector when `value` broadcast against X (N, C, *S) varies along the channel axis only
-    (shapes [C,1,..], [1,C,1,..], [1], scalars) and does not widen X's shape; else None."""
-    if value is None or not isinstance(dims[1], int):
+    (shapes [C,1,..], [1,C,1,..], [1], scalars) and does not widen X's shape; else None (also when X
+    has no channel axis: a rank-1 X reaches here from the GroupNorm match, before its rank is checked)."""
+    if value is None or len(dims) < 2 or not isinstance(dims[1], int):
         return None
     rank, channels = len(dims), dims[1]
     shape = list(value.shape)

@@ -56,7 +56,7 @@ MODULES: dict[str, list[str]] = {
     "passes/_linear": BN_TESTS,
     "passes/_next_layer": BN_TESTS,
     "passes/channel_affine": BN_TESTS,
-    "passes/_pattern": PASS_TESTS,
+    "passes/_pattern": PASS_TESTS + ["tests/test_pattern.py"],
     "passes/__init__": PASS_TESTS,
     "verify": VERIFY_TESTS + ["tests/test_contracts.py"],
     "accuracy": VERIFY_TESTS,
