@@ -159,16 +159,19 @@ class _Walk:
         return _checked(rule, self.view, match, self.ctx)
 
     def _rewrite(self, rule: Rule, match: Match, plan: Any) -> None:
-        names = {label(n) for n in match.nodes}
+        # The site's nodes as the input model names them: a rewrite may make a kept node write the
+        # site's output, and an unnamed node's label is its output.
+        labels = [label(n) for n in match.nodes]
         # A site an earlier rule reported it could not read is moot once this one rewrites it.
-        self.records = [r for r in self.records if r.status != "left" or not names.intersection(r.nodes)]
+        self.records = [r for r in self.records if r.status != "left" or not set(labels).intersection(r.nodes)]
         if self.dry:
             self.records.append(self._record(rule, match, rule.status, "would be rewritten"))
             return
         done = rule.rewrite(self.view, match, plan)
-        self.records.append(self._record(rule, match, rule.status, done.detail, created=done.created,
+        self.records.append(self._record(rule, match, rule.status, done.detail, labels, created=done.created,
                                          notes=done.notes, max_rounding=done.max_rounding))
 
-    def _record(self, rule: Rule, match: Match, status: str, detail: str, **extra) -> SiteRecord:
-        return SiteRecord(rule.name, match.kind, status, [label(n) for n in match.nodes], detail,
+    def _record(self, rule: Rule, match: Match, status: str, detail: str, labels: list[str] | None = None,
+                **extra) -> SiteRecord:
+        return SiteRecord(rule.name, match.kind, status, labels or [label(n) for n in match.nodes], detail,
                           output=match.output, graph=self.path, **extra)

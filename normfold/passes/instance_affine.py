@@ -6,7 +6,8 @@ onnxslim's simplification when X has rank 3 (wav2vec2's feature extractor): what
 
     X -> InstanceNormalization(s, b, eps) -> [Reshape(Shape(X))] -> [Mul(C gamma[C, 1, ..])] -> [Add(C beta[C, 1, ..])] -> Y
 
-(the Reshape to X's own shape, when the simplifier kept the second one, moves no data and goes too).
+(the Reshape to X's own shape, when the simplifier kept the second one, moves no data and goes too;
+when it kept the first one instead, Reshape(X, [0, C, -1]) stays and X is its output here).
 
 InstanceNormalization already applies a per-channel affine map, so the constants go into it:
 
@@ -34,8 +35,6 @@ class InstanceNormAffine(Rule):
     def match(self, view: GraphView, node: onnx.NodeProto) -> Match | None:
         if not is_op(node, "InstanceNormalization") or len(node.input) < 3:
             return None
-        if is_op(view.producer.get(node.input[0]), "Reshape"):
-            return None  # GroupNorm's own spelling, groupnorm.py's site
         nodes, out, affine = [node], node.output[0], {}
         back = view.sole_user(out)
         shape = view.producer.get(back.input[1]) if is_op(back, "Reshape") and len(back.input) > 1 else None
