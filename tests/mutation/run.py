@@ -57,7 +57,7 @@ MODULES: dict[str, list[str]] = {
     "passes/_next_layer": BN_TESTS,
     "passes/channel_affine": BN_TESTS,
     "passes/_pattern": PASS_TESTS + ["tests/test_pattern.py"],
-    "passes/__init__": PASS_TESTS,
+    "passes/__init__": PASS_TESTS + ["tests/test_driver.py"],
     "verify": VERIFY_TESTS + ["tests/test_contracts.py"],
     "accuracy": VERIFY_TESTS,
     "verify_local": VERIFY_TESTS,
