@@ -515,3 +515,157 @@ def test_corpus_layernorms_after_onnxruntime_offline_optimization_fuse(name, fus
     assert len([s for s in ln if s.status == "fused"]) == fused, report.to_text(verbose=True)
     assert any("moved in front" in s.detail for s in ln)
     assert not [s for s in ln if s.reason == "unrecognized-pattern"]
+
+
+# ---- tf_keras' fused LayerNorm, through a BatchNormalization (layernorm.py) ------------------------
+
+def tf_keras_bn_layernorm(shape=(2, 4, 8), k=1, eps=1e-3, affine="both", count="chain", opset=17, xr=None,
+                          axes=(0, 2, 3), names=True, bn_scale=None, bn_attrs="", extra="", extra_out="",
+                          gamma=None, beta=None, seed=0):
+    """tf_keras' LayerNormalization over the last k axes of X: X reshaped to [1, prod(leading),
+    prod(normalized), 1], moments over axes 0, 2, 3 into a BatchNormalization, reshaped back.
+    `count` is how the variance divisor is written: "chain" (Cast(ReduceProd(Gather(Shape(Xr))))) or
+    a number (constant-folded)."""
+    rng = np.random.default_rng(seed)
+    lead, norm = int(np.prod(shape[:-k])), int(np.prod(shape[-k:]))
+    xr = xr or [1, lead, norm, 1]
+    dims = ",".join(map(str, shape))
+    ax = ",".join(map(str, axes))
+    lines = ["xr = Reshape (x, to4)", f"mean = ReduceMean <axes=[{ax}], keepdims=1> (xr)", "d = Sub (xr, mean)",
+             f"rss = ReduceSumSquare <axes=[{ax}], keepdims=0> (d)", "m = Squeeze (mean, ax)"]
+    consts = {"to4": np.array(xr, np.int64), "back": np.array(shape, np.int64), "ax": np.array(axes, np.int64),
+              "ones": np.ones(xr[1], np.float32) if bn_scale is None else bn_scale, "zeros": np.zeros(xr[1], np.float32),
+              "gamma": rng.standard_normal(shape[-k:]).astype(np.float32) if gamma is None else gamma,
+              "beta": rng.standard_normal(shape[-k:]).astype(np.float32) if beta is None else beta}
+    if count == "chain":
+        lines += ["sh = Shape (xr)", "ga = Gather (sh, ax)", "rp = ReduceProd <axes=[0], keepdims=0> (ga)",
+                  "n = Cast <to=1> (rp)", "v = Div (rss, n)"]
+    else:
+        consts["n"] = np.array(count, np.float32)
+        lines.append("v = Div (rss, n)")
+    bn_attrs = ", ".join(([f"epsilon={eps!r}"] if eps is not None else []) + ([bn_attrs] if bn_attrs else []))
+    lines += [f"bn = BatchNormalization {f'<{bn_attrs}>' if bn_attrs else ''} (xr, ones, zeros, m, v)",
+              "r = Reshape (bn, back)"]
+    tail = {"both": ["g = Mul (r, gamma)", "y = Add (g, beta)"], "scale": ["y = Mul (r, gamma)"],
+            "bias": ["y = Add (r, beta)"], "none": ["y = Identity (r)"]}[affine]
+    body = "\n      ".join(lines + tail + ([extra] if extra else []))
+    text = f"""g (float[{dims}] x) => (float[{dims}] y{extra_out}) {{
+      {body}
+    }}"""
+    used = set(text.replace("(", " ").replace(")", " ").replace(",", " ").split())
+    model = build(text, opset=opset, **{k: v for k, v in consts.items() if k in used})
+    if names:  # tf2onnx names every node after its Keras layer
+        for node in model.graph.node:
+            node.name = f"model/ln/{node.op_type}_{node.output[0]}"
+    return model
+
+
+def ln_sites(report, status=None, reason=None):
+    return [s for s in sites(report, status, reason) if s.pass_name == "layernorm"]
+
+
+@pytest.mark.parametrize("shape, k", [((2, 4, 8), 1), ((2, 3, 4, 5), 2), ((3, 8), 1)])
+@pytest.mark.parametrize("affine", ["both", "scale", "bias", "none"])
+def test_tf_keras_batchnorm_layernorm_fuses(shape, k, affine):
+    model = tf_keras_bn_layernorm(shape=shape, k=k, affine=affine)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"] + (["Identity"] if affine == "none" else [])
+    [site] = ln_sites(report)
+    assert site.status == "fused" and site.kind == "LayerNorm (tf_keras fused, through BatchNormalization)"
+    node = folded.graph.node[0]
+    assert node.name == "model/ln/LayerNormalization" and site.created == [node.name]
+    assert (onnx_attr(node, "axis"), onnx_attr(node, "stash_type")) == (-k, 1)
+    assert onnx_attr(node, "epsilon") == pytest.approx(1e-3)
+    assert site.detail == f"{len(site.nodes)} nodes fused into LayerNormalization (axis={-k}, epsilon=0.001)"
+    # gamma and beta are read where they stand when they already have the normalized shape
+    want = [["x", "gamma", "beta"], ["x", "gamma"], ["x", "model/ln.scale", "beta"], ["x", "model/ln.scale"]]
+    assert list(node.input) == want[["both", "scale", "bias", "none"].index(affine)]
+
+
+def test_tf_keras_batchnorm_layernorm_with_a_constant_count_fuses():
+    folded, report, _ = fold_and_compare(tf_keras_bn_layernorm(count=8.0), atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]
+    assert "Shape" not in "".join(ln_sites(report)[0].nodes)
+
+
+@pytest.mark.parametrize("options, reason, detail", [
+    ({"count": 7.0}, "non-constant-parameters",
+     "model/ln/Div_v: the divisor [7.] is not the count 8 of the normalized axes"),
+    ({"xr": [1, 4, 16, 1]}, "unsupported-axis", "the reshape to [1, 4, 16, 1] does not normalize trailing axes of [2, 4, 8]"),
+    ({"bn_scale": np.full(8, 2, np.float32)}, "non-constant-parameters",
+     "model/ln/BatchNormalization_bn: scale and bias must be the constants 1 and 0"),
+    ({"eps": 0.0}, "invalid-statistics", "epsilon 0.0 is not positive"),
+    ({"gamma": np.ones((4, 1), np.float32)}, "not-per-channel",
+     "gamma of shape [4, 1] does not broadcast like the normalized shape [8]"),
+    ({"beta": np.ones((4, 1), np.float32), "affine": "bias"}, "not-per-channel",
+     "beta of shape [4, 1] does not broadcast like the normalized shape [8]"),
+    ({"opset": 16}, "opset-too-old",
+     "LayerNormalization needs opset 17; the model has opset 16 (rerun with --target-opset 17)"),
+    ({"extra": "z = Identity (v)", "extra_out": ", float[8] z"}, "intermediate-used-elsewhere",
+     "'v' inside the LayerNorm is also used outside it"),
+])
+def test_tf_keras_batchnorm_layernorm_left_says_why(options, reason, detail):
+    model = tf_keras_bn_layernorm(**options)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = ln_sites(report)
+    assert (site.status, site.reason, site.detail) == ("left", reason, detail)
+    assert site.kind == "LayerNorm (tf_keras fused, through BatchNormalization)"
+
+
+def test_tf_keras_batchnorm_layernorm_without_an_epsilon_attribute_uses_its_default():
+    folded, _, _ = fold_and_compare(tf_keras_bn_layernorm(eps=None), atol=1e-5, rtol=1e-5)
+    assert onnx_attr(folded.graph.node[0], "epsilon") == pytest.approx(1e-5)
+
+
+def _axes_input(model, op, index, value):
+    node = next(n for n in model.graph.node if n.op_type == op)
+    model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), f"{op}_axes"))
+    node.input[index] = f"{op}_axes"
+
+
+def _axes_attribute(model, op, value):
+    node = next(n for n in model.graph.node if n.op_type == op)
+    node.attribute.remove(next(a for a in node.attribute if a.name == "axes"))
+    node.attribute.append(onnx.helper.make_attribute("axes", value))
+
+
+@pytest.mark.parametrize("what, change", [
+    ("mean", lambda m: _axes_attribute(m, "ReduceMean", [0, 2])),
+    ("sum of squares", lambda m: _axes_attribute(m, "ReduceSumSquare", [0, 1, 2])),
+    ("count", lambda m: _axes_input(m, "Gather", 1, [0, 2])),
+    ("squeeze", lambda m: _axes_input(m, "Squeeze", 1, [0, 3])),
+])
+def test_tf_keras_batchnorm_layernorm_over_other_axes_is_left(what, change):
+    """Each of the four places the axes are written must say 0, 2, 3 (the shapes no longer agree
+    after such a change; the check reads the axes, not the shapes)."""
+    model = tf_keras_bn_layernorm()
+    change(model)
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 4, 8]))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = ln_sites(report)
+    assert (site.reason, site.detail) == ("unsupported-axis",
+                                          f"the {what} does not run over axes [0, 2, 3] of the reshaped input")
+
+
+def test_tf_keras_batchnorm_layernorm_with_negative_axes_fuses():
+    model = tf_keras_bn_layernorm()
+    _axes_attribute(model, "ReduceMean", [0, -2, -1])
+    _axes_input(model, "Squeeze", 1, [-4, 2, -1])
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]
+
+
+@pytest.mark.parametrize("training_mode", [1, None])
+def test_tf_keras_batchnorm_layernorm_in_training_mode_is_left(training_mode):
+    """training_mode=1, or the running statistics written (BatchNormalization-9's optional outputs)."""
+    model = tf_keras_bn_layernorm()
+    bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    bn.output.extend(["rm", "rv"])
+    if training_mode:
+        bn.attribute.append(onnx.helper.make_attribute("training_mode", training_mode))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 4, 8]))
+    folded, report = normfold.fold(model)
+    [site] = ln_sites(report)
+    assert (site.reason, site.detail) == ("training-mode", "model/ln/BatchNormalization_bn runs in training mode")
