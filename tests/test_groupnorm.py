@@ -774,3 +774,134 @@ def test_a_rank_1_input_through_the_instance_norm_spelling_is_left_not_a_crash()
     assert site.status == "left" and site.reason == "unknown-shape"
     assert site.detail == "'x' has rank 1; GroupNormalization needs (N, C, ...)"
     assert "Mul(y)" not in site.nodes  # not a per-channel constant: not part of the site
+
+
+# ---- the PyTorch spelling's checks and rewrite, one at a time (groupnorm.py) ----------------------
+
+def _torch_with(model, **changes):
+    """Set initializers of a torch_groupnorm model (name -> array), without the checker: some of the
+    cases below are shapes onnx's checker would have to run the graph to refute."""
+    for name, value in changes.items():
+        old = [t for t in model.graph.initializer if t.name == name]
+        for t in old:
+            model.graph.initializer.remove(t)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    return model
+
+
+@pytest.mark.parametrize("names, prefix", [({"r": "enc/blk/gn/Reshape"}, "enc/blk/gn"), ({"r": "gn_reshape"}, "gn_reshape"),
+                                           ({}, "GroupNorm")])
+def test_torch_groupnorm_is_named_after_its_first_reshape_and_stands_where_its_add_stood(names, prefix):
+    model = torch_groupnorm(extra="u = Relu (x)", extra_out=", float[2,8,5,5] u")
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    model.graph.node.remove(relu)
+    model.graph.node.insert(list(model.graph.node).index(add), relu)  # between the Mul and the Add
+    for node in model.graph.node:
+        node.name = names.get(node.output[0], "")
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Relu", "GroupNormalization"]
+    gn = folded.graph.node[1]
+    assert gn.name == f"{prefix}/GroupNormalization" and list(gn.input) == ["x", f"{prefix}.scale", f"{prefix}.bias"]
+    [site] = gn_sites(report)
+    assert site.kind == "GroupNorm (Reshape + InstanceNormalization)" and site.created == [gn.name]
+    assert site.detail == "6 nodes fused into GroupNormalization (num_groups=4, epsilon=1e-05)"
+
+
+@pytest.mark.parametrize("grouping, fused", [([2, 4, 50], True), ([0, 4, 50], True), ([-1, 4, 50], True),
+                                             ([2, 4, 25], False), ([2, 4, -1, 1], False), ([-1, 4, -1], False),
+                                             ([0, 0, -1], False)])
+def test_torch_grouping_shapes_written_out(grouping, fused):
+    """[N, G, C/G * H * W] with any mix of the batch, 0 (copy it) and -1; a wrong count, rank, a
+    second -1 or G of 0 are refused."""
+    model = _torch_with(torch_groupnorm(), k=np.array(grouping, np.int64))
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    if fused:
+        assert site.status == "fused" and ops(folded) == ["GroupNormalization"]
+        return
+    assert ops(folded) == ops(model) and site.reason == "unsupported-axis"
+    if len(grouping) != 3 or grouping[1] <= 0:
+        assert site.detail == f"Reshape(r): the grouping shape {grouping} is not a constant [N, G, -1]"
+    else:
+        assert site.detail == (f"Reshape(r): shape {grouping} does not group the channels of 'x' [2, 8, 5, 5] "
+                               "as [N, 4, -1]")
+
+
+def test_torch_grouping_shape_that_is_not_a_constant_is_left():
+    model = torch_groupnorm()
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "k"))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("k", onnx.TensorProto.INT64, [3]))
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert (site.reason, site.detail) == ("unsupported-axis",
+                                          "Reshape(r): the grouping shape None is not a constant [N, G, -1]")
+
+
+def test_torch_groups_that_do_not_split_the_channels_say_so():
+    _, report = normfold.fold(torch_groupnorm(shape=(1, 6, 2, 2), groups=4, affine="none"))
+    [site] = gn_sites(report)
+    assert site.detail == ("4 groups do not split 6 channels evenly; the InstanceNormalization does not "
+                           "normalize whole channels")
+
+
+@pytest.mark.parametrize("restore, groups, fused", [
+    ([2, 8, 5, 5], 4, True), ([0, 8, 5, 5], 4, True), ([0, 0, 5, 5], 8, True), ([0, 8, -1, 5], 4, True),
+    ([2, 8, 25], 4, False), ([2, 8, 5, 5, 1], 4, False), ([2, 8, 5, 4], 4, False), ([0, 0, 5, 5], 4, False)])
+def test_torch_restoring_shapes_written_out(restore, groups, fused):
+    """The second Reshape's constant shape must give X's shape back: 0 copies the grouped tensor's
+    dim, which is X's for the batch, and for the channels only with one channel per group."""
+    model = torch_groupnorm(restore="const", groups=groups, affine="none")
+    _torch_with(model, s=np.array(restore, np.int64))
+    if not fused:
+        model.graph.output[0].type.tensor_type.ClearField("shape")
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    if fused:
+        assert site.status == "fused" and ops(folded) == ["GroupNormalization", "Identity"]
+        return
+    assert ops(folded) == ops(model) and site.reason == "unsupported-axis"
+    assert site.detail == f"Reshape(b): the shape {restore} does not restore 'x' to [2, 8, 5, 5]"
+
+
+def test_torch_restoring_shape_that_is_not_a_constant_is_left():
+    model = torch_groupnorm(restore="const")
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "s"))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("s", onnx.TensorProto.INT64, [4]))
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert (site.reason, site.detail) == ("unsupported-axis",
+                                          "Reshape(b): the shape ? does not restore 'x' to [2, 8, 5, 5]")
+
+
+@pytest.mark.parametrize("shape, attrs, fused", [((2, 8, 5, 5), "start = 0", True), ((2, 8, 5, 5), "start = -4", True),
+                                                 ((1, 8, 5, 5), "start = 1", False), ((2, 8, 5, 1), "end = 3", False),
+                                                 ((2, 8, 5, 1), "end = -1", False)])
+def test_torch_restoring_shape_of_part_of_x_is_left(shape, attrs, fused):
+    """Reshape(., Shape<start/end>(X)) restores X only when it is all of X's shape."""
+    model = torch_groupnorm(shape=shape, affine="none")
+    shape_node = next(n for n in model.graph.node if n.op_type == "Shape")
+    name, value = attrs.split(" = ")
+    shape_node.attribute.append(onnx.helper.make_attribute(name, int(value)))
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    model = onnx.helper.make_model(model.graph, opset_imports=[onnx.helper.make_opsetid("", 21)])
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    if fused:
+        assert site.status == "fused"
+        return
+    assert ops(folded) == ops(model) and site.reason == "unsupported-axis"
+    assert site.detail == f"Reshape(b): the shape ? does not restore 'x' to {list(shape)}"
+
+
+@pytest.mark.parametrize("allowzero, grouping, fused", [(1, [2, 4, 50], True), (1, [1, 4, 50], True),
+                                                        (1, [0, 4, 50], False), (0, [0, 4, 50], True)])
+def test_torch_grouping_with_allowzero_takes_a_zero_literally(allowzero, grouping, fused):
+    """With allowzero=1 a 0 is a zero-sized dim, not a copy of the input's: refused."""
+    shape = (grouping[0] or 2, 8, 5, 5)
+    model = _torch_with(torch_groupnorm(shape=shape, affine="none"), k=np.array(grouping, np.int64))
+    reshape = next(n for n in model.graph.node if n.op_type == "Reshape")
+    reshape.attribute.append(onnx.helper.make_attribute("allowzero", allowzero))
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert (site.status == "fused") == fused

@@ -178,8 +178,8 @@ def _check_instance_norm(view: GraphView, match: Match, dims: list):
                                         "InstanceNormalization does not normalize whole channels")
     spatial = _product(dims[2:])
     per_group = None if spatial is None else channels // groups * spatial
-    if not _reshape_gives(view, p["reshape"], target, [dims[0], groups, per_group],
-                          copy_ok={0, 1} if groups == channels else {0}):
+    # a 0 copies the batch (target[1] is a positive G, checked above)
+    if not _reshape_gives(p["reshape"], target, [dims[0], groups, per_group], copy_ok={0}):
         return Left("unsupported-axis", f"{label(p['reshape'])}: shape {target} does not group the channels of "
                                         f"{p['x']!r} {dims} as [N, {groups}, -1]")
     back = p["back"]
@@ -187,7 +187,7 @@ def _check_instance_norm(view: GraphView, match: Match, dims: list):
     if not (is_op(shape, "Shape") and shape.input[0] == p["x"] and attr(shape, "start", 0) in (0, -rank)
             and attr(shape, "end") is None):
         restore = _const_ints(view, back.input[1])
-        if restore is None or not _reshape_gives(view, back, restore, dims,
+        if restore is None or not _reshape_gives(back, restore, dims,
                                                  copy_ok={0, 1} if groups == channels else {0}):
             return Left("unsupported-axis", f"{label(back)}: the shape {restore if restore is not None else '?'} "
                                             f"does not restore {p['x']!r} to {dims}")
@@ -210,7 +210,7 @@ def _product(dims: list) -> int | None:
     return int(np.prod(dims, dtype=np.int64)) if dims else 1
 
 
-def _reshape_gives(view: GraphView, node: onnx.NodeProto, target: list[int], want: list, copy_ok: set[int]) -> bool:
+def _reshape_gives(node: onnx.NodeProto, target: list[int], want: list, copy_ok: set[int]) -> bool:
     """Whether Reshape `node` with constant shape `target` produces shape `want` from an input with
     the same element count (`want` entries may be None when unknown). A 0 copies the input's dim and
     is accepted where the caller knows that dim equals the wanted one (`copy_ok`); a single -1 is
