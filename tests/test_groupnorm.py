@@ -905,3 +905,87 @@ def test_torch_grouping_with_allowzero_takes_a_zero_literally(allowzero, groupin
     folded, report = normfold.fold(model)
     [site] = gn_sites(report)
     assert (site.status == "fused") == fused
+
+
+def _torch_checked(model):
+    _, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    return site.status, site.reason, site.detail
+
+
+def test_torch_groupnorm_intermediate_used_elsewhere_says_which():
+    model = torch_groupnorm(extra="z = Identity (n)", extra_out=", float[2,4,50] z")
+    assert _torch_checked(model) == ("left", "intermediate-used-elsewhere",
+                                     "'n' inside the GroupNorm is also used outside it")
+
+
+@pytest.mark.parametrize("which", ["ones", "zeros"])
+def test_torch_instance_norm_parameters_that_are_not_constants_are_left(which):
+    model = torch_groupnorm()
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == which))
+    model.graph.input.append(onnx.helper.make_tensor_value_info(which, onnx.TensorProto.FLOAT, [4]))
+    assert _torch_checked(model) == ("left", "non-constant-parameters",
+                                     "InstanceNormalization(n): scale or bias is not a constant")
+
+
+def test_torch_instance_norm_scale_that_is_not_ones_says_why():
+    model = torch_groupnorm(in_scale=np.array([1, 2, 1, 1], np.float32))
+    assert _torch_checked(model) == ("left", "not-per-channel",
+                                     "InstanceNormalization(n): scale/bias are not ones/zeros; an affine map per "
+                                     "group inside the groups cannot be written as a per-channel scale")
+
+
+@pytest.mark.parametrize("dims, detail", [
+    (None, "the rank of 'x' could not be inferred"),
+    (["N", "C", 5, 5], "the channel count of 'x' could not be inferred"),
+])
+def test_torch_groupnorm_on_an_input_of_unknown_shape_is_left(dims, detail):
+    model = torch_groupnorm(affine="none")
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.ClearField("shape")
+        if dims is not None:
+            value.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(1, dims).tensor_type.shape)
+    assert _torch_checked(model) == ("left", "unknown-shape", detail)
+
+
+@pytest.mark.parametrize("elem_type, name", [(onnx.TensorProto.BFLOAT16, "BFLOAT16"), (onnx.TensorProto.INT32, "INT32")])
+def test_torch_groupnorm_of_a_type_onnxruntime_has_no_kernel_for_is_left(elem_type, name):
+    model = torch_groupnorm(affine="none")
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.elem_type = elem_type
+    assert _torch_checked(model) == ("left", "unsupported-dtype",
+                                     f"'x' is {name}; the fused op is written only for float32, float16 and float64 "
+                                     "(what onnxruntime's CPU kernel verifies)")
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.5, float("inf")])
+def test_torch_groupnorm_with_an_epsilon_that_is_not_positive_and_finite_is_left(eps):
+    model = torch_groupnorm()
+    inorm = next(n for n in model.graph.node if n.op_type == "InstanceNormalization")
+    del inorm.attribute[:]
+    inorm.attribute.append(onnx.helper.make_attribute("epsilon", eps))
+    assert _torch_checked(model) == ("left", "invalid-statistics", f"epsilon {eps} is not positive")
+
+
+def test_torch_groupnorm_site_lists_the_shape_of_x_it_removes():
+    folded, report, _ = fold_and_compare(torch_groupnorm(), atol=1e-5, rtol=1e-5)
+    assert gn_sites(report)[0].nodes == ["Reshape(r)", "InstanceNormalization(n)", "Shape(s)", "Reshape(b)",
+                                         "Mul(m)", "Add(y)"]
+
+
+def test_an_instance_norm_that_reads_the_reshape_as_its_scale_is_no_group_norm():
+    model = build("""g (float[2,4,6] z, float[4] sc) => (float[2,4,6] y) {
+      r = Reshape (sc, k)
+      n = InstanceNormalization (z, r, b)
+      zs = Shape (z)
+      y = Reshape (n, zs)
+    }""", opset=21, k=np.array([4], np.int64), b=np.zeros(4, np.float32))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model) and report.sites == []
+
+
+@pytest.mark.parametrize("grouping", [np.array([0., 4., -1.], np.float32), np.array([[0, 4, -1]], np.int64)])
+def test_torch_grouping_shape_that_is_no_int_vector_is_left(grouping):
+    model = _torch_with(torch_groupnorm(), k=grouping)
+    assert _torch_checked(model) == ("left", "unsupported-axis",
+                                     "Reshape(r): the grouping shape None is not a constant [N, G, -1]")
