@@ -132,6 +132,7 @@ def test_reuse_or_add_reuses_only_an_initializer_holding_exactly_the_value(name,
     ((3, 1), [2, 4, 6], None),           # the wrong number of channels
     ((1, 1, 4, 1), [2, 4, 6], None),     # widens X
     ((1,), [2, "C", 6], None),           # channel count unknown
+    ((4,), [2, 4], [0, 1, 2, 3]),        # X (N, C): the last axis is the channel axis
     ((1,), [16], None),                  # X has no channel axis
 ])
 def test_channel_vector(shape, dims, expected):
