@@ -75,9 +75,10 @@ def const(model, name) -> np.ndarray:
 
 
 def bn_affine(model, eps=1e-5):
-    """(scale, shift) of the BN in float64, as the fold computes them."""
+    """(scale, shift) of the BN in float64, as the fold computes them (a BN without an epsilon
+    attribute: its default, the Python float 1e-5, not a float32 one)."""
     g, beta, m, v = (const(model, n).astype(np.float64).reshape(-1) for n in PARAMS)
-    scale = g / np.sqrt(v + float(np.float32(eps)))
+    scale = g / np.sqrt(v + eps)
     return scale, beta - m * scale
 
 
