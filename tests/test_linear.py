@@ -302,7 +302,7 @@ def test_a_layout_op_whose_output_rank_is_unknown_ends_the_search():
 
 # ---- a MatMul and its bias Add as one layer (_core) ---------------------------------------------
 
-def matmul_add_bn(bias_first=False, bias=None, weight_const=True, extra_reader=None, bn_outputs_also=()):
+def matmul_add_bn(bias_first=False, bias=None, weight_const=True, extra_reader=None, bn_outputs_also=(), check=True):
     """x [2, 3] -> MatMul `mm` (h) -> Add `add` (hb) -> BatchNormalization `bn` -> y."""
     rng = np.random.default_rng(5)
     consts = dict(w=rng.standard_normal((3, 4)).astype(np.float32), **bn_consts(rng, 4))
@@ -319,12 +319,13 @@ def matmul_add_bn(bias_first=False, bias=None, weight_const=True, extra_reader=N
         outputs.append(value("z", [2, 4]))
     outputs += [value(o, [2, 4]) for o in bn_outputs_also]
     model = model_of(nodes, inputs, outputs, consts)
-    onnx.checker.check_model(model, full_check=True)
+    if check:
+        onnx.checker.check_model(model, full_check=True)
     return model
 
 
 @pytest.mark.parametrize("bias_first", [False, True])
-@pytest.mark.parametrize("bias_shape", [(4,), (1, 4), ()])
+@pytest.mark.parametrize("bias_shape", [(4,), (1, 4), (1,), ()])
 def test_matmul_bias_add_folds_whichever_side_the_bias_is(bias_first, bias_shape):
     bias = np.random.default_rng(6).standard_normal(bias_shape).astype(np.float32)
     model = matmul_add_bn(bias_first, bias)
@@ -499,3 +500,130 @@ def test_a_flatten_whose_input_dims_are_unknown_ends_the_search():
     model = flatten_bn([1, 3, 5, 5], 2, 25)
     [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), {"t": (F32, [4, 25])})
     assert (site.status, site.reason) == ("left", "no-linear-producer")
+
+
+def test_a_transpose_without_perm_reverses_the_axes():
+    """Conv1d [2, 4, 5] -> Transpose() -> [5, 4, 2]: reversed, the channels are still axis 1."""
+    model = conv_chain_bn([helper.make_node("Transpose", ["c"], ["t"], name="tr")])
+    model.graph.input[0].CopyFrom(value("x", [2, 3, 5]))
+    model.graph.output[0].CopyFrom(value("y", [5, 4, 2]))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(w)[..., 0], "w"))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Conv", "Transpose"]
+
+
+@pytest.mark.parametrize("opset, axis", [(11, 4), (15, 4), (15, -1)])  # axes an attribute before opset 13
+def test_an_unsqueeze_after_the_channels_keeps_them_on_axis_1(opset, axis):
+    if opset < 13:
+        chain, consts = [helper.make_node("Unsqueeze", ["c"], ["t"], name="unsq", axes=[axis])], {}
+    else:
+        chain, consts = [helper.make_node("Unsqueeze", ["c", "axes"], ["t"], name="unsq")], {"axes": np.array([axis])}
+    model = conv_chain_bn(chain, consts)
+    model.opset_import[0].version = opset
+    model.graph.output[0].CopyFrom(value("y", [1, 4, 5, 5, 1]))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Conv", "Unsqueeze"]
+
+
+# ---- Squeeze, Unsqueeze and Reshape between the layer and the BN (_through) ---------------------
+
+def conv_layout_bn(layout, x_shape, bn_channels, consts=None, opset=15):
+    """x -> Conv `conv` (1x1, 4 channels) -> the layout nodes (the last writes t) -> BN -> y."""
+    model = conv_chain_bn(layout, consts)
+    model.opset_import[0].version = opset
+    model.graph.input[0].CopyFrom(value("x", x_shape))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(np.ones((4, 3) + (1,) * (len(x_shape) - 2), np.float32), "w"))
+    for t in model.graph.initializer:
+        if t.name in PARAMS:
+            t.CopyFrom(numpy_helper.from_array(np.ones(bn_channels, np.float32), t.name))
+    return model
+
+
+def squeeze(axes=None, opset=15, op="Squeeze"):
+    if axes is None:
+        return [helper.make_node(op, ["c"], ["t"], name="sq")], {}
+    if opset < 13:
+        return [helper.make_node(op, ["c"], ["t"], name="sq", axes=axes)], {}
+    return [helper.make_node(op, ["c", "axes"], ["t"], name="sq")], {"axes": np.array(axes, np.int64)}
+
+
+@pytest.mark.parametrize("op, axes, x_shape, bn_channels, axis", [
+    ("Squeeze", [0], [1, 3, 2, 5], 2, 0),  # [1, 4, 2, 5] -> [4, 2, 5]
+    ("Squeeze", [0, 2], [1, 3, 1, 5], 5, 0),  # [1, 4, 1, 5] -> [4, 5]
+    ("Unsqueeze", [0], [1, 3, 5], 1, 2),  # [1, 4, 5] -> [1, 1, 4, 5]
+    ("Unsqueeze", [1], [1, 3, 5], 1, 2),  # [1, 4, 5] -> [1, 1, 4, 5]
+    ("Unsqueeze", [-4, 4], [1, 3, 5], 1, 2),  # [1, 4, 5] -> [1, 1, 4, 5, 1]
+])
+def test_squeeze_and_unsqueeze_before_the_channels_move_them(op, axes, x_shape, bn_channels, axis):
+    layout, consts = squeeze(axes, op=op)
+    site = left(conv_layout_bn(layout, x_shape, bn_channels, consts), "not-per-channel")
+    rank = len(x_shape) - len(axes) if op == "Squeeze" else len(x_shape) + len(axes)
+    assert site.detail == (f"BN normalizes axis 1 of a rank-{rank} tensor whose channels from Conv conv are on "
+                           f"axis {axis}")
+
+
+@pytest.mark.parametrize("opset", [11, 15])
+def test_a_squeeze_after_the_channels_keeps_them_on_axis_1(opset):
+    layout, consts = squeeze([2], opset)
+    model = conv_layout_bn(layout, [1, 3, 1, 5], 4, consts, opset)
+    model.graph.output[0].CopyFrom(value("y", [1, 4, 5]))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Conv", "Squeeze"]
+
+
+@pytest.mark.parametrize("case", ["channels-squeezed", "no-axes", "axes-not-constant"])
+def test_a_squeeze_that_may_drop_the_channels_ends_the_search(case):
+    if case == "channels-squeezed":  # one channel, squeezed away: BN's axis 1 is the length
+        layout, consts = squeeze([1])
+        model = conv_layout_bn(layout, [2, 3, 5], 5, consts)
+        w = next(t for t in model.graph.initializer if t.name == "w")
+        w.CopyFrom(numpy_helper.from_array(np.ones((1, 3, 1), np.float32), "w"))
+        b = next(t for t in model.graph.initializer if t.name == "b")
+        b.CopyFrom(numpy_helper.from_array(np.ones(1, np.float32), "b"))
+    elif case == "no-axes":  # every axis of size 1 goes; which ones is left to the shapes
+        layout, consts = squeeze()
+        model = conv_layout_bn(layout, [1, 3, 1, 5], 4, consts)
+    else:
+        layout, consts = squeeze([0])
+        model = conv_layout_bn(layout, [1, 3, 2, 5], 4, {})
+        model.graph.input.append(value("axes", [1], onnx.TensorProto.INT64))
+        model.graph.value_info.append(value("t", [4, 2, 5]))  # the rank known, the axes not
+    site = left(model, "no-linear-producer")
+    assert site.detail.startswith("bn follows Squeeze sq and no Conv")
+
+
+def test_a_reshape_that_keeps_the_last_axis_is_no_layout_op_for_conv_channels():
+    """Only channels on the last axis survive a Reshape that keeps it; a Conv's are on axis 1."""
+    layout = [helper.make_node("Reshape", ["c", "shape"], ["t"], name="rs")]
+    model = conv_layout_bn(layout, [1, 3, 3, 5], 5, {"shape": np.array([12, 5], np.int64)})
+    site = left(model, "no-linear-producer")
+    assert site.detail.startswith("bn follows Reshape rs and no Conv")
+
+
+# ---- a MatMul's bias along the channels (_per_channel) -----------------------------------------
+
+@pytest.mark.parametrize("bias_shape, reason", [((4,), "unknown-shape"), ((1,), "unknown-shape"),
+                                                ((1, 4), "no-linear-producer"), ((4, 1), "no-linear-producer")])
+def test_a_bias_after_a_matmul_of_unknown_rank_is_the_layers_only_when_it_cannot_add_an_axis(bias_shape, reason):
+    model = matmul_add_bn(bias=np.ones(bias_shape, np.float32), check=False)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", F32, None))
+    model.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", F32, None))
+    site = left(model, reason)
+    if reason == "unknown-shape":
+        assert site.detail == ("rank of 'hb' unknown; BN normalizes axis 1, which must hold the output channels "
+                               "of MatMul mm")
+        assert site.nodes == ["mm", "add", "bn"]
+    else:
+        assert site.detail.startswith("bn follows Add add and no Conv")
+
+
+def test_a_channel_constant_of_higher_rank_than_the_layer_output_is_not_per_channel():
+    """Conv [1, 4, 5, 5] * k [1, 1, 4, 1, 1]: the product has rank 5, its channels on axis 2."""
+    model = model_of([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                      helper.make_node("Mul", ["c", "k"], ["y"], name="mul")], [value("x", [1, 3, 5, 5])],
+                     [value("y", None)], dict(w=np.ones((4, 3, 1, 1), np.float32), k=np.ones((1, 1, 4, 1, 1), np.float32)))
+    site = left(model, "not-per-channel")
+    assert site.detail == ("mul: constant of shape [1, 1, 4, 1, 1] does not broadcast along the output channels of "
+                           "Conv conv (output rank 4)")
