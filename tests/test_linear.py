@@ -258,14 +258,16 @@ def test_the_exact_cast_round_trip_around_a_folded_bn_goes_with_a_note():
     assert ops(folded) == ["Conv"] and list(folded.graph.node[0].output) == ["y"]
 
 
-@pytest.mark.parametrize("op, trans_b", [("Conv", 0), ("Gemm", 0), ("Gemm", 1)])
-def test_a_weight_of_several_blocks_is_scaled_row_by_row_exactly(op, trans_b):
+@pytest.mark.parametrize("op, trans_b, shape", [("Conv", 0, (130, 64, 8, 8)), ("Conv", 0, (70000, 1, 2, 2)),
+                                                 ("Conv", 0, (2, 2049, 8, 8)), ("Gemm", 0, None), ("Gemm", 1, None)])
+def test_a_weight_of_several_blocks_is_scaled_row_by_row_exactly(op, trans_b, shape):
     """_scaled works through 2**18 float64 values at a time: a weight of 130 rows of 4096 spans three
-    blocks, and every row must get its own channel's scale (or, along N, the same row of scales)."""
+    blocks, and every row must get its own channel's scale (or, along N, the same row of scales);
+    so must 70000 rows of one input channel, and two rows of one block each."""
     rng = np.random.default_rng(4)
-    if op == "Conv":  # (M, C, k, k): one block holds 64 output channels
-        w, channels = rng.standard_normal((130, 64, 8, 8)).astype(np.float32), 130
-        x = value("x", [1, 64, 8, 8])
+    if op == "Conv":  # (M, C, k, k)
+        w, channels = rng.standard_normal(shape).astype(np.float32), shape[0]
+        x = value("x", [1, shape[1], shape[2], shape[3]])
     else:  # (K, N) = (130, 4096), or its transpose with transB
         w, channels = rng.standard_normal((130, 4096)).astype(np.float32), 4096 if not trans_b else 130
         x = value("x", [2, 130 if not trans_b else 4096])
@@ -627,3 +629,16 @@ def test_a_channel_constant_of_higher_rank_than_the_layer_output_is_not_per_chan
     site = left(model, "not-per-channel")
     assert site.detail == ("mul: constant of shape [1, 1, 4, 1, 1] does not broadcast along the output channels of "
                            "Conv conv (output rank 4)")
+
+
+def test_a_conv_transpose_without_a_group_attribute_has_one_group():
+    rng = np.random.default_rng(10)
+    consts = dict(w=rng.standard_normal((4, 6, 2, 2)).astype(np.float32), **bn_consts(rng, 6))
+    model = model_of([helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="ct"),
+                      helper.make_node("BatchNormalization", ["h", *PARAMS], ["y"], name="bn")],
+                     [value("x", [1, 4, 3, 3])], [value("y", [1, 6, 4, 4])], consts)
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["ConvTranspose"]
+    scale, _ = bn_affine(consts)
+    np.testing.assert_array_equal(const(folded, "w"),
+                                  (consts["w"].astype(np.float64) * scale[None, :, None, None]).astype(np.float32))
