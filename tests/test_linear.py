@@ -642,3 +642,36 @@ def test_a_conv_transpose_without_a_group_attribute_has_one_group():
     scale, _ = bn_affine(consts)
     np.testing.assert_array_equal(const(folded, "w"),
                                   (consts["w"].astype(np.float64) * scale[None, :, None, None]).astype(np.float32))
+
+
+def test_a_float16_grouped_conv_transpose_reports_its_rounding():
+    """The exact float64 weight is compared with the stored one in the weight's own shape."""
+    rng = np.random.default_rng(11)
+    consts = dict(w=rng.standard_normal((4, 3, 2, 2)).astype(np.float16), **bn_consts(rng, 6, np.float16))
+    model = model_of([helper.make_node("ConvTranspose", ["x", "w"], ["h"], name="ct", group=2),
+                      helper.make_node("BatchNormalization", ["h", *PARAMS], ["y"], name="bn")],
+                     [value("x", [1, 4, 3, 3], F16)], [value("y", [1, 6, 4, 4], F16)], consts)
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert site.status == "folded", site.detail
+    scale, shift = bn_affine(consts)
+    w = (consts["w"].astype(np.float64).reshape(2, 2, 3, 2, 2) * scale.reshape(2, 1, 3, 1, 1)).reshape(4, 3, 2, 2)
+    np.testing.assert_array_equal(const(folded, "w"), w.astype(np.float16))
+    bias = const(folded, folded.graph.node[0].input[2])
+    rounding = max(np.max(np.abs(const(folded, "w").astype(np.float64) - w)),
+                   np.max(np.abs(bias.astype(np.float64) - shift)))
+    assert site.max_rounding == pytest.approx(rounding, rel=1e-9) and rounding > 0
+
+
+def test_an_unnamed_matmul_gets_an_add_named_after_its_op():
+    rng = np.random.default_rng(12)
+    consts = dict(w=rng.standard_normal((3, 4)).astype(np.float32), **bn_consts(rng, 4))
+    model = model_of([helper.make_node("MatMul", ["x", "w"], ["h"]),
+                      helper.make_node("BatchNormalization", ["h", *PARAMS], ["y"], name="bn")],
+                     [value("x", [2, 3])], [value("y", [2, 4])], consts)
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert site.created == ["MatMul(h)", "MatMul_bias"]
+    assert site.notes == ["created Add MatMul_bias for the folded bias"]
+    add = folded.graph.node[1]
+    assert (add.name, list(add.input), list(add.output)) == ("MatMul_bias", ["h", "MatMul_bias_folded"], ["y"])
