@@ -675,3 +675,18 @@ def test_an_unnamed_matmul_gets_an_add_named_after_its_op():
     assert site.notes == ["created Add MatMul_bias for the folded bias"]
     add = folded.graph.node[1]
     assert (add.name, list(add.input), list(add.output)) == ("MatMul_bias", ["h", "MatMul_bias_folded"], ["y"])
+
+
+def test_a_shift_alone_leaves_a_shared_weight_alone():
+    """Conv -> Add(t): the scale is 1, so the weight is not rewritten (nor cloned for its other reader)."""
+    rng = np.random.default_rng(13)
+    t = rng.standard_normal((1, 4, 1, 1)).astype(np.float32)
+    model = model_of([helper.make_node("Conv", ["x", "w"], ["c"], name="conv"),
+                      helper.make_node("Add", ["c", "t"], ["y"], name="add"),
+                      helper.make_node("Conv", ["x", "w"], ["z"], name="other")],
+                     [value("x", [1, 3, 2, 2])], [value("y", [1, 4, 2, 2]), value("z", [1, 4, 2, 2])],
+                     dict(w=rng.standard_normal((4, 3, 1, 1)).astype(np.float32), t=t))
+    folded, report, _ = fold_and_compare(model)
+    [site] = [s for s in report.sites if s.status == "folded"]
+    assert site.notes == [] and list(folded.graph.node[0].input) == ["x", "w", "conv_bias_folded"]
+    np.testing.assert_array_equal(const(folded, "conv_bias_folded"), t.reshape(-1))
