@@ -12,7 +12,7 @@ from onnx import helper, numpy_helper
 import normfold
 from builders import fold_and_compare, ops
 from normfold.passes import FoldContext, run_rules
-from normfold.passes._linear import _rounding, _widens
+from normfold.passes._linear import _all_finite, _rounding, _widens
 from normfold.passes.batchnorm import BatchNormFold
 
 F32, F16, BF16, F64 = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -690,3 +690,68 @@ def test_a_shift_alone_leaves_a_shared_weight_alone():
     [site] = [s for s in report.sites if s.status == "folded"]
     assert site.notes == [] and list(folded.graph.node[0].input) == ["x", "w", "conv_bias_folded"]
     np.testing.assert_array_equal(const(folded, "conv_bias_folded"), t.reshape(-1))
+
+
+# ---- the search back to the layer, and the readers of what it writes ------------------------------
+
+@pytest.mark.parametrize("count, folds", [(4, True), (5, False)])
+def test_the_search_looks_through_at_most_four_layout_ops(count, folds):
+    chain = [helper.make_node("Identity", ["c" if i == 0 else f"i{i}"], ["t" if i == count - 1 else f"i{i + 1}"],
+                              name=f"ident{i}") for i in range(count)]
+    folded, report = normfold.fold(conv_chain_bn(chain))
+    site = the_site(report)
+    assert (site.status == "folded") == folds
+    if folds:
+        assert site.nodes == ["conv", *(f"ident{i}" for i in range(count)), "bn"]
+        assert list(folded.graph.node[-1].output) == ["y"]
+    else:
+        assert site.reason == "no-linear-producer"
+
+
+@pytest.mark.parametrize("op", ["Shape", "Size"])
+def test_a_shape_reader_of_the_layer_output_reads_the_folded_output(op):
+    model = conv_chain_bn([])
+    model.graph.node.append(helper.make_node(op, ["c"], ["shape_out"], name="reader"))
+    model.graph.output[0].CopyFrom(value("y", [1, 4, 5, 5]))
+    model.graph.output.append(value("shape_out", [4] if op == "Shape" else [], onnx.TensorProto.INT64))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Conv", op]
+    assert list(folded.graph.node[1].input) == ["y"]
+
+
+def test_a_shape_op_of_another_domain_reads_values():
+    model = conv_chain_bn([])
+    model.graph.node.append(helper.make_node("Shape", ["c"], ["shape_out"], name="reader", domain="custom"))
+    model.graph.output.append(value("shape_out", None, onnx.TensorProto.INT64))
+    assert left(model, "intermediate-used-elsewhere").detail == "Conv conv output 'c' is also used elsewhere"
+
+
+def test_an_empty_bias_input_is_no_bias():
+    model = conv_chain_bn([])
+    model.graph.node[0].input[2] = ""
+    folded, report = normfold.fold(model)
+    assert the_site(report).status == "folded"
+    assert list(folded.graph.node[0].input) == ["x", "w", "conv_bias_folded"]
+
+
+def test_a_float32_fold_reports_no_rounding():
+    """Measured only for 16-bit types, where it can matter."""
+    folded, report = normfold.fold(conv_chain_bn([]))
+    assert the_site(report).status == "folded" and the_site(report).max_rounding is None
+
+
+def test_a_nan_in_the_weight_is_refused_by_name():
+    model = conv_chain_bn([])
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    values = numpy_helper.to_array(w).copy()
+    values[1, 0, 0, 0] = np.nan
+    w.CopyFrom(numpy_helper.from_array(values, "w"))
+    site = left(model, "invalid-statistics")
+    assert site.detail == "folding into Conv conv would store values that overflow float32"
+
+
+@pytest.mark.parametrize("values, finite", [([], True), ([1.0, -2.0], True), ([1.0, np.nan], False),
+                                            ([np.inf, 1.0], False), ([1.0, -np.inf], False)])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_all_finite(values, finite, dtype):
+    assert _all_finite(np.array(values, dtype)) is finite
