@@ -755,3 +755,20 @@ def test_a_nan_in_the_weight_is_refused_by_name():
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_all_finite(values, finite, dtype):
     assert _all_finite(np.array(values, dtype)) is finite
+
+
+@pytest.mark.parametrize("beta", [2.0, 0.5])
+def test_gemm_beta_goes_into_the_new_c_and_is_reset_to_1(beta):
+    rng = np.random.default_rng(14)
+    consts = dict(w=rng.standard_normal((3, 4)).astype(np.float32), c=rng.standard_normal(4).astype(np.float32),
+                  **bn_consts(rng, 4))
+    model = model_of([helper.make_node("Gemm", ["x", "w", "c"], ["h"], name="gemm", beta=beta),
+                      helper.make_node("BatchNormalization", ["h", *PARAMS], ["y"], name="bn")],
+                     [value("x", [2, 3])], [value("y", [2, 4])], consts)
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Gemm"]
+    gemm = folded.graph.node[0]
+    assert {a.name: helper.get_attribute_value(a) for a in gemm.attribute} == {"beta": 1.0}
+    scale, shift = bn_affine(consts)
+    np.testing.assert_array_equal(const(folded, "c"),
+                                  (consts["c"].astype(np.float64) * beta * scale + shift).astype(np.float32))
