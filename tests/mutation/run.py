@@ -37,7 +37,7 @@ SURVIVORS_MD = Path(__file__).with_name("SURVIVORS.md")
 PASS_TESTS = ["tests/test_norms.py", "tests/test_batchnorm.py", "tests/test_channel_affine.py", "tests/test_layernorm.py",
               "tests/test_rmsnorm.py", "tests/test_groupnorm.py", "tests/test_instance_affine.py"]
 NORM_TESTS = ["tests/test_norms.py", "tests/test_layernorm.py", "tests/test_rmsnorm.py", "tests/test_groupnorm.py"]
-BN_TESTS = ["tests/test_batchnorm.py", "tests/test_batchnorm_sites.py", "tests/test_linear.py", "tests/test_channel_affine.py", "tests/test_prepare.py"]
+BN_TESTS = ["tests/test_batchnorm.py", "tests/test_batchnorm_sites.py", "tests/test_linear.py", "tests/test_next_layer.py", "tests/test_channel_affine.py", "tests/test_prepare.py"]
 VERIFY_TESTS = ["tests/test_verify_units.py", "tests/test_verify.py", "tests/test_verify_rules.py",
                 "tests/test_verify_accuracy.py", "tests/test_verify_local.py"]
 PIPELINE_TESTS = ["tests/test_cli.py", "tests/test_pipeline.py", "tests/test_robustness.py", "tests/test_prepare.py"]

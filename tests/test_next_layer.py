@@ -1,0 +1,243 @@
+"""passes/_next_layer.py in process: a BatchNormalization folded forward into the Conv, Gemm or
+MatMul that reads it. Each refusal's reason and sentence, the padding a Conv may have, and the
+constants and nodes the fold writes (mutation testing, issue 13: a subprocess never sees a mutant)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+import normfold
+from builders import fold_and_compare, ops
+
+F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
+PARAMS = ("s", "bb", "m", "v")
+
+
+def bn_consts(rng, channels, dtype=np.float32):
+    return {"s": rng.standard_normal(channels).astype(dtype), "bb": rng.standard_normal(channels).astype(dtype),
+            "m": rng.standard_normal(channels).astype(dtype), "v": (rng.random(channels) + 0.5).astype(dtype)}
+
+
+def value(name, shape, elem=F32):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def relu_bn(layer_nodes, consts, x_shape, out_shape, channels=4, seed=0, opset=15, elem=F32):
+    """x -> Relu `relu` (r) -> BatchNormalization `bn` (n) -> the layer nodes (the last writes `out`)."""
+    rng = np.random.default_rng(seed)
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(elem)
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"),
+             helper.make_node("BatchNormalization", ["r", *PARAMS], ["n"], name="bn"), *layer_nodes]
+    consts = {**bn_consts(rng, channels, dtype), **consts}
+    graph = helper.make_graph(nodes, "g", [value("x", x_shape, elem)], [value("out", out_shape, elem)],
+                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def bn_affine(consts):
+    g, beta, m, v = (np.asarray(consts[n], np.float64) for n in PARAMS)
+    scale = g / np.sqrt(v + 1e-5)  # no epsilon attribute: the default, a Python float
+    return scale, beta - m * scale
+
+
+def const(model, name) -> np.ndarray:
+    return numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == name))
+
+
+def consts_of(model) -> dict:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def the_site(report):
+    [site] = report.sites
+    return site
+
+
+def left(model, reason):
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert (site.status, site.reason) == ("left", reason)
+    assert ops(folded) == ops(model)
+    return site
+
+
+RNG = np.random.default_rng(1)
+W_CONV = RNG.standard_normal((6, 4, 1, 1)).astype(np.float32)
+W_GEMM = RNG.standard_normal((4, 6)).astype(np.float32)
+
+
+def conv_after(**attrs):
+    return relu_bn([helper.make_node("Conv", ["n", "w"], ["out"], name="layer", **attrs)], {"w": W_CONV},
+                   [1, 4, 5, 5], None)
+
+
+def gemm_after(inputs=("n", "w"), **attrs):
+    return relu_bn([helper.make_node("Gemm", list(inputs), ["out"], name="layer", **attrs)], {"w": W_GEMM},
+                   [2, 4], None)
+
+
+# ---- refusals: the reason and the sentence ----------------------------------------------------
+
+PREFIX = "bn follows Relu relu, and "
+
+
+@pytest.mark.parametrize("op", ["Conv", "Gemm"])
+def test_a_non_constant_weight_of_the_next_layer_is_named(op):
+    model = conv_after() if op == "Conv" else gemm_after()
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    model.graph.input.append(value("w", list(w.dims)))
+    model.graph.initializer.remove(w)
+    assert left(model, "non-constant-weights").detail == f"{op} layer weight 'w' is not a constant"
+
+
+def test_a_non_constant_bias_of_the_next_layer_is_named():
+    model = gemm_after(("n", "w", "c"))
+    model.graph.input.append(value("c", [6]))
+    assert left(model, "non-constant-weights").detail == "Gemm layer bias 'c' is not a constant"
+
+
+def test_a_listed_weight_of_the_next_layer_names_the_option():
+    model = gemm_after()
+    model.graph.input.append(value("w", [4, 6]))
+    assert left(model, "non-constant-weights").detail == (
+        "Gemm layer weight 'w' is not a constant (an initializer also listed as a graph input, so a caller may "
+        "override it; --initializer-inputs constant treats such initializers as constants)")
+
+
+def test_an_integer_weight_of_the_next_layer_is_an_unsupported_dtype():
+    model = gemm_after()
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(W_GEMM.astype(np.int32), "w"))
+    assert left(model, "unsupported-dtype").detail == "Gemm layer weight has type INT32"
+
+
+def test_a_conv_weight_of_rank_2_is_refused():
+    model = conv_after()
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(W_CONV[:, :, 0, 0], "w"))
+    assert left(model, "unsupported-attribute").detail == "Conv layer weight has rank 2"
+
+
+@pytest.mark.parametrize("attrs", [dict(pads=[0, 1, 0, 0]), dict(auto_pad="SAME_LOWER", kernel=3),
+                                   dict(auto_pad="SAME_UPPER", kernel=3)])
+def test_a_conv_that_pads_is_refused_with_its_reason(attrs):
+    kernel = attrs.pop("kernel", 1)
+    model = relu_bn([helper.make_node("Conv", ["n", "w"], ["out"], name="layer", **attrs)],
+                    {"w": RNG.standard_normal((6, 4, kernel, kernel)).astype(np.float32)}, [1, 4, 5, 5], None)
+    assert left(model, "no-linear-producer").detail == (
+        PREFIX + "the Conv layer after it pads its input: the padded border would miss the BN's shift, so it "
+        "cannot move into the Conv")
+
+
+@pytest.mark.parametrize("attrs", [dict(auto_pad="VALID"), dict(pads=[0, 0, 0, 0]), dict(auto_pad="NOTSET"),
+                                   dict(auto_pad="SAME_LOWER")])
+def test_a_conv_that_reads_no_padding_takes_the_bn(attrs):
+    model = conv_after(**attrs)
+    model.graph.output[0].CopyFrom(value("out", [1, 6, 5, 5]))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Relu", "Conv"]
+
+
+def test_a_gemm_with_trans_a_is_refused():
+    assert left(gemm_after(transA=1), "no-linear-producer").detail == (
+        PREFIX + "the Gemm layer after it has transA=1: BN's axis 1 is then the Gemm's output rows, which it "
+        "cannot scale")
+
+
+def test_a_matmul_weight_of_rank_3_is_refused():
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")],
+                    {"w": RNG.standard_normal((1, 4, 6)).astype(np.float32)}, [2, 4], None)
+    assert left(model, "no-linear-producer").detail == (
+        PREFIX + "the MatMul layer after it cannot absorb the BN: its weight has rank 3")
+
+
+def test_a_matmul_on_an_input_of_rank_3_is_refused():
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")], {"w": W_GEMM[:, :5]},
+                    [2, 4, 4], None)
+    assert left(model, "no-linear-producer").detail == (
+        PREFIX + "the MatMul layer after it cannot absorb the BN: its input has rank 3, so axis 1 is not the "
+        "contracted (last) axis")
+
+
+def test_a_matmul_on_an_input_of_unknown_rank_is_an_unknown_shape():
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")], {"w": W_GEMM}, None, None)
+    model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", F32, None))
+    assert left(model, "unknown-shape").detail == (
+        "the MatMul layer after it cannot absorb the BN: the rank of its input is unknown")
+
+
+# ---- folds: the constants and the nodes -----------------------------------------------------------
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_forward_conv_fold_constants_bit_for_bit(group):
+    """W'[o, j] = W[o, j] * s[c], b'[o] = b[o] + sum W[o, j, k] * t[c], c the input channel W[o, j] reads."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((6, 4 // group, 1, 1)).astype(np.float32)
+    b = rng.standard_normal(6).astype(np.float32)
+    model = relu_bn([helper.make_node("Conv", ["n", "w", "b"], ["out"], name="layer", group=group)],
+                    {"w": w, "b": b}, [1, 4, 3, 3], [1, 6, 3, 3])
+    consts = consts_of(model)
+    folded, report, _ = fold_and_compare(model)
+    site = the_site(report)
+    assert (site.kind, site.nodes, site.created, site.output) == ("BatchNormalization before Conv",
+                                                                 ["layer", "bn"], ["layer"], "out")
+    scale, shift = bn_affine(consts)
+    taps = (4 // group) * (np.arange(6) // (6 // group))[:, None] + np.arange(4 // group)[None, :]
+    w64 = w.astype(np.float64)
+    np.testing.assert_array_equal(const(folded, "w"), (w64 * scale[taps][..., None, None]).astype(np.float32))
+    bias = b.astype(np.float64) + (w64 * shift[taps][..., None, None]).reshape(6, -1).sum(axis=1)
+    np.testing.assert_array_equal(const(folded, "b"), bias.astype(np.float32))
+
+
+def test_forward_matmul_without_bias_gets_an_add_that_writes_the_old_output():
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")], {"w": W_GEMM}, [2, 4], [2, 6])
+    consts = consts_of(model)
+    folded, report, _ = fold_and_compare(model)
+    site = the_site(report)
+    assert site.notes == ["created Add layer_bias for the folded bias"] and site.output == "out"
+    relu, mm, add = folded.graph.node
+    assert (list(mm.input), list(mm.output)) == (["r", "w"], ["out_unbiased"])
+    assert (add.name, list(add.input), list(add.output)) == ("layer_bias", ["out_unbiased", "layer_bias_folded"],
+                                                             ["out"])
+    scale, shift = bn_affine(consts)
+    np.testing.assert_array_equal(const(folded, "w"), (W_GEMM.astype(np.float64) * scale[:, None]).astype(np.float32))
+    np.testing.assert_array_equal(const(folded, "layer_bias_folded"),
+                                  (shift @ W_GEMM.astype(np.float64)).astype(np.float32))
+
+
+@pytest.mark.parametrize("bias_shape", [(6,), (1, 6)])
+def test_forward_matmul_with_its_bias_add_updates_the_bias(bias_shape):
+    b = RNG.standard_normal(bias_shape).astype(np.float32)
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["h"], name="layer"),
+                     helper.make_node("Add", ["b", "h"], ["out"], name="add")], {"w": W_GEMM, "b": b}, [2, 4], [2, 6])
+    consts = consts_of(model)
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).nodes == ["layer", "add", "bn"] and ops(folded) == ["Relu", "MatMul", "Add"]
+    scale, shift = bn_affine(consts)
+    new_b = const(folded, "b")
+    assert new_b.shape == bias_shape
+    np.testing.assert_array_equal(new_b, (b.astype(np.float64) + shift @ W_GEMM.astype(np.float64)).astype(np.float32))
+
+
+def test_forward_float16_gemm_keeps_the_bias_type_and_reports_rounding():
+    w, c = W_GEMM.astype(np.float16), RNG.standard_normal(6).astype(np.float16)
+    model = relu_bn([helper.make_node("Gemm", ["n", "w", "c"], ["out"], name="layer", alpha=0.5, beta=2.0)],
+                    {"w": w, "c": c}, [2, 4], [2, 6], elem=F16)
+    consts = consts_of(model)
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    scale, shift = bn_affine(consts)
+    w64 = w.astype(np.float64)
+    new_w, new_c = w64 * scale[:, None], c.astype(np.float64) * 2.0 + 0.5 * (shift @ w64)
+    assert const(folded, "c").dtype == np.float16
+    np.testing.assert_array_equal(const(folded, "w"), new_w.astype(np.float16))
+    np.testing.assert_array_equal(const(folded, "c"), new_c.astype(np.float16))
+    gemm = folded.graph.node[1]
+    assert {a.name: helper.get_attribute_value(a) for a in gemm.attribute} == {"alpha": 0.5, "beta": 1.0}
+    rounding = max(np.max(np.abs(const(folded, n).astype(np.float64) - e)) for n, e in (("w", new_w), ("c", new_c)))
+    assert site.max_rounding == pytest.approx(rounding, rel=1e-9)
