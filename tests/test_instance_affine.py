@@ -13,6 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import normfold
+from normfold.passes import FoldContext, run_rules
+from normfold.passes.instance_affine import InstanceNormAffine
+from normfold.shapes import infer_shapes
 from builders import build, fold_and_compare, ops, sites
 
 MODELS = Path(__file__).parents[1] / "models"
@@ -178,6 +181,11 @@ def test_an_absorbed_scale_that_overflows_float16_is_left_without_a_warning():
     [site] = report.sites
     assert (site.reason, site.detail) == ("invalid-statistics",
                                           "the absorbed scale or bias of InstanceNormalization(n) overflows float16")
+    # fold() runs the passes under np.errstate(all="ignore"); the rule is quiet on its own too
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        [record] = run_rules(model.graph, [InstanceNormAffine()], FoldContext(opset=13), infer_shapes(model))
+    assert record.reason == "invalid-statistics"
 
 
 TAILS = {
