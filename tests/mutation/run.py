@@ -59,8 +59,8 @@ MODULES: dict[str, list[str]] = {
     "passes/_pattern": PASS_TESTS + ["tests/test_pattern.py"],
     "passes/__init__": PASS_TESTS + ["tests/test_driver.py"],
     "verify": VERIFY_TESTS + ["tests/test_contracts.py"],
-    "accuracy": VERIFY_TESTS,
-    "verify_local": VERIFY_TESTS,
+    "accuracy": VERIFY_TESTS + ["tests/test_accuracy_units.py"],
+    "verify_local": VERIFY_TESTS + ["tests/test_verify_local_units.py"],
     # io and api: only their unit tests. Every command-line test calls io's and api's functions, and
     # mutmut runs, per surviving mutant, every test that called the mutated function: with
     # PIPELINE_TESTS mapped (about 200 s of tests, 40 s of them one fuzz test) a run of io's 846
