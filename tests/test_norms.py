@@ -395,6 +395,7 @@ def test_the_report_says_what_the_site_became(spelling, options, detail, roundin
     _, report = normfold.fold(spelling_model(spelling), normfold.FoldOptions(**options))
     [site] = report.sites
     assert site.detail == detail and site.max_rounding == rounding
+    assert (site.kind, site.output) == ({"torchscript": "LayerNorm", "llama": "RMSNorm"}[spelling] + " (decomposed)", "y")
     contrib = ["uses com.microsoft.SimplifiedLayerNormalization: the model needs the opset import com.microsoft:1"]
     assert site.notes == (contrib if "allow_contrib" in options else [])
 
@@ -565,3 +566,74 @@ def test_a_negative_epsilon_is_left_invalid_statistics():
     [site] = report.sites
     assert site.reason == "invalid-statistics"
     assert re.fullmatch(r"epsilon -[0-9.e-]+ is negative or not finite", site.detail), site.detail
+
+
+# ---- what a refused site names: its reason, its detail and its nodes ------------------------------
+def _labels(model: onnx.ModelProto, outputs: list[str]) -> list[str]:
+    """The report's names of the nodes writing `outputs` (unnamed nodes: `Op(output)`), in graph order."""
+    return [f"{n.op_type}({n.output[0]})" for n in model.graph.node if n.output[0] in outputs]
+
+
+TORCHSCRIPT_TENSORS = ["m", "d", "sq", "v", "ve", "sd", "nrm", "g", "y"]
+
+
+def test_a_refused_norm_names_all_its_nodes():
+    """A LayerNorm left because an intermediate is read outside it is reported with every node of
+    the norm (so that no other rule offers them again), not only its first reduction."""
+    model = spelling_model("torchscript")
+    model.graph.output.append(onnx.helper.make_tensor_value_info("sq", onnx.TensorProto.FLOAT, [2, 5, D]))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'sq' inside the norm is also used outside it")
+    assert site.nodes == _labels(model, TORCHSCRIPT_TENSORS)
+    assert (site.kind, site.output) == ("LayerNorm (decomposed)", "m")  # a refusal is placed at its reduction
+
+
+@pytest.mark.parametrize("where", ["normalized", "everything"])
+def test_a_norm_that_reads_another_tensor_it_cancels_is_not_fused(where):
+    """z added then subtracted again: the algebra cancels it (the value is a norm of x alone), but
+    the nodes still read z. After the centering only ("normalized"), the norm is found through the
+    variance and left, naming x; across the whole norm ("everything") the walk stops at d + z, the
+    first tensor that reads z, and what is left is the mean subtracted."""
+    body = SPELLINGS["torchscript"][1]
+    if where == "normalized":
+        body = body.replace("nrm = Div (d, sd)", "dz = Add (d, z)\n        dd = Sub (dz, z)\n        nrm = Div (dd, sd)")
+    else:
+        body = body.replace("sq = Pow (d, two)", "dz = Add (d, z)\n        dd = Sub (dz, z)\n        sq = Pow (dd, two)")
+        body = body.replace("nrm = Div (d, sd)", "nrm = Div (dd, sd)")
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x, float[2,5,{D}] z) => (float[2,5,{D}] y) {{{body}\n}}", opset=18, **used)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    if where == "normalized":
+        assert (site.kind, site.reason, site.detail) == (
+            "LayerNorm (decomposed)", "unrecognized-pattern", "the norm at ReduceMean(m) reads tensors other than 'x'")
+    else:
+        assert (site.kind, site.reason) == ("LayerNorm-like (unrecognized spelling)", "unrecognized-pattern")
+        assert site.detail.startswith("ReduceMean(m) subtracts a mean like a LayerNorm"), site.detail
+
+
+def _identity_chain(n: int, outputs: int) -> onnx.ModelProto:
+    """x -> i1 -> ... -> in (Identities) -> the TorchScript LayerNorm of in; the first `outputs`
+    Identities' results are graph outputs as well."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", f"(i{n},")
+    chain = "\n".join(f"        i{k} = Identity ({'x' if k == 1 else f'i{k - 1}'})" for k in range(1, n + 1))
+    outs = "".join(f", float[2,5,{D}] i{k}" for k in range(1, outputs + 1))
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    return build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y{outs}) {{\n{chain}{body}\n}}", opset=18, **used)
+
+
+@pytest.mark.parametrize("outputs, detail", [
+    (2, "['i1', 'i2'] inside the norm are also used outside it"),
+    (4, "tensors inside the norm at ReduceMean(m) are used outside it"),
+])
+def test_a_norm_whose_input_is_read_at_several_points_of_an_identity_chain_is_left(outputs, detail):
+    """X read elsewhere through Identities at several points: each such tensor is X, and the norm
+    could read any; with two of them the report lists both, and after four it stops looking."""
+    model = _identity_chain(4, outputs)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", detail)

@@ -397,3 +397,33 @@ def test_corpus_model_without_target_opset_leaves_rmsnorms_with_opset_too_old():
 def test_already_fused_dynamo_op23_export_has_no_sites():
     _, report = normfold.fold(onnx.load(MODELS / "torch/hf_llama_dynamo_op23.onnx"))
     assert rms_sites(report) == []
+
+
+def _contrib_model(where: str) -> onnx.ModelProto:
+    """A model without the com.microsoft import whose only node of that domain stands in the graph,
+    in an If branch, or nowhere (a local function of the default domain)."""
+    helper, FLOAT = onnx.helper, onnx.TensorProto.FLOAT
+    contrib = helper.make_node("SimplifiedLayerNormalization", ["x", "w"], ["y"], domain="com.microsoft")
+    graph_nodes = [contrib]
+    if where == "if-branch":
+        branch = helper.make_graph([contrib], "branch", [], [helper.make_tensor_value_info("y", FLOAT, [4])])
+        graph_nodes = [helper.make_node("If", ["c"], ["y"], then_branch=branch, else_branch=branch)]
+    elif where == "function-of-default-domain":
+        graph_nodes = [helper.make_node("Relu", ["x"], ["y"])]
+    graph = helper.make_graph(graph_nodes, "g", [helper.make_tensor_value_info("x", FLOAT, [4]),
+                                                 helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+                              [helper.make_tensor_value_info("y", FLOAT, [4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    if where == "function-of-default-domain":
+        model.functions.append(helper.make_function("local", "f", ["a"], ["b"], [helper.make_node("Relu", ["a"], ["b"])],
+                                                    [helper.make_opsetid("", 18)]))
+    return model
+
+
+@pytest.mark.parametrize("where, added", [("graph", True), ("if-branch", True), ("function-of-default-domain", False)])
+def test_add_contrib_opset_import_looks_into_subgraphs_and_functions(where, added):
+    """The import is added (and the call says so) for a com.microsoft node anywhere, a subgraph too;
+    a local function whose nodes are all of the default domain needs none."""
+    model = _contrib_model(where)
+    assert add_contrib_opset_import(model) is added
+    assert [i.domain for i in model.opset_import].count("com.microsoft") == int(added)
