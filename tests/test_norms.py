@@ -637,3 +637,87 @@ def test_a_norm_whose_input_is_read_at_several_points_of_an_identity_chain_is_le
     assert ops(folded) == ops(model)
     [site] = report.sites
     assert (site.reason, site.detail) == ("intermediate-used-elsewhere", detail)
+
+
+# ---- a mean subtracted that no norm explains is said, with the ops after it ----------------------
+def _centering_model(mean: str, after: list[str], shape: str = f"2,5,{D}") -> onnx.ModelProto:
+    """x - (a mean of x spelled `mean`, written into m), then the unary ops `after` in a chain."""
+    lines = [mean, "d = Sub (x, m)"]
+    last = "d"
+    for k, op in enumerate(after):
+        lines.append(f"a{k} = {op} ({last})")
+        last = f"a{k}"
+    lines.append(f"y = Identity ({last})")
+    body = "\n        ".join(lines)
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    return build(f"g (float[{shape}] x) => (float[{shape}] y) {{\n        {body}\n}}", opset=18, **used)
+
+
+@pytest.mark.parametrize("mean, shape, ops_before", [
+    ("m = ReduceMean (x, ax)", f"2,5,{D}", "ReduceMean -> Sub"),
+    ("s = ReduceSum (x, ax)\n        m = Div (s, n)", f"2,5,{D}", "ReduceSum -> Sub"),
+    ("m = GlobalAveragePool (x)", "2,3,4,4", "GlobalAveragePool -> Sub"),
+    ("xx = Mul (x, x)\n        m = ReduceMean (xx, ax)", f"2,5,{D}", "ReduceMean -> Sub"),  # x - mean(x^2)
+])
+def test_a_mean_subtracted_from_x_then_no_norm_is_reported_with_the_ops_after_it(mean, shape, ops_before):
+    """Every reduction a mean is spelled with, also a mean of what x squares: the centering is
+    reported with the value-flow ops after the Sub (each once), up to eleven of them."""
+    model = _centering_model(mean, ["Neg", "Cast <to=1>"], shape)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.kind, site.reason) == ("LayerNorm-like (unrecognized spelling)", "unrecognized-pattern")
+    reduction = next(n for n in model.graph.node if n.op_type in ("ReduceMean", "ReduceSum", "GlobalAveragePool"))
+    assert site.detail == (f"{reduction.op_type}({reduction.output[0]}) subtracts a mean like a LayerNorm, but the "
+                           f"nodes after it are not a norm normfold can prove ({ops_before} -> Neg -> Cast -> Identity)")
+
+
+def test_the_ops_listed_after_a_mean_subtraction_stop_at_eleven():
+    _, report = normfold.fold(_centering_model("m = ReduceMean (x, ax)", ["Neg"] * 13))
+    [site] = report.sites
+    assert site.detail.endswith("(ReduceMean -> Sub" + " -> Neg" * 11 + ")"), site.detail
+
+
+@pytest.mark.parametrize("case", ["mean-times-x", "relu-of-mean", "mean-read-25th"])
+def test_what_is_no_mean_subtraction_is_not_reported(case):
+    """x * mean(x) subtracts nothing; x - relu(mean(x)) subtracts no mean (Relu is no value-flow op
+    the walk follows); a mean subtracted from the 25th tensor after its reduction is past the first
+    24 the centering looks at."""
+    if case == "mean-times-x":
+        body = "m = ReduceMean (x, ax)\n y = Mul (x, m)"
+    elif case == "relu-of-mean":
+        body = "m = ReduceMean (x, ax)\n r = Relu (m)\n y = Sub (x, r)"
+    else:  # m's 24th reader is the Identity the Sub reads: the 25th tensor after the reduction
+        readers = "\n".join(f" n{k} = Neg (m)" for k in range(1, 24))
+        body = f"m = ReduceMean (x, ax)\n{readers}\n j = Identity (m)\n y = Sub (x, j)"
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n {body}\n}}", opset=18, ax=CONSTS["ax"])
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model) and report.sites == [], report.to_text(verbose=True)
+
+
+def test_a_statistic_reached_through_diamonds_counts_each_tensor_once():
+    """m - m... computed through five diamonds (Neg and Identity of the same tensor, added): each
+    tensor is one step of the walk, so the Sub after them is within its reach and reported."""
+    lines, last = ["m = ReduceMean (x, ax)"], "m"
+    for k in range(5):
+        lines += [f"p{k} = Neg ({last})", f"q{k} = Identity ({last})", f"s{k} = Add (p{k}, q{k})", f"t{k} = Add (s{k}, {last})"]
+        last = f"t{k}"
+    body = "\n ".join(lines + [f"y = Sub (x, {last})"])
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n {body}\n}}", opset=18, ax=CONSTS["ax"])
+    _, report = normfold.fold(model)
+    assert [s.reason for s in report.sites] == ["unrecognized-pattern"], report.to_text(verbose=True)
+
+
+@pytest.mark.parametrize("readers, reason", [(254, "intermediate-used-elsewhere"), (255, "unrecognized-pattern")])
+def test_the_walk_after_a_reduction_stops_past_256_tensors(readers, reason):
+    """The mean read by the norm's Sub and by `readers` Negs outside it: with 256 tensors after the
+    reduction the walk goes on and finds the norm (left: its mean is read outside); 257 end the walk
+    there, and what is seen is a mean subtracted."""
+    model = spelling_model("torchscript")
+    extra = [onnx.helper.make_node("Neg", ["m"], [f"side{k}"]) for k in range(readers)]
+    nodes = list(model.graph.node)
+    model.graph.ClearField("node")
+    model.graph.node.extend(nodes[:2] + extra + nodes[2:])  # after the Sub: the Sub is the mean's first reader
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert [s.reason for s in report.sites] == [reason], report.to_text(verbose=True)
