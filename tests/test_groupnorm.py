@@ -989,3 +989,48 @@ def test_torch_grouping_shape_that_is_no_int_vector_is_left(grouping):
     model = _torch_with(torch_groupnorm(), k=grouping)
     assert _torch_checked(model) == ("left", "unsupported-axis",
                                      "Reshape(r): the grouping shape None is not a constant [N, G, -1]")
+def _grouped(xdims: str, k1, k2, axes, ydims: str | None = None) -> onnx.ModelProto:
+    """Z = Reshape(X, k1); the Keras 3 moments over `axes` of Z, o = (z - mean) / sd; Reshape(o, k2)."""
+    text = f"""g (float[{xdims}] x) => (float[{ydims or xdims}] y) {{
+      z = Reshape (x, k1)
+      {MOMENTS_OF_Z}
+      y = Reshape (o, k2)
+    }}"""
+    return build(text, opset=21, k1=np.array(k1, np.int64), k2=np.array(k2, np.int64), ax=np.array(axes, np.int64),
+                 eps=np.float32(1e-5))
+
+
+@pytest.mark.parametrize("what", ["gamma", "beta"])
+def test_a_group_norm_whose_affine_varies_along_the_spatial_axis_is_left_with_its_shape(what):
+    """Keras 3's GroupNorm (gamma and beta inside the grouped shape (N, H, W, G, C/G)) with one of
+    them varying along H too: no [C] vector can hold it. Left under the groupnorm pass, all its nodes."""
+    model = keras_groupnorm()
+    [init] = [t for t in model.graph.initializer if t.name == what]
+    c = np.random.default_rng(3).standard_normal((4, 1, 4, 2)).astype(np.float32)
+    init.CopyFrom(onnx.numpy_helper.from_array(c, what))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = gn_sites(report)
+    assert (site.reason, site.detail) == ("not-per-channel", f"the GroupNorm's {what} of shape [4, 1, 4, 2] varies "
+                                                             "along axes other than the channels")
+    # the norm's nodes from Z on (the grouping Reshapes and the exporter's Transpose are not the norm's)
+    assert len(site.nodes) == len(model.graph.node) - 3 and site.nodes[0] == "ReduceMean(mean)"
+
+
+def test_a_group_norm_reshaped_back_into_another_layout_is_left():
+    """Z (2, 4, 2, 3) of X (2, 8, 3), reshaped back to (2, 3, 8): not X's layout."""
+    folded, report = normfold.fold(_grouped("2,8,3", [2, 4, 2, 3], [2, 3, 8], [2, 3], ydims="2,3,8"))
+    assert "GroupNormalization" not in ops(folded)
+    [site] = gn_sites(report)
+    assert (site.reason, site.detail) == ("unsupported-axis", "Reshape(y) does not give back the grouped tensor's layout")
+
+
+def test_a_grouping_of_several_dynamic_dimensions_it_cannot_resolve_is_left_unknown_shape():
+    """X (N, H, 8) grouped into (N, H, 4, 2) by 0s, reshaped back by 0s too: a 0 of the second
+    Reshape copies a dimension of the norm's output, not of X, so the grouping is not proven."""
+    folded, report = normfold.fold(_grouped("N,H,8", [0, 0, 4, 2], [0, 0, 8], [1, 3]), normfold.FoldOptions(
+        allow_transpose=True))
+    assert "GroupNormalization" not in ops(folded)
+    [site] = gn_sites(report)
+    assert (site.reason, site.detail) == ("unknown-shape", "Reshape(z) groups a tensor with several dynamic dimensions "
+                                          "([None, None, 8]); normfold cannot prove it splits only the channels")
