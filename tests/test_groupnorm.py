@@ -701,7 +701,7 @@ def test_a_bfloat16_group_norm_is_left():
     model = reshaped_layernorm((2, 8, 3), (2, 4, 2, 3), [2, 3])
     for value in list(model.graph.input) + list(model.graph.output):
         value.type.tensor_type.elem_type = onnx.TensorProto.BFLOAT16
-    # no epsilon (the check of the type comes first): normfold's algebra reads no bfloat16 constant
+    # no epsilon: the check of the type comes first (test_norms has bfloat16 norms with one)
     [add] = [n for n in model.graph.node if n.output[0] == "ve"]
     model.graph.node.remove(add)
     [sqrt] = [n for n in model.graph.node if n.output[0] == "sd"]

@@ -721,3 +721,31 @@ def test_the_walk_after_a_reduction_stops_past_256_tensors(readers, reason):
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     assert [s.reason for s in report.sites] == [reason], report.to_text(verbose=True)
+
+
+@pytest.mark.parametrize("name, op", [("torchscript", "LayerNormalization"), ("llama", "RMSNormalization")])
+def test_a_bfloat16_norm_with_an_epsilon_fuses_with_its_parameters_in_bfloat16(name, op):
+    """bfloat16 constants (numpy kind "V", ml_dtypes) are read like any float: the epsilon is one,
+    so the norm is a site (it was `unrecognized-pattern`), and gamma, beta and epsilon are the model's
+    own bfloat16 values. (onnxruntime's CPU has no bfloat16 kernels for these ops: no run here.)"""
+    import ml_dtypes
+
+    bf16 = ml_dtypes.bfloat16
+    body = SPELLINGS[name][1]
+    used = {k: (v.astype(bf16) if v.dtype == np.float32 else v) for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = onnx.parser.parse_model(f'<ir_version: 10, opset_import: ["" : 23]>\n'
+                                    f"g (bfloat16[2,5,{D}] x) => (bfloat16[2,5,{D}] y) {{{body}\n}}")
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in used.items())
+    onnx.checker.check_model(model, full_check=True)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == [op], report.to_text(verbose=True)
+    [node] = folded.graph.node
+    eps = onnx.helper.get_attribute_value(next(a for a in node.attribute if a.name == "epsilon"))
+    assert eps == np.float32(float(used["eps"]))
+    params = {t.name: t for t in folded.graph.initializer}
+    scale = params[node.input[1]]
+    assert scale.data_type == onnx.TensorProto.BFLOAT16
+    assert np.array_equal(onnx.numpy_helper.to_array(scale).astype(np.float32), used["gamma"].astype(np.float32))
+    if op == "LayerNormalization":
+        assert np.array_equal(onnx.numpy_helper.to_array(params[node.input[2]]).astype(np.float32),
+                              used["beta"].astype(np.float32))

@@ -416,7 +416,10 @@ class CanonicalView:
         if int(np.prod(shape)) > MAX_CONST:
             return None
         value = self.view.const(name)
-        return None if value is None or value.dtype.kind not in "fiub" else value.astype(np.float64)
+        # bfloat16 (ml_dtypes, numpy kind "V") is a float to the view: a bfloat16 norm's epsilon
+        if value is None or (value.dtype.kind not in "fiub" and value.dtype.name != "bfloat16"):
+            return None
+        return value.astype(np.float64)
 
     def _reshaped_const(self, name: str) -> np.ndarray | None:
         """A constant under a Reshape whose target the graph computes from a dynamic shape but whose
