@@ -772,3 +772,11 @@ def test_gemm_beta_goes_into_the_new_c_and_is_reset_to_1(beta):
     scale, shift = bn_affine(consts)
     np.testing.assert_array_equal(const(folded, "c"),
                                   (consts["c"].astype(np.float64) * beta * scale + shift).astype(np.float32))
+
+
+def test_the_layer_output_read_elsewhere_behind_a_layout_op_is_named():
+    """Conv -> Identity -> BN, with the Conv's own output also a graph output."""
+    model = conv_chain_bn([helper.make_node("Identity", ["c"], ["t"], name="ident")])
+    model.graph.output.append(value("c", None))
+    site = left(model, "intermediate-used-elsewhere")
+    assert site.detail == "Conv conv output 'c' is also used elsewhere (graph output)"
