@@ -780,3 +780,14 @@ def test_the_layer_output_read_elsewhere_behind_a_layout_op_is_named():
     model.graph.output.append(value("c", None))
     site = left(model, "intermediate-used-elsewhere")
     assert site.detail == "Conv conv output 'c' is also used elsewhere (graph output)"
+
+
+def test_a_gemm_with_trans_a_folds_like_any_gemm():
+    """transA transposes the input, not the output: the channels stay on axis 1."""
+    rng = np.random.default_rng(15)
+    consts = dict(w=rng.standard_normal((3, 4)).astype(np.float32), **bn_consts(rng, 4))
+    model = model_of([helper.make_node("Gemm", ["x", "w"], ["h"], name="gemm", transA=1),
+                      helper.make_node("BatchNormalization", ["h", *PARAMS], ["y"], name="bn")],
+                     [value("x", [3, 2])], [value("y", [2, 4])], consts)
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Gemm"]
