@@ -791,3 +791,12 @@ def test_a_gemm_with_trans_a_folds_like_any_gemm():
                      [value("x", [3, 2])], [value("y", [2, 4])], consts)
     folded, report, _ = fold_and_compare(model)
     assert the_site(report).status == "folded" and ops(folded) == ["Gemm"]
+
+
+def test_a_dropout_of_opset_7_is_an_identity_at_inference():
+    """Dropout-7 lost is_test: outside training it passes its input through."""
+    model = conv_chain_bn([helper.make_node("Dropout", ["c"], ["t"], name="drop")])
+    model.opset_import[0].version = 7
+    model.graph.output[0].CopyFrom(value("y", [1, 4, 5, 5]))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Conv", "Dropout"]
