@@ -241,3 +241,11 @@ def test_forward_float16_gemm_keeps_the_bias_type_and_reports_rounding():
     assert {a.name: helper.get_attribute_value(a) for a in gemm.attribute} == {"alpha": 0.5, "beta": 1.0}
     rounding = max(np.max(np.abs(const(folded, n).astype(np.float64) - e)) for n, e in (("w", new_w), ("c", new_c)))
     assert site.max_rounding == pytest.approx(rounding, rel=1e-9)
+
+
+def test_a_bn_output_that_is_also_a_graph_output_stays():
+    """The one reader is the Gemm, but the graph returns the BN's values too: they must stay."""
+    model = gemm_after()
+    model.graph.output.append(value("n", [2, 4]))
+    site = left(model, "no-linear-producer")
+    assert site.detail.startswith("bn follows Relu relu and no Conv")
