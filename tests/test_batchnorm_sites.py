@@ -277,6 +277,7 @@ def test_a_conv_whose_weight_rank_is_not_in_the_shapes_table_still_folds():
     scale, _ = bn_affine(model)
     [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), shapes={})
     assert site.status == "folded", site.detail
+    assert site.notes == []  # the Constant's one reader: a new initializer, nothing shared
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     new_w = const(model, conv.input[1])
     np.testing.assert_array_equal(new_w, (w.astype(np.float64) * scale[:, None, None, None]).astype(np.float32))
