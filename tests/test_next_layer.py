@@ -126,6 +126,7 @@ def test_a_conv_weight_of_rank_2_is_refused():
 @pytest.mark.parametrize("attrs", [dict(pads=[0, 1, 0, 0]), dict(auto_pad="SAME_LOWER", kernel=3),
                                    dict(auto_pad="SAME_UPPER", kernel=3)])
 def test_a_conv_that_pads_is_refused_with_its_reason(attrs):
+    attrs = dict(attrs)  # the parameter is shared by every run of the test in this process
     kernel = attrs.pop("kernel", 1)
     model = relu_bn([helper.make_node("Conv", ["n", "w"], ["out"], name="layer", **attrs)],
                     {"w": RNG.standard_normal((6, 4, kernel, kernel)).astype(np.float32)}, [1, 4, 5, 5], None)
