@@ -669,3 +669,45 @@ def test_tf_keras_batchnorm_layernorm_in_training_mode_is_left(training_mode):
     folded, report = normfold.fold(model)
     [site] = ln_sites(report)
     assert (site.reason, site.detail) == ("training-mode", "model/ln/BatchNormalization_bn runs in training mode")
+
+
+@pytest.mark.parametrize("tail", ["y = Mul (r, w)", "y = Mul (r, r)"])
+def test_tf_keras_batchnorm_layernorm_followed_by_a_mul_of_no_constant_keeps_it(tail):
+    model = tf_keras_bn_layernorm(affine="none")
+    ident = next(n for n in model.graph.node if n.op_type == "Identity")
+    model.graph.node.remove(ident)
+    model.graph.node.append(onnx.helper.make_node("Mul", ["r", tail.split("(")[1].split(", ")[1].rstrip(")")], ["y"]))
+    model.graph.input.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [2, 4, 8]))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization", "Mul"]
+    assert [n.op_type for n in folded.graph.node if "r" in n.input] == ["Mul"]
+
+
+@pytest.mark.parametrize("dims", [None, ["N", 4, 8]])
+def test_tf_keras_batchnorm_layernorm_on_an_input_of_unknown_shape_is_left(dims):
+    model = tf_keras_bn_layernorm()
+    for value in (model.graph.input[0], model.graph.output[0]):
+        value.type.tensor_type.ClearField("shape")
+        if dims is not None:
+            value.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(1, dims).tensor_type.shape)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = ln_sites(report)
+    assert (site.reason, site.detail) == ("unknown-shape", "the shapes around the tf_keras LayerNorm could not be inferred")
+
+
+@pytest.mark.parametrize("anchor, prefix", [("", "LayerNorm"), ("mean_op", "mean_op"), ("a/b/ReduceMean", "a/b")])
+def test_tf_keras_batchnorm_layernorm_is_named_after_its_mean_and_stands_where_its_add_stood(anchor, prefix):
+    affine = (1, 1, 8)  # not the normalized shape [8]: new initializers, named after the prefix
+    model = tf_keras_bn_layernorm(names=False, gamma=np.full(affine, 2, np.float32), beta=np.ones(affine, np.float32),
+                                  extra="u = Relu (x)", extra_out=", float[2,4,8] u")
+    next(n for n in model.graph.node if n.op_type == "ReduceMean").name = anchor
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    model.graph.node.remove(relu)
+    add = next(n for n in model.graph.node if n.op_type == "Add")
+    model.graph.node.insert(list(model.graph.node).index(add), relu)  # between the Mul and the Add
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Relu", "LayerNormalization"]
+    node = folded.graph.node[1]
+    assert node.name == f"{prefix}/LayerNormalization"
+    assert list(node.input) == ["x", f"{prefix}.scale", f"{prefix}.bias"]
