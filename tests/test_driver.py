@@ -4,6 +4,7 @@ registry the command line selects passes from."""
 
 from __future__ import annotations
 
+import numpy as np
 import onnx
 import pytest
 
@@ -190,3 +191,48 @@ def test_nodes_removed_by_an_earlier_rewrite_are_not_offered():
     records = walk(model, [rule])
     assert rule.offered == ["r0"] and [r.detail for r in records] == ["merged"]
     assert [n.output[0] for n in model.graph.node] == ["r1"]  # committed
+
+
+def test_a_long_error_message_is_cut_in_the_detail():
+    [record] = walk(relu_chain(1), [Stub(outcome=ValueError("a\nb " + "x" * 300))])
+    assert record.detail == ("Relu(r0): its constants do not fit the ops that read them (a b " + "x" * 153 + "...); "
+                             "left as it was")
+
+
+class Looks(Stub):
+    """Reports what the view it is given knows: the opset, an outer constant, the base folder."""
+
+    def check(self, view, match, ctx):
+        w = view.const("w")
+        return Left("unknown-shape", f"opset {view.opset}, w {None if w is None else w.tolist()}, dir {view.base_dir!r}, "
+                                     f"dims {view.dims(match.nodes[0].input[0])}")
+
+
+def test_every_graph_s_view_has_the_model_s_opset_shapes_folder_and_outer_scope():
+    body = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["w"], ["t"])], "body", [],
+                                  [onnx.helper.make_tensor_value_info("t", onnx.TensorProto.FLOAT, [2])])
+    node = onnx.helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body, name="cond")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["r"]), node], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        [onnx.numpy_helper.from_array(np.array([1.0, 2.0], np.float32), "w")])
+    ctx = FoldContext(opset=13, base_dir="/models")
+    records = run_rules(graph, [Looks()], ctx, {"x": (1, [2]), "w": (1, [2])})
+    assert [r.detail for r in records] == ["opset 13, w [1.0, 2.0], dir '/models', dims [2]"] + [
+        "opset 13, w [1.0, 2.0], dir '/models', dims [2]"] * 2
+    assert [r.graph for r in records] == ["main", "main/cond:else_branch", "main/cond:then_branch"]
+
+
+def test_a_dry_walk_leaves_subgraphs_alone_too():
+    body = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["t"]), onnx.helper.make_node("Relu", ["t"], ["u"])],
+                                  "body", [], [onnx.helper.make_tensor_value_info("u", onnx.TensorProto.FLOAT, [2])])
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["c"], ["y"], then_branch=body, else_branch=body)], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    before = graph.SerializeToString()
+    records = run_rules(graph, [Stub()], FoldContext(opset=13), {}, dry=True)
+    assert graph.SerializeToString() == before and [r.detail for r in records] == ["would be rewritten"] * 4
