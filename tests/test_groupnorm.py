@@ -989,6 +989,8 @@ def test_torch_grouping_shape_that_is_no_int_vector_is_left(grouping):
     model = _torch_with(torch_groupnorm(), k=grouping)
     assert _torch_checked(model) == ("left", "unsupported-axis",
                                      "Reshape(r): the grouping shape None is not a constant [N, G, -1]")
+
+
 def _grouped(xdims: str, k1, k2, axes, ydims: str | None = None) -> onnx.ModelProto:
     """Z = Reshape(X, k1); the Keras 3 moments over `axes` of Z, o = (z - mean) / sd; Reshape(o, k2)."""
     text = f"""g (float[{xdims}] x) => (float[{ydims or xdims}] y) {{
@@ -1034,3 +1036,18 @@ def test_a_grouping_of_several_dynamic_dimensions_it_cannot_resolve_is_left_unkn
     [site] = gn_sites(report)
     assert (site.reason, site.detail) == ("unknown-shape", "Reshape(z) groups a tensor with several dynamic dimensions "
                                           "([None, None, 8]); normfold cannot prove it splits only the channels")
+
+
+def test_torch_groupnorm_on_an_input_of_unknown_type_is_left():
+    """X written by an op of another domain, with a shape but no type in the model's value_info."""
+    model = torch_groupnorm(affine="none")
+    for node in model.graph.node:
+        node.input[:] = ["x2" if i == "x" else i for i in node.input]
+    model.graph.node.insert(0, onnx.helper.make_node("Foo", ["x"], ["x2"], domain="custom"))
+    model.opset_import.append(onnx.helper.make_opsetid("custom", 1))
+    info = onnx.ValueInfoProto(name="x2")
+    info.type.tensor_type.shape.CopyFrom(onnx.helper.make_tensor_type_proto(1, [2, 8, 5, 5]).tensor_type.shape)
+    model.graph.value_info.append(info)
+    assert _torch_checked(model) == ("left", "unsupported-dtype",
+                                     "'x2' is unknown; the fused op is written only for float32, float16 and float64 "
+                                     "(what onnxruntime's CPU kernel verifies)")
