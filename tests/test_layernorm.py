@@ -521,7 +521,7 @@ def test_corpus_layernorms_after_onnxruntime_offline_optimization_fuse(name, fus
 
 def tf_keras_bn_layernorm(shape=(2, 4, 8), k=1, eps=1e-3, affine="both", count="chain", opset=17, xr=None,
                           axes=(0, 2, 3), names=True, bn_scale=None, bn_attrs="", extra="", extra_out="",
-                          gamma=None, beta=None, seed=0):
+                          gamma=None, beta=None, seed=0, axes_input=False, squeeze_attr=False):
     """tf_keras' LayerNormalization over the last k axes of X: X reshaped to [1, prod(leading),
     prod(normalized), 1], moments over axes 0, 2, 3 into a BatchNormalization, reshaped back.
     `count` is how the variance divisor is written: "chain" (Cast(ReduceProd(Gather(Shape(Xr))))) or
@@ -531,15 +531,22 @@ def tf_keras_bn_layernorm(shape=(2, 4, 8), k=1, eps=1e-3, affine="both", count="
     xr = xr or [1, lead, norm, 1]
     dims = ",".join(map(str, shape))
     ax = ",".join(map(str, axes))
-    lines = ["xr = Reshape (x, to4)", f"mean = ReduceMean <axes=[{ax}], keepdims=1> (xr)", "d = Sub (xr, mean)",
-             f"rss = ReduceSumSquare <axes=[{ax}], keepdims=0> (d)", "m = Squeeze (mean, ax)"]
+    if axes_input:  # opset 18: the axes of the reductions are an input
+        reductions = ["mean = ReduceMean <keepdims=1> (xr, ax)", "d = Sub (xr, mean)",
+                      "rss = ReduceSumSquare <keepdims=0> (d, ax)"]
+    else:
+        reductions = [f"mean = ReduceMean <axes=[{ax}], keepdims=1> (xr)", "d = Sub (xr, mean)",
+                      f"rss = ReduceSumSquare <axes=[{ax}], keepdims=0> (d)"]
+    squeeze = f"m = Squeeze <axes=[{ax}]> (mean)" if squeeze_attr else "m = Squeeze (mean, ax)"  # opset < 13: an attribute
+    lines = ["xr = Reshape (x, to4)"] + reductions + [squeeze]
     consts = {"to4": np.array(xr, np.int64), "back": np.array(shape, np.int64), "ax": np.array(axes, np.int64),
+              "ax0": np.array([0], np.int64),
               "ones": np.ones(xr[1], np.float32) if bn_scale is None else bn_scale, "zeros": np.zeros(xr[1], np.float32),
               "gamma": rng.standard_normal(shape[-k:]).astype(np.float32) if gamma is None else gamma,
               "beta": rng.standard_normal(shape[-k:]).astype(np.float32) if beta is None else beta}
     if count == "chain":
-        lines += ["sh = Shape (xr)", "ga = Gather (sh, ax)", "rp = ReduceProd <axes=[0], keepdims=0> (ga)",
-                  "n = Cast <to=1> (rp)", "v = Div (rss, n)"]
+        prod = "rp = ReduceProd <keepdims=0> (ga, ax0)" if axes_input else "rp = ReduceProd <axes=[0], keepdims=0> (ga)"
+        lines += ["sh = Shape (xr)", "ga = Gather (sh, ax)", prod, "n = Cast <to=1> (rp)", "v = Div (rss, n)"]
     else:
         consts["n"] = np.array(count, np.float32)
         lines.append("v = Div (rss, n)")
@@ -634,6 +641,7 @@ def _axes_attribute(model, op, value):
     ("mean", lambda m: _axes_attribute(m, "ReduceMean", [0, 2])),
     ("sum of squares", lambda m: _axes_attribute(m, "ReduceSumSquare", [0, 1, 2])),
     ("count", lambda m: _axes_input(m, "Gather", 1, [0, 2])),
+    ("count", lambda m: _axes_input(m, "Gather", 1, 2)),  # a scalar index
     ("squeeze", lambda m: _axes_input(m, "Squeeze", 1, [0, 3])),
 ])
 def test_tf_keras_batchnorm_layernorm_over_other_axes_is_left(what, change):
@@ -657,12 +665,12 @@ def test_tf_keras_batchnorm_layernorm_with_negative_axes_fuses():
     assert ops(folded) == ["LayerNormalization"]
 
 
-@pytest.mark.parametrize("training_mode", [1, None])
-def test_tf_keras_batchnorm_layernorm_in_training_mode_is_left(training_mode):
-    """training_mode=1, or the running statistics written (BatchNormalization-9's optional outputs)."""
+@pytest.mark.parametrize("training_mode, outputs", [(1, []), (None, ["rm"]), (None, ["", "rv"])])
+def test_tf_keras_batchnorm_layernorm_in_training_mode_is_left(training_mode, outputs):
+    """training_mode=1 (its optional outputs omitted), or a running statistic written."""
     model = tf_keras_bn_layernorm()
     bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
-    bn.output.extend(["rm", "rv"])
+    bn.output.extend(outputs)
     if training_mode:
         bn.attribute.append(onnx.helper.make_attribute("training_mode", training_mode))
     model.graph.value_info.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 4, 8]))
@@ -711,3 +719,51 @@ def test_tf_keras_batchnorm_layernorm_is_named_after_its_mean_and_stands_where_i
     node = folded.graph.node[1]
     assert node.name == f"{prefix}/LayerNormalization"
     assert list(node.input) == ["x", f"{prefix}.scale", f"{prefix}.bias"]
+
+
+def test_tf_keras_batchnorm_layernorm_with_axes_as_inputs_fuses():
+    folded, _, _ = fold_and_compare(tf_keras_bn_layernorm(axes_input=True, opset=18), atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]
+
+
+def test_tf_keras_batchnorm_layernorm_with_squeeze_axes_as_an_attribute_is_read():
+    """Squeeze-11 takes its axes as an attribute: at opset 12 they are read (right: only the opset is
+    the reason), and after --target-opset 17 the site fuses."""
+    model = tf_keras_bn_layernorm(squeeze_attr=True, opset=12)
+    _, report = normfold.fold(model)
+    assert [s.reason for s in ln_sites(report)] == ["opset-too-old"]
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5, target_opset=17)
+    assert ops(folded) == ["LayerNormalization"]
+
+
+def test_tf_keras_batchnorm_layernorm_with_a_count_of_several_values_is_left():
+    model = tf_keras_bn_layernorm(count=8.0)
+    n = next(t for t in model.graph.initializer if t.name == "n")
+    n.CopyFrom(numpy_helper.from_array(np.full(5, 8.0, np.float32), "n"))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("r", onnx.TensorProto.FLOAT, [2, 4, 8]))
+    folded, report = normfold.fold(model)
+    [site] = ln_sites(report)
+    assert (site.reason, site.detail) == ("non-constant-parameters", "model/ln/Div_v: the divisor [8. 8. 8. 8.] is "
+                                                                     "not the count 8 of the normalized axes")
+
+
+def test_tf_keras_batchnorm_layernorm_over_the_batch_too_is_left():
+    """Reshape to [1, 1, N*T*D, 1]: no leading axes left, not tf_keras' LayerNorm (its axes never
+    include the batch)."""
+    model = tf_keras_bn_layernorm(xr=[1, 1, 64, 1])
+    folded, report = normfold.fold(model)
+    [site] = ln_sites(report)
+    assert (site.reason, site.detail) == ("unsupported-axis", "the reshape to [1, 1, 64, 1] does not normalize "
+                                                              "trailing axes of [2, 4, 8]")
+
+
+def test_tf_keras_batchnorm_layernorm_with_a_gamma_of_more_axes_than_x_is_left():
+    model = tf_keras_bn_layernorm(affine="scale")
+    gamma = next(t for t in model.graph.initializer if t.name == "gamma")
+    gamma.CopyFrom(numpy_helper.from_array(np.ones((1, 1, 1, 8), np.float32), "gamma"))
+    model.graph.output[0].type.tensor_type.ClearField("shape")
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = ln_sites(report)
+    assert (site.reason, site.detail) == ("not-per-channel", "gamma of shape [1, 1, 1, 8] does not broadcast like "
+                                                             "the normalized shape [8]")
