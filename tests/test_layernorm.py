@@ -767,3 +767,53 @@ def test_tf_keras_batchnorm_layernorm_with_a_gamma_of_more_axes_than_x_is_left()
     [site] = ln_sites(report)
     assert (site.reason, site.detail) == ("not-per-channel", "gamma of shape [1, 1, 1, 8] does not broadcast like "
                                                              "the normalized shape [8]")
+
+
+def _rewritten(model, **replace):
+    """`model` with node outputs renamed by `replace` (old output -> new node text) applied in place."""
+    for old, (op, inputs) in replace.items():
+        node = next(n for n in model.graph.node if n.output[0] == old)
+        i = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        model.graph.node.insert(i, onnx.helper.make_node(op, inputs, [old]))
+    return model
+
+
+@pytest.mark.parametrize("case", ["reduceprod of a cast", "shape of another tensor", "divisor not a count",
+                                  "no squeeze", "no reshape", "no batchnorm", "batchnorm of other statistics"])
+def test_tf_keras_batchnorm_layernorm_lookalikes_are_computed_as_they_are(case):
+    """Moments and a BatchNormalization that are not tf_keras' LayerNorm: no such site, and the model
+    computes what it did (a count of another tensor's shape divides by 4, not 8)."""
+    extra_inputs = []
+    model = tf_keras_bn_layernorm()
+    if case == "reduceprod of a cast":  # the Cast before the ReduceProd: a spelling the matcher does not read
+        _rewritten(model, rp=("Cast", ["ga"]), n=("ReduceProd", ["rp"]))
+        next(n for n in model.graph.node if n.output[0] == "rp").attribute.append(onnx.helper.make_attribute("to", 1))
+        next(n for n in model.graph.node if n.output[0] == "n").attribute.extend(
+            [onnx.helper.make_attribute("axes", [0]), onnx.helper.make_attribute("keepdims", 0)])
+    elif case == "shape of another tensor":
+        _rewritten(model, sh=("Shape", ["z"]))
+        extra_inputs.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, 8, 4, 1]))
+    elif case == "divisor not a count":
+        _rewritten(model, n=("Relu", ["w"]))
+        extra_inputs.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [1]))
+    elif case == "no squeeze":
+        _rewritten(model, m=("Reshape", ["mean", "m_shape"]))
+        model.graph.initializer.append(numpy_helper.from_array(np.array([8], np.int64), "m_shape"))
+    elif case == "no reshape":
+        model = tf_keras_bn_layernorm(shape=(1, 8, 8, 1), xr=[1, 8, 8, 1], k=2)
+        _rewritten(model, xr=("Identity", ["x"]))
+    elif case == "no batchnorm":
+        _rewritten(model, bn=("Add", ["xr", "xr"]))
+    else:
+        _rewritten(model, bn=("BatchNormalization", ["xr", "ones", "zeros", "zeros", "ones"]))
+    model.graph.input.extend(extra_inputs)
+    onnx.checker.check_model(model, full_check=True)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert not [s for s in report.sites if s.kind == "LayerNorm (tf_keras fused, through BatchNormalization)"]
+
+
+def test_tf_keras_batchnorm_layernorm_with_one_gamma_for_every_value_fuses():
+    model = tf_keras_bn_layernorm(gamma=np.full(1, 2, np.float32), beta=np.full(1, 0.5, np.float32))
+    folded, _, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"]
