@@ -780,7 +780,8 @@ def _rewritten(model, **replace):
 
 
 @pytest.mark.parametrize("case", ["reduceprod of a cast", "shape of another tensor", "divisor not a count",
-                                  "no squeeze", "no reshape", "no batchnorm", "batchnorm of other statistics"])
+                                  "no squeeze", "no reshape", "no batchnorm", "batchnorm of other statistics",
+                                  "an add for the sub"])
 def test_tf_keras_batchnorm_layernorm_lookalikes_are_computed_as_they_are(case):
     """Moments and a BatchNormalization that are not tf_keras' LayerNorm: no such site, and the model
     computes what it did (a count of another tensor's shape divides by 4, not 8)."""
@@ -805,6 +806,8 @@ def test_tf_keras_batchnorm_layernorm_lookalikes_are_computed_as_they_are(case):
         _rewritten(model, xr=("Identity", ["x"]))
     elif case == "no batchnorm":
         _rewritten(model, bn=("Add", ["xr", "xr"]))
+    elif case == "an add for the sub":
+        _rewritten(model, d=("Add", ["xr", "mean"]))
     else:
         _rewritten(model, bn=("BatchNormalization", ["xr", "ones", "zeros", "zeros", "ones"]))
     model.graph.input.extend(extra_inputs)
