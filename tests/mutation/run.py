@@ -57,7 +57,9 @@ MODULES: dict[str, list[str]] = {
     "passes/_next_layer": BN_TESTS,
     "passes/channel_affine": BN_TESTS,
     "passes/_pattern": PASS_TESTS + ["tests/test_pattern.py"],
-    "passes/__init__": PASS_TESTS + ["tests/test_driver.py"],
+    # the driver: every pass test calls it, and a survivor re-ran all of them (90 s each); test_driver.py
+    # tests it with stand-in rules, test_instance_affine.py through one small real rule
+    "passes/__init__": ["tests/test_driver.py", "tests/test_instance_affine.py"],
     "verify": VERIFY_TESTS + ["tests/test_contracts.py"],
     "accuracy": VERIFY_TESTS + ["tests/test_accuracy_units.py"],
     "verify_local": VERIFY_TESTS + ["tests/test_verify_local_units.py"],
