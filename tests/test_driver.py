@@ -236,3 +236,28 @@ def test_a_dry_walk_leaves_subgraphs_alone_too():
     before = graph.SerializeToString()
     records = run_rules(graph, [Stub()], FoldContext(opset=13), {}, dry=True)
     assert graph.SerializeToString() == before and [r.detail for r in records] == ["would be rewritten"] * 4
+
+
+class Pair(Stub):
+    """Matches r0 together with the Relu after it (a site of two nodes)."""
+
+    def match(self, view, node):
+        self.offered.append(node.output[0])
+        if node.output[0] != "r0":
+            return None
+        return Match(self.kind, [node, view.sole_user("r0")], "r1")
+
+
+def test_a_site_left_at_an_earlier_node_is_dropped_when_a_later_rewrite_takes_one_of_its_nodes():
+    records = walk(relu_chain(3), [Pair("p", Left("unknown-shape", "pair left")), Stub("q", only={"r1"}),
+                                   Stub("s", Left("opset-too-old", "r2 left"), only={"r2"})])
+    assert [(r.pass_name, r.status, r.nodes) for r in records] == [("q", "folded", ["Relu(r1)"]),
+                                                                   ("s", "left", ["Relu(r2)"])]
+
+
+def test_after_a_recognizer_passes_a_claimed_node_the_next_rules_still_get_it():
+    plain = Stub("p", Left("unknown-shape", "seen"))
+    quiet = Stub("r", Left("not-per-channel", "again"), recognizer=True)
+    last = Stub("s")
+    records = walk(relu_chain(1), [plain, quiet, last])
+    assert [(r.pass_name, r.status) for r in records] == [("s", "folded")] and last.offered == ["r0"]

@@ -164,6 +164,8 @@ def _where(work: Path, name: str, diff: str) -> tuple[str, str]:
     """file:line of a mutant and its one-line change, from `mutmut show`'s diff of the function."""
     module, _, function = name.rpartition("__mutmut_")[0].partition(".x")
     path = Path(*module.split(".")).with_suffix(".py")
+    if not (work / path).exists():  # a package's __init__.py: mutmut names it after the package
+        path = Path(*module.split(".")) / "__init__.py"
     function = function.lstrip("_").split("ǁ")[-1] if "ǁ" in function else function[1:]
     source = (work / path).read_text().splitlines()
     start = next((i for i, line in enumerate(source) if re.match(rf"\s*def {re.escape(function)}\(", line)), 0)
