@@ -810,7 +810,7 @@ def test_torch_groupnorm_is_named_after_its_first_reshape_and_stands_where_its_a
 
 @pytest.mark.parametrize("grouping, fused", [([2, 4, 50], True), ([0, 4, 50], True), ([-1, 4, 50], True),
                                              ([2, 4, 25], False), ([2, 4, -1, 1], False), ([-1, 4, -1], False),
-                                             ([0, 0, -1], False)])
+                                             ([0, 0, -1], False), ([-1, 4, 25], False)])
 def test_torch_grouping_shapes_written_out(grouping, fused):
     """[N, G, C/G * H * W] with any mix of the batch, 0 (copy it) and -1; a wrong count, rank, a
     second -1 or G of 0 are refused."""
