@@ -940,7 +940,7 @@ def test_torch_instance_norm_scale_that_is_not_ones_says_why():
     (["N", "C", 5, 5], "the channel count of 'x' could not be inferred"),
 ])
 def test_torch_groupnorm_on_an_input_of_unknown_shape_is_left(dims, detail):
-    model = torch_groupnorm(affine="none")
+    model = torch_groupnorm()  # with a Mul and an Add: their constants cannot be told per channel either
     for value in (model.graph.input[0], model.graph.output[0]):
         value.type.tensor_type.ClearField("shape")
         if dims is not None:
@@ -1051,3 +1051,14 @@ def test_torch_groupnorm_on_an_input_of_unknown_type_is_left():
     assert _torch_checked(model) == ("left", "unsupported-dtype",
                                      "'x2' is unknown; the fused op is written only for float32, float16 and float64 "
                                      "(what onnxruntime's CPU kernel verifies)")
+
+
+def test_an_instance_norm_fed_by_another_op_than_a_reshape_is_no_group_norm():
+    model = build("""g (float[2,4,6] x) => (float[2,4,6] y) {
+      m = Mul (x, c)
+      n = InstanceNormalization (m, s, b)
+      xs = Shape (x)
+      y = Reshape (n, xs)
+    }""", opset=21, c=np.full((4, 1), 2, np.float32), s=np.ones(4, np.float32), b=np.zeros(4, np.float32))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model) and report.sites == []
