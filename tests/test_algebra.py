@@ -685,3 +685,192 @@ def test_rms_without_a_root_is_not_fused():
         y = Div (x, ms) }""", opset=17)
     folded, _ = normfold.fold(model, normfold.FoldOptions(target_opset=23))
     assert ops(folded) == ops(model)
+
+
+# ---- a constant reshaped by a computed target -----------------------------------------------------
+RESHAPED_GAMMA = """g (float[{n},4,2] x, float[{w}] w) => (float[{n},4,2] y) {{
+        s = Shape (w)
+        gr = Reshape (gamma, s)
+        y = Mul (x, gr) }}"""
+
+
+@pytest.mark.parametrize("domain", ["", "ai.onnx"])
+def test_a_constant_reshaped_to_a_computed_shape_inference_knows_is_that_constant(domain):
+    """tf_keras reshapes gamma by a target computed from a shape: the view reads the constant with
+    the shape inference gives the Reshape's output (not a Leaf, not the flat constant)."""
+    gamma = np.arange(8, dtype=np.float32) + 1
+    model = build(RESHAPED_GAMMA.format(n=2, w="1,4,2"), opset=18, gamma=gamma)
+    shapes = infer_shapes(model)  # before the domain is spelled out (onnx's inference knows only "")
+    [reshape] = [n for n in model.graph.node if n.op_type == "Reshape"]
+    reshape.domain = domain
+    cv = CanonicalView(GraphView(model.graph, shapes=shapes, opset=18))
+    assert not cv.view.is_const("gr")
+    [(sig, c)] = cv.expr("y").terms.items()
+    assert sig == ((Leaf("x"), Fraction(1)),)
+    assert c.shape == (4, 2) and np.array_equal(c, gamma.reshape(4, 2).astype(np.float64))
+
+
+@pytest.mark.parametrize("case", ["dynamic-shape", "other-domain", "not-a-reshape"])
+def test_a_computed_reshape_or_op_of_a_constant_without_a_static_result_is_a_leaf(case):
+    """The reshaped constant needs every size of the result known (a dynamic one: a Leaf), a
+    Reshape of the default domain, and a Reshape (an Expand by the same target is not read so)."""
+    gamma = np.arange(8, dtype=np.float32) + 1
+    text = RESHAPED_GAMMA.format(n="N" if case == "dynamic-shape" else 2, w="W,4,V" if case == "dynamic-shape" else "1,4,2")
+    if case == "not-a-reshape":
+        text = text.replace("gr = Reshape (gamma, s)", "gr = Expand (gamma8, s)")
+    model = build(text, opset=18, **({"gamma8": gamma.reshape(4, 2)} if case == "not-a-reshape" else {"gamma": gamma}))
+    if case == "other-domain":
+        [reshape] = [n for n in model.graph.node if n.op_type == "Reshape"]
+        reshape.domain = "custom"
+        model.opset_import.append(onnx.helper.make_opsetid("custom", 1))
+    shapes = infer_shapes(model)
+    if case == "other-domain":  # the result's shape as for the default domain: only the domain differs
+        shapes = infer_shapes(build(text, opset=18, gamma=gamma))
+    cv = CanonicalView(GraphView(model.graph, shapes=shapes, opset=18))
+    assert cv._small_const("gr") is None
+    assert "gr" in cv.expr("y").leaves
+
+
+# ---- the algebra's own rules: products of roots, cancellation, the size bound, means, depth -----
+def test_products_and_powers_of_one_root_combine_into_one_factor():
+    """sqrt(b) * sqrt(b) is b (as Root(b, 1)), sqrt(b) / sqrt(b) is 1, sqrt(b)^-2 is 1 / b, and
+    (1 / sqrt(b))^-2 is b itself: the root's power is added and multiplied, never dropped."""
+    text = """g (float[2,4] a) => (float[2,4] y) {{
+        b = Add (a, one)
+        s = Sqrt (b)
+        r = Reciprocal (s)
+        y = {} }}"""
+    for rhs in ["Mul (s, s)", "Pow (s, mtwo)", "Pow (r, mtwo)", "Div (s, s)"]:
+        e = assert_reads_as_computed(text.format(rhs), positive=True, one=np.float32(1), mtwo=np.float32(-2))
+        if rhs == "Div (s, s)":
+            assert e.constant() is not None and np.all(e.constant() == 1)
+        if rhs == "Pow (r, mtwo)":  # exactly a + 1 again, no Root left
+            assert e.key == A.add(Expr.atom(Leaf("a")), Expr.const(1.0)).key
+
+
+def test_a_difference_of_equal_terms_has_no_terms():
+    cv, _ = view("g (float[2,4] a) => (float[2,4] y) { b = Mul (a, three)\n c = Add (a, a)\n d = Add (c, a)\n"
+                 " y = Sub (b, d) }", three=np.float32(3))
+    assert cv.expr("y").terms == {}
+
+
+def test_terms_cancel_within_a_relative_millionth_of_the_larger_coefficient():
+    """1000 a - 1000.0005 a cancels (5e-7 of 1000); 1e6 a - 999999 a is exactly at the bound and
+    cancels; 1000 a - 1000.002 a does not."""
+    a = Expr.atom(Leaf("a"))
+    assert A.add(A.scale(a, 1000.0), A.scale(a, -1000.0005)).terms == {}
+    assert 1e-6 * 1e6 == 1.0 and A.add(A.scale(a, 1e6), A.scale(a, -999999.0)).terms == {}
+    assert len(A.add(A.scale(a, 1000.0), A.scale(a, -1000.002)).terms) == 1
+
+
+@pytest.mark.parametrize("n, read", [(12, True), (13, False)])
+def test_a_sum_of_more_than_twelve_terms_is_a_leaf(n, read):
+    names = [f"a{k}" for k in range(n)]
+    lines = [f"s1 = Add ({names[0]}, {names[1]})"] + [f"s{k} = Add (s{k - 1}, {names[k]})" for k in range(2, n)]
+    inputs = ", ".join(f"float[3] {name}" for name in names)
+    cv, _ = view(f"g ({inputs}) => (float[3] y) {{ {chr(10).join(lines)}\n y = Identity (s{n - 1}) }}")
+    assert (len(cv.expr("y").terms) == n) is read
+    assert (cv.expr("y").leaves == {f"s{n - 1}"}) is not read
+
+
+@pytest.mark.parametrize("text, consts", [
+    ("w1 = Add (a, w)\n y = ReduceMean <axes=[-1]> (w1)", {"w": np.float32([1, 2, 4, 8])}),
+    ("w1 = Add (a, w)\n y = ReduceMean <axes=[-1]> (w1)", {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}),
+    ("w1 = Add (a, w)\n y = ReduceMean <axes=[-2, -1]> (w1)", {"w": np.float32([1, 2, 4, 8])}),
+    ("w1 = Mul (a, w)\n y = ReduceMean <axes=[-1]> (w1)", {"w": np.float32([1, 2, 4, 8])}),
+])
+def test_the_mean_of_a_term_with_a_varying_coefficient(text, consts):
+    """A constant varying along the reduced axes is averaged (over the axes it has, kept as size 1);
+    a varying weight of a tensor stays inside the mean, to the power 1."""
+    assert_reads_as_computed(f"g (float[3,4] a) => (float[3,1] y) {{ {text} }}".replace(
+        "float[3,1]", "float[1,1]" if "-2, -1" in text else "float[3,1]"), opset=17, **consts)
+
+
+def _means_args(e: Expr) -> list:
+    return [a.arg for sig in e.terms for a, _ in sig if isinstance(a, Mean)]
+
+
+def test_a_mean_lets_out_a_root_constant_along_its_axes_but_not_one_varying_along_them():
+    """r = (mean(a^2) + eps)^-1/2 is constant along the last axis: mean(a * r) is r * mean(a). With
+    an epsilon that varies along that axis it is not, and stays inside (the value says which is right)."""
+    text = """g (float[3,4] a) => (float[3,1] y) {
+        sq = Mul (a, a)
+        ms = ReduceMean <axes=[-1]> (sq)
+        ve = Add (ms, eps)
+        r = Pow (ve, mhalf)
+        ar = Mul (a, r)
+        y = ReduceMean <axes=[-1]> (ar) }"""
+    e = assert_reads_as_computed(text, opset=17, eps=np.float32(1e-3), mhalf=np.float32(-0.5))
+    assert all(not any(isinstance(b, Root) for s in arg.terms for b, _ in s) for arg in _means_args(e)), e
+    assert_reads_as_computed(text, opset=17, eps=np.float32([1e-3, 1, 2, 3]), mhalf=np.float32(-0.5))
+
+
+def test_a_mean_lets_out_a_run_time_count():
+    """s = ReduceSum(x) over a dynamic axis is N * mean(x); mean(s * z) over it is N * mean(x) * mean(z)."""
+    cv, _ = view("""g (float[2,W] x, float[2,W] z) => (float[2,1] y) {
+        s = ReduceSum <keepdims=1> (x, ax)
+        sz = Mul (s, z)
+        y = ReduceMean <axes=[-1]> (sz) }""", opset=17, ax=np.array([-1]))
+    e = cv.expr("y")
+    [(sig, _)] = e.terms.items()
+    assert sorted(type(a).__name__ for a, _ in sig) == ["Count", "Mean", "Mean"], e
+    assert all(arg.single() is not None and len(arg.single()[0]) == 1 for arg in _means_args(e)), e
+
+
+def test_atoms_are_equal_only_with_equal_coefficients_and_perms():
+    assert Expr.const(2.0).key != Expr.const(3.0).key
+    assert Mean(A.scale(Expr.atom(Leaf("x")), 2.0), (-1,)) != Mean(A.scale(Expr.atom(Leaf("x")), 3.0), (-1,))
+    assert Leaf("x") != Leaf("x", (1, 0)) and Leaf("x", (1, 0)) == Leaf("x", (1, 0))
+    assert Leaf("x", (0, 2, 1)) != Leaf("x", (1, 0, 2))  # the perm is part of the atom
+
+
+@pytest.mark.parametrize("order", [(0, 1, 2), (0, 2, 1), (2, 0, 1), (1, 2, 0)])
+def test_a_norm_with_a_second_mean_subtracted_is_no_norm_form(order):
+    """(x - mean_last(x) - mean_first(x)) * r: the third term reads x, but through a mean over other
+    axes: no LayerNorm, in whatever order the terms are listed."""
+    cv, _ = view("""g (float[3,4] x) => (float[3,4] y) {
+        m = ReduceMean <axes=[-1]> (x)
+        d = Sub (x, m)
+        sq = Mul (d, d)
+        v = ReduceMean <axes=[-1]> (sq)
+        ve = Add (v, eps)
+        r = Pow (ve, mhalf)
+        m2 = ReduceMean <axes=[-2]> (x)
+        d2 = Sub (d, m2)
+        y = Mul (d2, r) }""", opset=17, eps=np.float32(1e-5), mhalf=np.float32(-0.5))
+    e = cv.expr("y")
+    assert A.norm_form(A.mul(cv.expr("d"), cv.expr("r"))) is not None  # without m2: a LayerNorm
+    items = list(e.terms.items())
+    assert len(items) == 3
+    assert A.norm_form(Expr(dict(items[i] for i in order))) is None
+
+
+@pytest.mark.parametrize("length", [46, 47, 48, 60])
+def test_a_long_chain_is_read_to_a_depth_of_48(length):
+    """Neg after Neg: the view reads 48 tensors deep, then reads the far end as a Leaf (named), and
+    comes back to depth 0 (a second read from the end goes as deep again)."""
+    lines = ["t0 = Identity (a)"] + [f"t{k} = Neg (t{k - 1})" for k in range(1, length + 1)]
+    cv, _ = view(f"g (float[3] a) => (float[3] y) {{ {chr(10).join(lines)}\n y = Identity (t{length}) }}")
+    deepest = length - 47  # y is read at depth 1, t{length} at 2, ... t{deepest} at 49: a Leaf
+    assert cv.expr("y").leaves == ({"a"} if deepest < 0 else {f"t{deepest}"})
+    assert cv._depth == 0
+    cv.forget()
+    assert cv.expr(f"t{length}").leaves == ({"a"} if deepest - 1 < 0 else {f"t{deepest - 1}"})
+
+
+def test_a_chain_of_squares_is_read_once_per_tensor():
+    """t_k = t_{k-1} * t_{k-1}, 40 times: each tensor is read once (cached), not once per path
+    (2^40 paths), and the result is a to the power 2^40."""
+    lines = ["t0 = Identity (a)"] + [f"t{k} = Mul (t{k - 1}, t{k - 1})" for k in range(1, 41)]
+    cv, _ = view(f"g (float[3] a) => (float[3] y) {{ {chr(10).join(lines)}\n y = Identity (t40) }}")
+    assert cv.expr("y").key == Expr.atom(Leaf("a"), Fraction(2 ** 40)).key
+
+
+def test_powers_of_coefficients_that_overflow_warn_about_nothing():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e = power(A.scale(Expr.atom(Mean(Expr.atom(Leaf("x")), (-1,))), 1e-38), Fraction(-9))
+    [(_, c)] = e.terms.items()
+    assert np.isinf(c)
