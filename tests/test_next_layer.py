@@ -250,3 +250,45 @@ def test_a_bn_output_that_is_also_a_graph_output_stays():
     model.graph.output.append(value("n", [2, 4]))
     site = left(model, "no-linear-producer")
     assert site.detail.startswith("bn follows Relu relu and no Conv")
+
+
+# ---- which reader is the next layer (find_next_layer) ----------------------------------------------
+
+@pytest.mark.parametrize("count, folds", [(4, True), (5, False)])
+def test_the_next_layer_is_found_behind_at_most_four_identities(count, folds):
+    names = ["n", *(f"i{k}" for k in range(count))]
+    idents = [helper.make_node("Identity", [names[k]], [names[k + 1]], name=f"ident{k}") for k in range(count)]
+    model = relu_bn([*idents, helper.make_node("Gemm", [names[-1], "w"], ["out"], name="layer")], {"w": W_GEMM},
+                    [2, 4], [2, 6])
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert (site.status == "folded") == folds
+    if folds:
+        assert site.nodes == ["layer", *(f"ident{k}" for k in range(count)), "bn"] and ops(folded) == ["Relu", "Gemm"]
+    else:
+        assert site.reason == "no-linear-producer"
+
+
+@pytest.mark.parametrize("inputs", [("a", "n"), ("n", "n")])
+def test_a_bn_output_read_as_the_weight_side_is_not_folded_forward(inputs):
+    model = relu_bn([helper.make_node("MatMul", list(inputs), ["out"], name="layer")], {"a": np.ones((4, 4), np.float32)},
+                    [4, 4], [4, 4])
+    site = left(model, "no-linear-producer")
+    assert site.detail.startswith("bn follows Relu relu and no Conv")
+
+
+def test_an_add_of_a_non_constant_after_the_matmul_stays_after_the_created_one():
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["h"], name="layer"),
+                     helper.make_node("Add", ["h", "z"], ["out"], name="add")], {"w": W_GEMM}, [2, 4], None)
+    model.graph.input.append(value("z", [6]))
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert site.status == "folded" and site.nodes == ["layer", "bn"]
+    assert ops(folded) == ["Relu", "MatMul", "Add", "Add"] and folded.graph.node[-1].name == "add"
+
+
+def test_a_conv_of_another_domain_is_no_next_layer():
+    model = relu_bn([helper.make_node("Conv", ["n", "w"], ["out"], name="layer", domain="custom")], {"w": W_CONV},
+                    [1, 4, 5, 5], None)
+    site = left(model, "no-linear-producer")
+    assert site.detail.startswith("bn follows Relu relu and no Conv")
