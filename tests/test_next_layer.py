@@ -292,3 +292,24 @@ def test_a_conv_of_another_domain_is_no_next_layer():
                     [1, 4, 5, 5], None)
     site = left(model, "no-linear-producer")
     assert site.detail.startswith("bn follows Relu relu and no Conv")
+
+
+def test_a_transpose_in_the_ai_onnx_domain_carries_keras_constants_to_the_conv():
+    """NHWC x * s + t -> Transpose(ai.onnx) -> Conv: the Transpose is the standard op by its other name."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"], name="mul"), helper.make_node("Add", ["m", "t"], ["v"], name="add"),
+             helper.make_node("Transpose", ["v"], ["p"], name="tr", perm=[0, 3, 1, 2], domain="ai.onnx"),
+             helper.make_node("Conv", ["p", "w"], ["out"], name="layer")]
+    consts = {"s": rng.uniform(0.5, 2.0, 4).astype(np.float32), "t": rng.standard_normal(4).astype(np.float32),
+              "w": rng.standard_normal((3, 4, 1, 1)).astype(np.float32)}
+    graph = helper.make_graph(nodes, "g", [value("x", [2, 5, 5, 4])], [value("out", [2, 3, 5, 5])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    folded, report = normfold.fold(model)
+    [site] = report.sites
+    assert site.status == "folded", site.detail
+    assert ops(folded) == ["Transpose", "Conv"]
+    w64 = consts["w"].astype(np.float64)
+    np.testing.assert_array_equal(const(folded, "w"), (w64 * consts["s"].astype(np.float64)[None, :, None, None])
+                                  .astype(np.float32))
