@@ -313,3 +313,45 @@ def test_a_transpose_in_the_ai_onnx_domain_carries_keras_constants_to_the_conv()
     w64 = consts["w"].astype(np.float64)
     np.testing.assert_array_equal(const(folded, "w"), (w64 * consts["s"].astype(np.float64)[None, :, None, None])
                                   .astype(np.float32))
+
+
+# ---- where a channel constant's axis lands at the next layer's input (layer_axis) -------------------
+
+def keras_chain(x_shape, k_shape, layer):
+    """x -> Mul(s) `mul` -> Add(t) `add` -> the layer (reads v, writes out); constants of k_shape."""
+    rng = np.random.default_rng(4)
+    nodes = [helper.make_node("Mul", ["x", "s"], ["m"], name="mul"), helper.make_node("Add", ["m", "t"], ["v"], name="add"),
+             layer]
+    consts = {"s": rng.uniform(0.5, 2.0, k_shape).astype(np.float32), "t": rng.standard_normal(k_shape).astype(np.float32),
+              "w": (rng.standard_normal((3, 4, 1, 1)) if layer.op_type == "Conv" else rng.standard_normal((4, 3)))
+              .astype(np.float32)}
+    graph = helper.make_graph(nodes, "g", [value("x", x_shape)], [value("out", None)],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 15)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("op, x_shape, k_shape, status", [
+    ("Conv", [2, 4, 5, 5], (1, 4, 1, 1), "folded"),  # the Conv's input rank from its weight
+    ("Gemm", [3, 4], (4,), "folded"),  # a Gemm's input has rank 2
+    ("MatMul", [3, 4], (4,), "left"),  # a MatMul's input may have any rank
+])
+def test_the_next_layers_input_rank_when_the_shapes_table_lacks_it(op, x_shape, k_shape, status):
+    from normfold.passes import FoldContext, run_rules
+    from normfold.passes.channel_affine import ChannelPairFold
+
+    model = keras_chain(x_shape, k_shape, helper.make_node(op, ["v", "w"], ["out"], name="layer"))
+    [site] = run_rules(model.graph, [ChannelPairFold()], FoldContext(opset=15), {"x": (F32, x_shape)})
+    assert site.status == status, site.detail
+    if status == "left":
+        assert site.reason == "unknown-shape"
+        assert site.detail.endswith(": the rank of 'x' or of the input of MatMul layer is unknown")
+
+
+def test_constants_along_the_batch_axis_do_not_reach_a_conv_s_channels():
+    """NCHW x * s[4, 1, 1, 1]: axis 0 is the batch, and a Conv reads its channels on axis 1."""
+    model = keras_chain([4, 4, 5, 5], (4, 1, 1, 1), helper.make_node("Conv", ["v", "w"], ["out"], name="layer"))
+    site = left(model, "no-linear-producer")
+    assert site.detail.endswith("the Conv layer after it reads its channels on axis 1, not on axis 0, the one the "
+                                "constants scale")
