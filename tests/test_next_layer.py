@@ -355,3 +355,26 @@ def test_constants_along_the_batch_axis_do_not_reach_a_conv_s_channels():
     site = left(model, "no-linear-producer")
     assert site.detail.endswith("the Conv layer after it reads its channels on axis 1, not on axis 0, the one the "
                                 "constants scale")
+
+
+def test_a_transpose_without_perm_reverses_the_axes_on_the_way_to_the_conv():
+    """[2, 5, 4, 3] * s[4, 1] -> Transpose() -> [3, 4, 5, 2]: reversed, the constants' axis is the Conv's 1."""
+    model = keras_chain([2, 5, 4, 3], (4, 1), helper.make_node("Transpose", ["v"], ["p"], name="tr"))
+    model.graph.node.append(helper.make_node("Conv", ["p", "w"], ["out"], name="layer"))
+    model.graph.output[0].CopyFrom(value("out", [3, 3, 5, 2]))
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    w.CopyFrom(numpy_helper.from_array(W_CONV[:3], "w"))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    [site] = report.sites
+    assert site.status == "folded", site.detail
+    assert ops(folded) == ["Transpose", "Conv"]
+
+
+def test_an_unnamed_matmul_after_a_bn_gets_a_bias_add_named_after_its_op():
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"])], {"w": W_GEMM}, [2, 4], [2, 6])
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert site.notes == ["created Add MatMul_bias for the folded bias"]
+    add = folded.graph.node[-1]
+    assert (add.name, list(add.input), list(add.output)) == ("MatMul_bias", ["out_unbiased", "MatMul_bias_folded"],
+                                                             ["out"])
