@@ -378,3 +378,20 @@ def test_an_unnamed_matmul_after_a_bn_gets_a_bias_add_named_after_its_op():
     add = folded.graph.node[-1]
     assert (add.name, list(add.input), list(add.output)) == ("MatMul_bias", ["out_unbiased", "MatMul_bias_folded"],
                                                              ["out"])
+
+
+def test_the_created_bias_add_leaves_the_matmul_output_annotated():
+    """The MatMul now writes `out_unbiased`, of the shape and type `out` had: later passes read it."""
+    from normfold.passes import FoldContext, run_rules
+    from normfold.passes.batchnorm import BatchNormFold
+    from normfold.shapes import infer_shapes
+
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")], {"w": W_GEMM}, [2, 4], [2, 6])
+    shapes = infer_shapes(model)
+    [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), shapes)
+    assert site.status == "folded"
+    assert shapes["out_unbiased"] == shapes["out"] == (F32, [2, 6])
+    del shapes["out"]  # a shapes table without the layer output: the fold still writes the Add
+    model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")], {"w": W_GEMM}, [2, 4], [2, 6])
+    [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), shapes)
+    assert site.status == "folded" and "out_unbiased" in {o for n in model.graph.node for o in n.output}
