@@ -211,7 +211,7 @@ def test_forward_matmul_without_bias_gets_an_add_that_writes_the_old_output():
                                   (shift @ W_GEMM.astype(np.float64)).astype(np.float32))
 
 
-@pytest.mark.parametrize("bias_shape", [(6,), (1, 6)])
+@pytest.mark.parametrize("bias_shape", [(6,), (1, 6), ()])
 def test_forward_matmul_with_its_bias_add_updates_the_bias(bias_shape):
     b = RNG.standard_normal(bias_shape).astype(np.float32)
     model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["h"], name="layer"),
@@ -221,7 +221,7 @@ def test_forward_matmul_with_its_bias_add_updates_the_bias(bias_shape):
     assert the_site(report).nodes == ["layer", "add", "bn"] and ops(folded) == ["Relu", "MatMul", "Add"]
     scale, shift = bn_affine(consts)
     new_b = const(folded, "b")
-    assert new_b.shape == bias_shape
+    assert new_b.shape == np.broadcast_shapes(bias_shape, (6,))
     np.testing.assert_array_equal(new_b, (b.astype(np.float64) + shift @ W_GEMM.astype(np.float64)).astype(np.float32))
 
 
@@ -395,3 +395,24 @@ def test_the_created_bias_add_leaves_the_matmul_output_annotated():
     model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["out"], name="layer")], {"w": W_GEMM}, [2, 4], [2, 6])
     [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), shapes)
     assert site.status == "folded" and "out_unbiased" in {o for n in model.graph.node for o in n.output}
+
+
+def test_a_bn_that_only_shifts_leaves_the_next_weight_as_it_is():
+    """gamma 1, var 1, epsilon 0: the scale is exactly 1, so only the Gemm's C changes."""
+    model = gemm_after()
+    for t in model.graph.initializer:
+        if t.name in ("s", "v"):
+            t.CopyFrom(numpy_helper.from_array(np.ones(4, np.float32), t.name))
+    next(n for n in model.graph.node if n.op_type == "BatchNormalization").attribute.append(
+        helper.make_attribute("epsilon", 0.0))
+    model.graph.output[0].CopyFrom(value("out", [2, 6]))
+    consts = consts_of(model)
+    folded, report, _ = fold_and_compare(model)
+    site = the_site(report)
+    assert site.status == "folded" and site.notes == []
+    gemm = folded.graph.node[1]
+    assert list(gemm.input) == ["r", "w", "layer_bias_folded"]
+    np.testing.assert_array_equal(const(folded, "w"), W_GEMM)
+    shift = consts["bb"].astype(np.float64) - consts["m"].astype(np.float64)
+    np.testing.assert_array_equal(const(folded, "layer_bias_folded"), (shift @ W_GEMM.astype(np.float64))
+                                  .astype(np.float32))
