@@ -398,8 +398,11 @@ def test_the_created_bias_add_leaves_the_matmul_output_annotated():
 
 
 def test_a_bn_that_only_shifts_leaves_the_next_weight_as_it_is():
-    """gamma 1, var 1, epsilon 0: the scale is exactly 1, so only the Gemm's C changes."""
+    """gamma 1, var 1, epsilon 0: the scale is exactly 1, so only the Gemm's C changes (and the weight,
+    shared with another MatMul, is neither rewritten nor cloned)."""
     model = gemm_after()
+    model.graph.node.append(helper.make_node("MatMul", ["x", "w"], ["z"], name="other"))
+    model.graph.output.append(value("z", [2, 6]))
     for t in model.graph.initializer:
         if t.name in ("s", "v"):
             t.CopyFrom(numpy_helper.from_array(np.ones(4, np.float32), t.name))
@@ -416,3 +419,24 @@ def test_a_bn_that_only_shifts_leaves_the_next_weight_as_it_is():
     shift = consts["bb"].astype(np.float64) - consts["m"].astype(np.float64)
     np.testing.assert_array_equal(const(folded, "layer_bias_folded"), (shift @ W_GEMM.astype(np.float64))
                                   .astype(np.float32))
+
+
+@pytest.mark.parametrize("op", ["Gemm", "MatMul"])
+def test_a_bn_that_only_scales_creates_no_bias_in_the_next_layer(op):
+    """beta 0 and mean 0: the shift is 0, so a layer without a bias stays without one."""
+    model = relu_bn([helper.make_node(op, ["n", "w"], ["out"], name="layer")], {"w": W_GEMM}, [2, 4], [2, 6])
+    for t in model.graph.initializer:
+        if t.name in ("bb", "m"):
+            t.CopyFrom(numpy_helper.from_array(np.zeros(4, np.float32), t.name))
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and the_site(report).notes == []
+    assert ops(folded) == ["Relu", op] and list(folded.graph.node[1].input) == ["r", "w"]
+
+
+def test_a_forward_fold_that_overflows_names_the_layer_and_the_type():
+    model = relu_bn([helper.make_node("Gemm", ["n", "w"], ["out"], name="layer")],
+                    {"w": np.full((4, 6), 60000, np.float16)}, [2, 4], [2, 6], elem=F16)
+    next(t for t in model.graph.initializer if t.name == "v").CopyFrom(
+        numpy_helper.from_array(np.full(4, 1e-7, np.float16), "v"))
+    site = left(model, "invalid-statistics")
+    assert site.detail == "folding into Gemm layer would store values that overflow float16"
