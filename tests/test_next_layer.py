@@ -440,3 +440,26 @@ def test_a_forward_fold_that_overflows_names_the_layer_and_the_type():
         numpy_helper.from_array(np.full(4, 1e-7, np.float16), "v"))
     site = left(model, "invalid-statistics")
     assert site.detail == "folding into Gemm layer would store values that overflow float16"
+
+
+def test_a_listed_bias_of_the_next_layer_names_the_option():
+    model = gemm_after(("n", "w", "c"))
+    model.graph.initializer.append(numpy_helper.from_array(np.ones(6, np.float32), "c"))
+    model.graph.input.append(value("c", [6]))
+    assert left(model, "non-constant-weights").detail == (
+        "Gemm layer bias 'c' is not a constant (an initializer also listed as a graph input, so a caller may "
+        "override it; --initializer-inputs constant treats such initializers as constants)")
+
+
+def test_a_next_weight_without_a_recorded_type_is_typed_by_its_value():
+    """A Gemm weight written by a Constant node, with nothing in the shapes table: its float32 value
+    says it can take the BN."""
+    from normfold.passes import FoldContext, run_rules
+    from normfold.passes.batchnorm import BatchNormFold
+
+    model = gemm_after()
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "w"))
+    model.graph.node.insert(0, helper.make_node("Constant", [], ["w"], name="wc",
+                                                value=numpy_helper.from_array(W_GEMM, "w")))
+    [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), shapes={})
+    assert site.status == "folded", site.detail
