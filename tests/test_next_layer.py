@@ -463,3 +463,20 @@ def test_a_next_weight_without_a_recorded_type_is_typed_by_its_value():
                                                 value=numpy_helper.from_array(W_GEMM, "w")))
     [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), shapes={})
     assert site.status == "folded", site.detail
+
+
+def test_constants_along_the_rows_do_not_reach_a_gemm_s_inputs():
+    """[4, 4] * s[4, 1]: the constants scale axis 0 (the rows), and a Gemm contracts axis 1."""
+    model = keras_chain([4, 4], (4, 1), helper.make_node("Gemm", ["v", "w"], ["out"], name="layer"))
+    site = left(model, "no-linear-producer")
+    assert site.detail.endswith("the Gemm layer after it reads its channels on axis 1, not on axis 0, the one the "
+                                "constants scale")
+
+
+def test_a_same_padded_conv_with_a_3x1_kernel_pads():
+    """SAME padding is zero only when every kernel dimension is 1, the first one too."""
+    model = relu_bn([helper.make_node("Conv", ["n", "w"], ["out"], name="layer", auto_pad="SAME_UPPER")],
+                    {"w": RNG.standard_normal((6, 4, 3, 1)).astype(np.float32)}, [1, 4, 5, 5], None)
+    assert left(model, "no-linear-producer").detail == (
+        PREFIX + "the Conv layer after it pads its input: the padded border would miss the BN's shift, so it "
+        "cannot move into the Conv")
