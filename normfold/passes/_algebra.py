@@ -60,13 +60,20 @@ def close(a, b) -> bool:
 
 # ---- expressions ------------------------------------------------------------------------------
 class Atom:
+    """A factor of a term. Atoms are dict keys and sort keys in every expression built on them, so
+    each computes its key (a nested tuple) and the key's hash once, when it is made."""
+
     key: tuple
+    _hash: int
+
+    def _set_key(self, key: tuple) -> None:
+        self.key, self._hash = key, hash(key)
 
     def __eq__(self, other):
-        return isinstance(other, Atom) and self.key == other.key
+        return self is other or (isinstance(other, Atom) and self._hash == other._hash and self.key == other.key)
 
     def __hash__(self):
-        return hash(self.key)
+        return self._hash
 
     def __lt__(self, other):
         return self.key < other.key
@@ -75,7 +82,7 @@ class Atom:
 class Leaf(Atom):
     def __init__(self, name: str, perm: tuple[int, ...] | None = None):
         self.name, self.perm = name, perm
-        self.key = ("leaf", name, perm or ())
+        self._set_key(("leaf", name, perm or ()))
 
     def __repr__(self):
         return self.name if not self.perm else f"T{list(self.perm)}({self.name})"
@@ -84,10 +91,7 @@ class Leaf(Atom):
 class Mean(Atom):
     def __init__(self, arg: "Expr", axes: tuple[int, ...]):
         self.arg, self.axes = arg, axes
-
-    @property
-    def key(self) -> tuple:
-        return ("mean", self.axes, self.arg.key)
+        self._set_key(("mean", axes, arg.key))
 
     def __repr__(self):
         return f"mean{list(self.axes)}({self.arg!r})"
@@ -96,10 +100,7 @@ class Mean(Atom):
 class Root(Atom):
     def __init__(self, base: "Expr", power: Fraction):
         self.base, self.power = base, power
-
-    @property
-    def key(self) -> tuple:
-        return ("root", self.base.key, (self.power.numerator, self.power.denominator))
+        self._set_key(("root", base.key, (power.numerator, power.denominator)))
 
     def __repr__(self):
         return f"({self.base!r})^{self.power}"
@@ -127,18 +128,34 @@ class Count(Atom):
 
     def __init__(self, dims: tuple):
         self.dims = dims
-        self.key = ("count", tuple(str(d) for d in dims))
+        self._set_key(("count", tuple(str(d) for d in dims)))
 
     def __repr__(self):
         return f"N{list(self.dims)}"
 
 
-Signature = tuple  # sorted ((atom, Fraction power), ...)
+class Signature(tuple):
+    """A product's factors, sorted: ((atom, Fraction power), ...). The key of a term in every Expr's
+    dict, looked up at every add and mul: its hash (a Python-level Fraction hash per factor) is
+    computed once. Equal to, and hashed like, the plain tuple of the same factors."""
+
+    def __new__(cls, factors=()):
+        self = super().__new__(cls, factors)
+        self._hash = tuple.__hash__(self)
+        return self
+
+    def __hash__(self):
+        return self._hash
+
+
+_FLOAT64 = np.dtype(np.float64)
 
 
 def _trim(c: np.ndarray) -> np.ndarray:
     """Leading axes of size 1 change nothing under right-aligned broadcasting: drop them, so that
     equal coefficients have one key."""
+    if type(c) is np.ndarray and c.dtype is _FLOAT64 and (not c.ndim or c.shape[0] != 1):
+        return c  # already trimmed (most coefficients: sums and products of trimmed ones)
     c = np.asarray(c, np.float64)
     lead = next((i for i, d in enumerate(c.shape) if d != 1), c.ndim)
     return c.reshape(c.shape[lead:]) if lead else c
@@ -155,7 +172,7 @@ class Expr:
     __slots__ = ("terms", "_key", "_leaves")
 
     def __init__(self, terms: dict[Signature, np.ndarray]):
-        self.terms = {s: _trim(c) for s, c in terms.items()}
+        self.terms = {s if type(s) is Signature else Signature(s): _trim(c) for s, c in terms.items()}
         self._key = None
         self._leaves = None
 
@@ -242,7 +259,7 @@ def _normal(factors) -> Signature:
     for base, q in roots.values():
         if q != 0:
             powers[Root(base, q)] = Fraction(1)
-    return tuple(sorted((a, p) for a, p in powers.items() if p != 0))
+    return Signature(sorted((a, p) for a, p in powers.items() if p != 0))
 
 
 def _merge(s: Signature, t: Signature) -> Signature:
@@ -379,6 +396,11 @@ def exponent(value: float | None) -> Fraction | None:
 
 
 # ---- the view ---------------------------------------------------------------------------------
+def canonical_view(view: GraphView, leaves: frozenset[str] = frozenset()) -> "CanonicalView":
+    """The CanonicalView of `view` that reads `leaves` as leaves, shared until the graph is edited."""
+    return view.derived(("canonical", leaves), lambda: CanonicalView(view, leaves))
+
+
 @dataclass
 class CanonicalView:
     """Canonical expressions of a GraphView's tensors, computed on demand and cached."""
