@@ -142,6 +142,7 @@ class GraphView:
         self.base_dir = base_dir if base_dir is not None else (outer.base_dir if outer else "")
         self.opset = opset or (outer.opset if outer else onnx.defs.onnx_opset_version())
         self._const_cache: dict[str, np.ndarray | None] = {}
+        self._derived: dict = {}  # see derived(); emptied by every edit, with _const_cache
         self.path = path
         self.outer = outer
         # name -> (elem_type, dims) with dims entries int or None; filled from shape inference.
@@ -349,13 +350,27 @@ class GraphView:
             tensor.raw_data = np.ascontiguousarray(value).tobytes()  # one copy, not from_array + CopyFrom
         else:
             tensor.CopyFrom(numpy_helper.from_array(value, name))
-        self._const_cache.clear()
+        self._edited()
 
     def add_initializer(self, base: str, value: np.ndarray) -> str:
         name = self.unique_name(base)
         self.graph.initializer.append(numpy_helper.from_array(value, name))
         self.initializers[name] = self.graph.initializer[-1]
+        self._edited()
         return name
+
+    def derived(self, key, build):
+        """What `build()` computes from the graph as it is now, built once for `key` and shared by
+        every caller until the next edit (the canonical view recognisers read the graph through:
+        a LayerNorm's two reductions, and the channel pass asking about the same tensors, then
+        build each tensor's expression once)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
+
+    def _edited(self) -> None:
+        self._const_cache.clear()
+        self._derived.clear()
 
     def replace_input(self, node: onnx.NodeProto, index: int, name: str) -> None:
         self._unindex(node)
@@ -365,7 +380,7 @@ class GraphView:
         node.input[index] = name
         self._index(node)
         self._maybe_dead.add(old)
-        self._const_cache.clear()
+        self._edited()
 
     def rename_output(self, node: onnx.NodeProto, index: int, name: str) -> None:
         """Make `node` write tensor `name` (whose old producer must have been removed)."""
@@ -373,7 +388,7 @@ class GraphView:
         self._dropped_tensors.add(node.output[index])
         node.output[index] = name
         self._index(node)
-        self._const_cache.clear()
+        self._edited()
 
     def remove(self, node: onnx.NodeProto) -> None:
         self._unindex(node)
@@ -382,7 +397,7 @@ class GraphView:
         for name in node.output:
             if name and name not in self.producer:
                 self._dropped_tensors.add(name)
-        self._const_cache.clear()
+        self._edited()
 
     def add_node(self, node: onnx.NodeProto, after: onnx.NodeProto) -> None:
         """Add `node`, placed in the final order right after `after` (which may be removed)."""
@@ -390,6 +405,7 @@ class GraphView:
             node.name = self.unique_name(node.op_type)
         self._placed_after[id(after)].append(node)
         self._index(node)
+        self._edited()
 
     def commit(self) -> None:
         """Write the edits into the GraphProto: node order, dead constants, stale value_info.

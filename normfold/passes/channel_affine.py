@@ -38,7 +38,7 @@ import onnx
 
 from normfold.graph import GraphView, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._algebra import CanonicalView, Mean, Root
+from normfold.passes._algebra import Mean, Root, canonical_view
 from normfold.passes._linear import (LAYOUT_OPS, _per_channel, apply_fold, channel_count, check_layer,
                                      find_linear_layer, is_passthrough, overridable, plan_fold,
                                      redirect_shape_readers, retarget_output, sole_value_reader, value_readers)
@@ -245,7 +245,7 @@ def _norms_own_affine(view: GraphView, tensor: str) -> bool:
         if node.op_type not in LAYOUT_OPS or not node.input:
             break
         name = node.input[0]
-    expr = CanonicalView(view).expr(tensor)
+    expr = canonical_view(view).expr(tensor)
     divided = any(power * (atom.power if isinstance(atom, Root) else 1) < 0 for sig in expr.terms for atom, power in sig)
     return divided and _has_mean(expr)
 

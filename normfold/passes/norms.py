@@ -45,7 +45,7 @@ import onnx
 
 from normfold.graph import FLOAT_TYPES, GraphView, attr, label, subgraphs
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._algebra import (CanonicalView, Expr, Leaf, Mean, NormForm, Root, norm_form,
+from normfold.passes._algebra import (CanonicalView, canonical_view, Expr, Leaf, Mean, NormForm, Root, norm_form,
                                       varies_along)
 from normfold.passes._pattern import is_op, reuse_or_add
 
@@ -175,7 +175,7 @@ def centered(view: GraphView, tensor: str) -> bool:
     if not is_op(sub, "Sub", "Add"):
         return False
     for x in dict.fromkeys((behind(view, sub.input[0]), behind(view, sub.input[1]))):
-        e = CanonicalView(view, leaves=frozenset({x})).expr(tensor)
+        e = canonical_view(view, frozenset({x})).expr(tensor)
         if any(isinstance(a, Mean) and a.arg.leaves == {x} for sig in e.terms for a, _ in sig):
             return True
     return False
@@ -264,7 +264,7 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
     """The norm whose statistics `reduction` computes, if any (see the module docstring)."""
     unrecognized = refusal = None
     for x in _candidates(view, reduction):
-        cv = CanonicalView(view, leaves=frozenset({x}))
+        cv = canonical_view(view, frozenset({x}))
         tensors = _downstream(view, reduction, cv, x)
         for t in reversed(tensors):  # the furthest first: it includes gamma and beta
             e = cv.expr(t)
