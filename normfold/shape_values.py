@@ -32,9 +32,15 @@ class ShapeValues:
         self.producer = {o: n for n in graph.node for o in n.output if o}
         self.consts = {t.name: t for t in graph.initializer}
         self._cache: dict[str, Value | None] = {}
+        # dims_of results, kept only when no step was cut off by the depth limit (such a result
+        # depends on where the walk started); without them the walk through a residual stream's
+        # Adds revisits every tensor once per path to it.
+        self._dims: dict[str, Value | None] = {}
+        self._cuts = 0
 
     def value(self, name: str, depth: int = 0) -> Value | None:
         if name not in self._cache:
+            self._cuts += depth >= 24
             self._cache[name] = self._value(name, depth) if depth < 24 else None
         return self._cache[name]
 
@@ -88,6 +94,16 @@ class ShapeValues:
         """The dimensions of a tensor, a dynamic one as a symbol named after the tensor it first
         appears in: through Transposes and ops that keep their input's shape, a dimension keeps
         its symbol, so two tensors' dynamic sizes compare equal when they are the same size."""
+        if name in self._dims:
+            found = self._dims[name]
+            return None if found is None else list(found)
+        cuts = self._cuts
+        found = self._dims_of(name, depth)
+        if self._cuts == cuts:
+            self._dims[name] = None if found is None else list(found)
+        return found
+
+    def _dims_of(self, name: str, depth: int) -> Value | None:
         info = self.shapes.get(name)
         if info is None or info[1] is None:
             return None
@@ -96,7 +112,9 @@ class ShapeValues:
             return dims
         node = self.producer.get(name)
         inner = None
-        if node is not None and node.domain in ("", "ai.onnx") and depth < 32:
+        if node is not None and depth >= 32:
+            self._cuts += 1
+        elif node is not None and node.domain in ("", "ai.onnx"):
             if node.op_type == "Transpose":
                 base = self.dims_of(node.input[0], depth + 1)
                 perm = attr(node, "perm") or list(reversed(range(len(dims))))
