@@ -49,6 +49,7 @@ from normfold.graph import FLOAT_TYPES, GraphView, attr
 MAX_TERMS = 12
 MAX_CONST = 1 << 16
 MAX_DEPTH = 48
+ONE = Fraction(1)  # the usual power: `p is ONE` spares a Fraction product
 COEFF_RTOL = 1e-6  # two coefficients are equal when they agree this closely (float32 constants' rounding)
 
 
@@ -210,7 +211,7 @@ class Expr:
         return Expr({(): c} if np.any(c != 0) else {})
 
     @staticmethod
-    def atom(a: Atom, power: Fraction = Fraction(1)) -> "Expr":
+    def atom(a: Atom, power: Fraction = ONE) -> "Expr":
         return Expr({((a, power),): np.ones((), np.float64)})
 
     def constant(self) -> np.ndarray | None:
@@ -229,14 +230,22 @@ class Expr:
         return Expr(rest), self.terms.get((), np.zeros((), np.float64))
 
 
+def _add_term(terms: dict[Signature, np.ndarray], sig: Signature, c: np.ndarray) -> None:
+    """terms += c * sig, in place."""
+    if sig not in terms:
+        terms[sig] = c
+        return
+    total = terms[sig] + c
+    if np.all(np.abs(total) <= COEFF_RTOL * np.maximum(np.abs(terms[sig]), np.abs(c))):
+        del terms[sig]  # cancelled (to the constants' precision)
+    else:
+        terms[sig] = total
+
+
 def add(a: Expr, b: Expr) -> Expr | None:
     terms = dict(a.terms)
     for sig, c in b.terms.items():
-        total = terms[sig] + c if sig in terms else c
-        if sig in terms and np.all(np.abs(total) <= COEFF_RTOL * np.maximum(np.abs(terms[sig]), np.abs(c))):
-            del terms[sig]  # cancelled (to the constants' precision)
-        else:
-            terms[sig] = total
+        _add_term(terms, sig, c)
     return Expr(terms) if len(terms) <= MAX_TERMS else None
 
 
@@ -249,16 +258,22 @@ def _normal(factors) -> Signature:
     """One signature for one product: powers of the same atom added, a Root's power moved into it
     (Root(b, 1/2)^-1 and Root(b, -1/2) are one factor), factors sorted."""
     powers: dict[Atom, Fraction] = {}
-    roots: dict[tuple, tuple["Expr", Fraction]] = {}
+    roots: dict[tuple, tuple[Root, Fraction]] = {}
     for a, p in factors:
         if isinstance(a, Root):
-            base, q = roots.get(a.base.key, (a.base, Fraction(0)))
-            roots[a.base.key] = (base, q + a.power * p)
+            q = a.power if p is ONE else a.power * p
+            if a.base.key in roots:
+                first, q0 = roots[a.base.key]
+                roots[a.base.key] = (first, q0 + q)
+            else:
+                roots[a.base.key] = (a, q)
+        elif a in powers:
+            powers[a] += p
         else:
-            powers[a] = powers.get(a, Fraction(0)) + p
-    for base, q in roots.values():
-        if q != 0:
-            powers[Root(base, q)] = Fraction(1)
+            powers[a] = p
+    for first, q in roots.values():
+        if q != 0:  # the Root itself when its power is unchanged: its key (the whole base) is hashed once
+            powers[first if q == first.power else Root(first.base, q)] = ONE
     return Signature(sorted((a, p) for a, p in powers.items() if p != 0))
 
 
@@ -269,13 +284,13 @@ def _merge(s: Signature, t: Signature) -> Signature:
 def mul(a: Expr, b: Expr) -> Expr | None:
     if len(a.terms) * len(b.terms) > 4 * MAX_TERMS:
         return None
-    out = Expr({})
+    terms: dict[Signature, np.ndarray] = {}
     for s, c in a.terms.items():
         for t, d in b.terms.items():
-            out = add(out, Expr({_merge(s, t): c * d}))
-            if out is None:
+            _add_term(terms, _merge(s, t), _trim(c * d))
+            if len(terms) > MAX_TERMS:
                 return None
-    return out
+    return Expr(terms)
 
 
 def power(a: Expr, p: Fraction) -> Expr | None:
@@ -334,12 +349,12 @@ def mean(a: Expr, axes: tuple[int, ...]) -> Expr | None:
                 term = Expr({outer: np.mean(c, axis=tuple(c.ndim + ax for ax in axes if c.ndim >= -ax),
                                             keepdims=True)})
             else:
-                term = Expr({_normal(outer + ((make_mean(Expr({inner: c}), axes), Fraction(1)),)): np.ones(())})
+                term = Expr({_normal(outer + ((make_mean(Expr({inner: c}), axes), ONE),)): np.ones(())})
         elif not inner:
             term = Expr({outer: c})
         else:
             m = make_mean(Expr({inner: np.ones((), np.float64)}), axes)
-            term = Expr({_normal(outer + ((m, Fraction(1)),)): c})
+            term = Expr({_normal(outer + ((m, ONE),)): c})
         out = add(out, term)
         if out is None:
             return None
