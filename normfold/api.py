@@ -233,7 +233,10 @@ def _held_back_by_opset(model: onnx.ModelProto, options: FoldOptions, ctx: FoldC
              and ctx.opset < rule.min_opset <= options.target_opset]
     if not rules:
         return False
-    sites = run_rules(model.graph, rules, ctx, shapes, dry=True)
+    # The first such site decides. (A later rewrite could make it moot only where a rule can rewrite
+    # below its own min_opset, i.e. RMSNorm as com.microsoft with --allow-contrib; converting then
+    # is still a verified fold, with the standard op.)
+    sites = run_rules(model.graph, rules, ctx, shapes, dry=True, stop_at="opset-too-old")
     return any(s.reason == "opset-too-old" for s in sites)
 
 

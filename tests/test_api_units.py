@@ -342,6 +342,43 @@ def test_an_opset_conversion_happens_only_when_a_site_needs_it():
     assert report.opset_after == 13  # nothing needed it: not converted
 
 
+
+def test_the_dry_pass_for_the_opset_stops_at_the_first_site_held_back():
+    """Deciding the conversion needs one site left opset-too-old: the dry walk ends there (the whole
+    recogniser ran twice per conversion before), also when the walk is inside a subgraph."""
+    from normfold.passes import RULES, run_rules
+    from normfold.shapes import infer_shapes
+
+    model = _layernorm()  # one LayerNorm in the main graph, and the same one in each branch of an If
+    model.graph.input.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 4]))
+    model.graph.node.append(onnx.helper.make_node("If", ["c"], ["z"], then_branch=_norm_branch(model, "t"),
+                                                  else_branch=_norm_branch(model, "e")))
+    ctx = api._context(model, api.FoldOptions(), "")
+    every = run_rules(model.graph, RULES, ctx, infer_shapes(model), dry=True)
+    first = run_rules(model.graph, RULES, ctx, infer_shapes(model), dry=True, stop_at="opset-too-old")
+    assert [(s.reason, s.graph.count("/")) for s in every] == [("opset-too-old", 0)] * 1 + [("opset-too-old", 1)] * 2
+    assert [(s.reason, s.graph) for s in first] == [("opset-too-old", "main")]
+    del model.graph.node[:-1]  # only the If: the first such site is in the branch walked first
+    inner = run_rules(model.graph, RULES, ctx, infer_shapes(model), dry=True, stop_at="opset-too-old")
+    assert [s.reason for s in inner] == ["opset-too-old"] and inner[0].graph.startswith("main/")
+    assert len(run_rules(model.graph, RULES, ctx, infer_shapes(model), dry=True, stop_at="no-such-reason")) == 2
+
+
+def _norm_branch(model: onnx.ModelProto, prefix: str) -> onnx.GraphProto:
+    """The main graph's LayerNorm as an If branch reading the outer x, eps and g."""
+    outer = {"x", "eps", "g"}
+    nodes = []
+    for node in model.graph.node:
+        copy = onnx.NodeProto()
+        copy.CopyFrom(node)
+        copy.name = f"{prefix}_{node.name or node.op_type}"
+        copy.input[:] = [i if i in outer else f"{prefix}_{i}" for i in node.input]
+        copy.output[:] = [f"{prefix}_{o}" for o in node.output]
+        nodes.append(copy)
+    out = onnx.helper.make_tensor_value_info(f"{prefix}_y", onnx.TensorProto.FLOAT, [2, 4])
+    return onnx.helper.make_graph(nodes, f"{prefix}_branch", [], [out])
+
 # ---- the job's details: timings, benchmark, external data, the opset conversion's own check --------
 def test_the_timings_are_durations_and_the_total_counts_from_started(tmp_path):
     import time

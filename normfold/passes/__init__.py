@@ -100,23 +100,39 @@ def _checked(rule: Rule, view: GraphView, match, ctx: FoldContext):
 
 
 def run_rules(graph: onnx.GraphProto, rules: list[Rule], ctx: FoldContext, shapes: dict,
-              path: str = "main", outer: GraphView | None = None, dry: bool = False) -> list[SiteRecord]:
+              path: str = "main", outer: GraphView | None = None, dry: bool = False,
+              stop_at: str | None = None) -> list[SiteRecord]:
     """Apply `rules` to `graph` and, recursively, to its subgraphs. Returns one record per site.
     With `dry`, sites are matched and checked but nothing is rewritten (sites that only an earlier
-    rewrite would create, such as the second BN of Conv -> BN -> BN, are then not seen)."""
+    rewrite would create, such as the second BN of Conv -> BN -> BN, are then not seen). With
+    `stop_at` (a reason code; dry runs only), the walk ends at the first site left for that reason:
+    the records up to it are returned."""
     view = GraphView(graph, path=path, outer=outer, shapes=shapes, opset=ctx.opset, base_dir=ctx.base_dir)
-    walk = _Walk(view, rules, ctx, path, dry)
-    for node in list(view.nodes):
-        if not view.is_removed(node):
-            walk.offer(node)
-    records = walk.records
-    for node in view.live_nodes():
-        for attr_name, sub in subgraphs(node):
-            sub_path = f"{path}/{node.name or node.op_type}:{attr_name}"
-            records.extend(run_rules(sub, rules, ctx, shapes, sub_path, view, dry))
+    walk = _Walk(view, rules, ctx, path, dry, stop_at=stop_at if dry else None)
+    try:
+        for node in list(view.nodes):
+            if not view.is_removed(node):
+                walk.offer(node)
+        records = walk.records
+        for node in view.live_nodes():
+            for attr_name, sub in subgraphs(node):
+                sub_path = f"{path}/{node.name or node.op_type}:{attr_name}"
+                records.extend(run_rules(sub, rules, ctx, shapes, sub_path, view, dry, stop_at))
+    except _Stopped as stop:
+        found = walk.records if stop.records is walk.records else walk.records + stop.records
+        if outer is not None:
+            raise _Stopped(found) from None
+        return found
     if not dry:
         view.commit()
     return records
+
+
+class _Stopped(Exception):
+    """The site run_rules' stop_at asked for was found; the records so far."""
+
+    def __init__(self, records: list[SiteRecord]):
+        self.records = records
 
 
 @dataclass
@@ -131,6 +147,7 @@ class _Walk:
     dry: bool
     records: list[SiteRecord] = field(default_factory=list)
     claimed: set[int] = field(default_factory=set)
+    stop_at: str | None = None
 
     def offer(self, node: onnx.NodeProto) -> None:
         """Offer `node` to every rule in turn; the first that rewrites it ends the turn."""
@@ -152,6 +169,8 @@ class _Walk:
             left_passes.add(rule.name)
             self.claimed.update(id(n) for n in match.nodes)
         self.records.extend(left_here)
+        if self.stop_at is not None and any(r.reason == self.stop_at for r in left_here):
+            raise _Stopped(self.records)
 
     def _check(self, rule: Rule, match: Match) -> Left | Any:
         if self.ctx.exclude_nodes.intersection(n.name for n in match.nodes):
