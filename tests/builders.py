@@ -82,3 +82,17 @@ def load_report(path) -> dict:
     document = json.loads(Path(path).read_text())
     jsonschema.validate(document, schema)
     return document
+
+
+def model_of(nodes, inputs, outputs, consts, opset=15):
+    """A model from onnx.helper pieces: `consts` (name -> array) become its initializers."""
+    graph = onnx.helper.make_graph(nodes, "g", inputs, outputs,
+                                   [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    return model
+
+
+def value(name, shape, elem=onnx.TensorProto.FLOAT):
+    """A graph input or output declaration."""
+    return onnx.helper.make_tensor_value_info(name, elem, shape)

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import normfold
-from builders import ops
+from builders import model_of, ops, value
 from normfold.passes import FoldContext, run_rules
 from normfold.passes.batchnorm import BatchNormFold
 
@@ -30,18 +30,6 @@ def bn_consts(rng, channels, dtype=np.float32, shape=None):
 
 def bn_node(src, outputs=("y",), domain="", **attrs):
     return helper.make_node("BatchNormalization", [src, *PARAMS], list(outputs), name="bn", domain=domain, **attrs)
-
-
-def model_of(nodes, inputs, outputs, consts, opset=15):
-    graph = helper.make_graph(nodes, "g", inputs, outputs,
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
-
-
-def value(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def conv_bn(channels=4, dtype=np.float32, param_shape=None, opset=15, outputs=("y",), domain="", seed=0,

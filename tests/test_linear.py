@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import normfold
-from builders import fold_and_compare, ops
+from builders import fold_and_compare, model_of, ops, value
 from normfold.passes import FoldContext, run_rules
 from normfold.passes._linear import _all_finite, _rounding, _widens
 from normfold.passes.batchnorm import BatchNormFold
@@ -23,18 +23,6 @@ PARAMS = ("s", "bb", "m", "v")
 def bn_consts(rng, channels, dtype=np.float32):
     return {"s": rng.standard_normal(channels).astype(dtype), "bb": rng.standard_normal(channels).astype(dtype),
             "m": rng.standard_normal(channels).astype(dtype), "v": (rng.random(channels) + 0.5).astype(dtype)}
-
-
-def model_of(nodes, inputs, outputs, consts, opset=15):
-    graph = helper.make_graph(nodes, "g", inputs, outputs,
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
-    model.ir_version = 8
-    return model
-
-
-def value(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def conv_chain_bn(chain, consts=None, elem=F32, channels=4, seed=0, out_elem=None):

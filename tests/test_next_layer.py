@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import normfold
-from builders import fold_and_compare, ops
+from builders import fold_and_compare, ops, value
 
 F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 PARAMS = ("s", "bb", "m", "v")
@@ -19,10 +19,6 @@ PARAMS = ("s", "bb", "m", "v")
 def bn_consts(rng, channels, dtype=np.float32):
     return {"s": rng.standard_normal(channels).astype(dtype), "bb": rng.standard_normal(channels).astype(dtype),
             "m": rng.standard_normal(channels).astype(dtype), "v": (rng.random(channels) + 0.5).astype(dtype)}
-
-
-def value(name, shape, elem=F32):
-    return helper.make_tensor_value_info(name, elem, shape)
 
 
 def relu_bn(layer_nodes, consts, x_shape, out_shape, channels=4, seed=0, opset=15, elem=F32):
