@@ -96,3 +96,18 @@ def model_of(nodes, inputs, outputs, consts, opset=15):
 def value(name, shape, elem=onnx.TensorProto.FLOAT):
     """A graph input or output declaration."""
     return onnx.helper.make_tensor_value_info(name, elem, shape)
+
+
+def the_site(report):
+    """The report's one site (the test fails if there are more or none)."""
+    [site] = report.sites
+    return site
+
+
+def left(model, reason):
+    """Fold `model`: its one site is left for `reason` and no node changed."""
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert (site.status, site.reason) == ("left", reason)
+    assert ops(folded) == ops(model)
+    return site

@@ -12,7 +12,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import normfold
-from builders import model_of, ops, value
+from builders import model_of, ops, the_site, value
 from normfold.passes import FoldContext, run_rules
 from normfold.passes.batchnorm import BatchNormFold
 
@@ -51,11 +51,6 @@ def relu_bn_layer(layer_nodes, consts, x_shape, dtype=np.float32, channels=4, se
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), bn_node("r", ("n",)), *layer_nodes]
     return model_of(nodes, [value("x", x_shape, elem)], [value(nodes[-1].output[0], None, elem)],
                     {**consts, **bn_consts(rng, channels, dtype)})
-
-
-def the_site(report):
-    [site] = report.sites
-    return site
 
 
 def const(model, name) -> np.ndarray:

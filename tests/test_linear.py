@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import normfold
-from builders import fold_and_compare, model_of, ops, value
+from builders import fold_and_compare, left, model_of, ops, the_site, value
 from normfold.passes import FoldContext, run_rules
 from normfold.passes._linear import _all_finite, _rounding, _widens
 from normfold.passes.batchnorm import BatchNormFold
@@ -35,11 +35,6 @@ def conv_chain_bn(chain, consts=None, elem=F32, channels=4, seed=0, out_elem=Non
     consts = dict(w=rng.standard_normal((channels, 3, 1, 1)).astype(dtype), b=rng.standard_normal(channels).astype(dtype),
                   **bn_consts(rng, channels), **(consts or {}))
     return model_of(nodes, [value("x", [1, 3, 5, 5], elem)], [value("y", None, out_elem or F32)], consts)
-
-
-def the_site(report):
-    [site] = report.sites
-    return site
 
 
 # ---- what a fold looks through ----------------------------------------------------------------
@@ -80,14 +75,6 @@ def test_rounding_of_no_values_is_zero():
 
 
 # ---- check_layer's refusals: the reason and the sentence ---------------------------------------
-
-def left(model, reason):
-    folded, report = normfold.fold(model)
-    site = the_site(report)
-    assert (site.status, site.reason) == ("left", reason)
-    assert ops(folded) == ops(model)
-    return site
-
 
 def test_layer_output_read_elsewhere_is_named():
     model = conv_chain_bn([])

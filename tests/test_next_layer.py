@@ -10,7 +10,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 import normfold
-from builders import fold_and_compare, ops, value
+from builders import fold_and_compare, left, ops, the_site, value
 
 F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 PARAMS = ("s", "bb", "m", "v")
@@ -47,19 +47,6 @@ def const(model, name) -> np.ndarray:
 
 def consts_of(model) -> dict:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-def the_site(report):
-    [site] = report.sites
-    return site
-
-
-def left(model, reason):
-    folded, report = normfold.fold(model)
-    site = the_site(report)
-    assert (site.status, site.reason) == ("left", reason)
-    assert ops(folded) == ops(model)
-    return site
 
 
 RNG = np.random.default_rng(1)
