@@ -567,12 +567,9 @@ class NormRule(Rule):
 
 
 def _recognised(view: GraphView, node: onnx.NodeProto):
-    """recognise(), once per node: the rules of both families and NormLike ask in turn."""
-    memo = view.__dict__.setdefault("_recognised", {})
-    if id(node) not in memo:
-        memo.clear()
-        memo[id(node)] = recognise(view, node)
-    return memo[id(node)]
+    """recognise(), once per node until the graph is edited: the rules of both families and
+    NormLike ask in turn."""
+    return view.derived(("recognised", id(node)), lambda: recognise(view, node))
 
 
 class NormLike(Rule):
