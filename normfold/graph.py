@@ -162,10 +162,26 @@ class GraphView:
         self._maybe_dead: set[str] = set()  # tensors whose readers a rewrite removed or redirected
         for node in self.nodes:
             self._index(node)
+        self._position = self._topological_positions()
         local = set(self.initializers) | self.input_names | set(self.producer)
         self.shadowed: set[str] = {n for n in local if outer is not None and outer.visible(n)}
         # names that are ambiguous in every scope (see the class docstring)
         self.ambiguous: set[str] = outer.ambiguous if outer is not None else shadowing_initializers(graph)
+
+    def _topological_positions(self) -> dict[int, int] | None:
+        """Each node's index in the graph's order, or None when that order is not topological (the
+        checker refuses such a model; the library may still be handed one)."""
+        position = {id(node): i for i, node in enumerate(self.nodes)}
+        for i, node in enumerate(self.nodes):
+            if any(position.get(id(self.producer.get(name)), -1) >= i for name in node.input if name):
+                return None
+        return position
+
+    def position(self, node: onnx.NodeProto) -> int | None:
+        """Where `node` stands in the topological order (a node added after another stands where that
+        one stands); None when unknown. A node standing before every producer of a tensor's
+        inputs computes nothing from that tensor: the canonical view reads its outputs as leaves."""
+        return None if self._position is None else self._position.get(id(node))
 
     def visible(self, name: str) -> bool:
         """Whether `name` is a value of this graph or of an enclosing one."""
@@ -404,6 +420,8 @@ class GraphView:
         if not node.name:
             node.name = self.unique_name(node.op_type)
         self._placed_after[id(after)].append(node)
+        if self._position is not None:
+            self._position[id(node)] = self._position.get(id(after), len(self.nodes))
         self._index(node)
         self._edited()
 

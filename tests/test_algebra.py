@@ -874,3 +874,57 @@ def test_powers_of_coefficients_that_overflow_warn_about_nothing():
         e = power(A.scale(Expr.atom(Mean(Expr.atom(Leaf("x")), (-1,))), 1e-38), Fraction(-9))
     [(_, c)] = e.terms.items()
     assert np.isinf(c)
+
+
+# ---- what the leaves cannot reach: read as a Leaf, not expanded --------------------------------
+def leaves_view(text: str, leaves: set[str], check: bool = True) -> CanonicalView:
+    cv, _ = view(text, check=check, axes=np.array([-1], np.int64))
+    return CanonicalView(cv.view, frozenset(leaves))
+
+
+RESIDUAL = """g (float[N,4] a) => (float[N,4] y) {
+    p = Mul (a, a)
+    x = Relu (a)
+    y = Add (x, p) }"""
+
+
+def test_a_tensor_computed_before_the_leaves_is_an_outside_value():
+    """p stands before x's producer, so it is no function of x: read as the Leaf p (a residual
+    stream read by a norm's input would otherwise be expanded back through every earlier layer).
+    With no leaves, or leaves that are graph inputs, nothing stands before them."""
+    assert leaves_view(RESIDUAL, {"x"}).expr("y").key == A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("p"))).key
+    expanded = A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("a"), Fraction(2))).key
+    assert leaves_view(RESIDUAL, {"x", "a"}).expr("y").key == expanded
+    assert leaves_view(RESIDUAL, set()).expr("y").key == expanded
+
+
+def test_outside_values_are_told_only_in_a_topologically_sorted_graph():
+    """Listed out of order, a graph's positions say nothing (fold() may be handed one the checker
+    would refuse): p is read as what it computes."""
+    unsorted = RESIDUAL.replace("    p = Mul (a, a)\n", "").replace("y = Add (x, p) }", "y = Add (x, p)\n    p = Mul (a, a) }")
+    cv = leaves_view(unsorted, {"x"}, check=False)
+    assert cv.view.position(cv.view.producer["x"]) is None
+    assert cv.expr("y").key == A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("a"), Fraction(2))).key
+
+
+def test_a_constant_computed_from_shapes_before_the_leaves_is_still_read():
+    """tf_keras' dynamic GroupNorm counts with a ones_like mask of an earlier tensor, reshaped and
+    summed: computed from constants and shapes only, it is a constant wherever it stands."""
+    cv = leaves_view("""g (float[N,4] a) => (float[N,4] y) {
+        shape = Shape (a)
+        ones = ConstantOfShape <value = float[1] {1.0}> (shape)
+        back = Reshape (ones, shape)
+        count = ReduceSum <keepdims = 1> (back, axes)
+        x = Relu (a)
+        y = Div (x, count) }""", {"x"})
+    e = cv.expr("y").single()
+    assert e is not None and e[0] == ((Leaf("x"), Fraction(1)),) and np.allclose(e[1], 0.25)
+
+
+def test_a_node_added_by_a_rewrite_stands_where_the_node_it_follows_stands():
+    cv = leaves_view(RESIDUAL, {"x"})
+    graph_view, relu = cv.view, cv.view.producer["x"]
+    added = onnx.helper.make_node("Neg", ["x"], ["z"])
+    graph_view.add_node(added, after=relu)
+    assert graph_view.position(added) == graph_view.position(relu) == 1
+    assert CanonicalView(graph_view, frozenset({"z"})).expr("y").leaves == {"x", "p"}  # Relu is not before z

@@ -49,6 +49,7 @@ from normfold.graph import FLOAT_TYPES, GraphView, attr
 MAX_TERMS = 12
 MAX_CONST = 1 << 16
 MAX_DEPTH = 48
+STATIC_DEPTH = 8  # how far behind constants a tensor computed from them is still looked for
 ONE = Fraction(1)  # the usual power: `p is ONE` spares a Fraction product
 COEFF_RTOL = 1e-6  # two coefficients are equal when they agree this closely (float32 constants' rounding)
 
@@ -426,6 +427,15 @@ class CanonicalView:
     def __post_init__(self):
         self._cache: dict[str, Expr] = {}
         self._depth = 0
+        self._first = self._first_position()
+        self._statics: dict[str, tuple[bool, int]] = {}
+
+    def _first_position(self) -> int | None:
+        """Where the first producer of a leaf stands: a node before it reads none of the leaves, and
+        its output is an outside value to every expression of them (None: no such bound)."""
+        places = [self.view.position(self.view.producer[leaf]) if leaf in self.view.producer else None
+                  for leaf in self.leaves]
+        return None if not places or None in places else min(places)
 
     def expr(self, name: str) -> Expr:
         found = self._cache.get(name)
@@ -438,6 +448,28 @@ class CanonicalView:
             finally:
                 self._depth -= 1
             self._cache[name] = found
+        return found
+
+    def _before_leaves(self, node: onnx.NodeProto) -> bool:
+        place = self.view.position(node)
+        return self._first is not None and place is not None and place < self._first
+
+    def _static(self, name: str, depth: int = 0) -> bool:
+        """Whether `name` may be a value the graph computes from constants and shapes only (a ones_like
+        mask reshaped and summed to a count), which the algebra reads as a constant. Only "no" is
+        certain: a float tensor behind a graph input, or too far behind constants to be one."""
+        known = self._statics.get(name)
+        if known is not None and (known[0] or known[1] <= depth):  # a "no" found with as much room left
+            return known[0]
+        view = self.view
+        node = view.producer.get(name)
+        if view.is_const(name) or view.elem_type(name) not in (None, *FLOAT_TYPES):
+            found = True
+        elif node is None or depth >= STATIC_DEPTH:
+            found = False
+        else:
+            found = node.op_type == "ConstantOfShape" or all(self._static(t, depth + 1) for t in node.input if t)
+        self._statics[name] = (found, depth)
         return found
 
     def forget(self) -> None:
@@ -480,6 +512,10 @@ class CanonicalView:
         if node is None or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
             return self.leaf(name)
         if view.elem_type(name) not in (None, *FLOAT_TYPES):
+            return self.leaf(name)
+        if self._before_leaves(node) and not self._static(name):
+            # Not a function of the leaves (a residual stream read by the norm's input, which would
+            # otherwise be expanded back through every earlier layer).
             return self.leaf(name)
         built = _OPS.get(node.op_type)
         out = built(self, node) if built else None
