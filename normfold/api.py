@@ -23,8 +23,13 @@ from normfold.passes.norms import add_contrib_opset_import
 from normfold.prepare import explain_listed_inputs, prepare_model
 from normfold.report import Report, SiteRecord, Verification
 from normfold.shapes import infer_shapes
-from normfold.verify import ModelRun, RunOptions, compare_models, run_reference
+from normfold.verify import ModelRun, RunOptions, compare_models, model_bytes, preload, run_reference
 from normfold.watchdog import Child, run_in_child, start_in_child
+
+# Models with at most this many weight bytes verify in one child process (the original's run, then
+# the result's): writing one takes milliseconds, less than a second child costs (about 20 ms: a
+# fork, and onnxruntime set up again), so starting the original early while it is written loses.
+TOGETHER_BYTES = 16 << 20
 
 
 def model_opset(model: onnx.ModelProto) -> int:
@@ -79,6 +84,7 @@ class VerifyOptions:
     def start_reference(self, reference, sites: list[str] | None = None) -> Child:
         """The original's run (normfold.verify.run_reference) started in a child process, so that
         the caller can write the result meanwhile; `reference(..., pending=)` collects it."""
+        preload()
         return start_in_child(run_reference, reference, self.run_options(), sites=sites, isolate=False)
 
     def reference(self, reference, sites: list[str] | None = None, *, deadline: float | None = None,
@@ -103,33 +109,58 @@ class VerifyOptions:
         be written."""
         if isinstance(reference_run, Verification):
             return reference_run
+        preload()
         try:
-            return run_in_child(compare_models, reference, candidate, timeout=_remaining(deadline, self.timeout),
-                                seed=self.seed, shapes=self.shapes, dims=self.dims, int_ranges=self.int_ranges,
-                                input_files=self.input_files, batches=self.batches, atol=self.atol,
-                                rtol=self.rtol, opt_level=self.opt_level, sites=sites, reference_run=reference_run,
-                                isolate=False if reference_run is not None else None)
+            return run_in_child(self._compare_here, reference, candidate, sites, reference_run,
+                                timeout=_remaining(deadline, self.timeout))
         except VerificationTimeout:
             raise
         except VerificationUnavailable as exc:
             return Verification("unavailable", seed=self.seed, detail=str(exc))
 
+    def _compare_here(self, reference, candidate, sites: list[str] | None,
+                      reference_run: ModelRun | None) -> Verification:
+        return compare_models(reference, candidate, seed=self.seed, shapes=self.shapes, dims=self.dims,
+                              int_ranges=self.int_ranges, input_files=self.input_files, batches=self.batches,
+                              atol=self.atol, rtol=self.rtol, opt_level=self.opt_level, sites=sites,
+                              reference_run=reference_run, isolate=False if reference_run is not None else None)
+
+    def _both_here(self, reference, candidate, sites: list[str] | None) -> tuple[ModelRun | Verification, Verification]:
+        """The original's run, then the comparison with it, in this process (the child of `verify`):
+        the first session is gone before the second is made."""
+        try:
+            original = run_reference(reference, self.run_options(), sites=sites, isolate=False)
+        except VerificationUnavailable as exc:
+            failed = Verification("unavailable", seed=self.seed, detail=str(exc))
+            return failed, failed
+        return original, self._compare_here(reference, candidate, sites, original)
 
     def verify(self, reference, candidate, sites: list[str] | None = None, *, deadline: float | None = None,
-               pending: Child | None = None) -> tuple[ModelRun | Verification, Verification]:
+               pending: Child | None = None, together: bool | None = None) -> tuple[ModelRun | Verification, Verification]:
         """The original's run (`pending`: already started) and the comparison of `candidate` with
-        it: each side in its own child process, so at most one onnxruntime session exists at a
-        time. VerificationTimeout is raised past --timeout (counted over both)."""
+        it, at most one onnxruntime session at a time. A small model (`together`; None: decided by
+        its size) has both in one child process: a second child would cost more than either run.
+        Otherwise each side runs in its own child. VerificationTimeout is raised past --timeout
+        (counted over both)."""
         if deadline is None and self.timeout is not None:
             deadline = time.monotonic() + self.timeout
+        if pending is None and (together if together is not None else model_bytes(reference) <= TOGETHER_BYTES):
+            preload()
+            try:
+                return run_in_child(self._both_here, reference, candidate, sites, timeout=_remaining(deadline, self.timeout))
+            except VerificationTimeout:
+                raise
+            except VerificationUnavailable as exc:
+                failed = Verification("unavailable", seed=self.seed, detail=str(exc))
+                return failed, failed
         original = self.reference(reference, sites, deadline=deadline, pending=pending)
         return original, self.compare(reference, candidate, reference_run=original, deadline=deadline)
-
 
     def verify_local(self, reference, candidate, sites: list[SiteRecord]) -> Verification:
         """normfold.verify_local.verify_locally with these options, in a child process."""
         from normfold.verify_local import verify_locally
 
+        preload()
         try:
             return run_in_child(verify_locally, reference, candidate, sites, timeout=self.timeout, seed=self.seed,
                                 atol=self.atol, rtol=self.rtol)
@@ -362,21 +393,24 @@ def _fold_prepared(model: onnx.ModelProto, options: FoldOptions, base_dir: str, 
 
 class _Check:
     """The verification of one fold_job. Begun before the result is written: the original's run
-    (a child process) overlaps the writing, which on a multi-GB model costs as much as a run.
-    Still at most one onnxruntime session at a time: the result runs once the original is done."""
+    (a child process) overlaps the writing, which on a multi-GB model costs as much as a run
+    (a small model runs both later, in one child: TOGETHER_BYTES). Still at most one onnxruntime
+    session at a time: the result runs once the original is done."""
 
     def __init__(self, verify: VerifyOptions, src: Path, report: Report):
         self.verify, self.src, self.report = verify, src, report
         self.pending: Child | None = None
-        self.local, self.why = verify.local, ""
+        self.local, self.why, self.together = verify.local, "", False
         self.sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
         if not verify.enabled:
             return
+        size = model_bytes(src)
         if self.local is None:
             from normfold.verify_local import whole_model_too_big
 
-            self.local, self.why = whole_model_too_big(src)
-        if not self.local:
+            self.local, self.why = whole_model_too_big(src, size)
+        self.together = size <= TOGETHER_BYTES
+        if not self.local and not self.together:
             self.pending = verify.start_reference(src, self.sites)
 
     def finish(self, candidate: Path, stage_conversion) -> None:
@@ -393,7 +427,7 @@ class _Check:
         else:
             pending, self.pending = self.pending, None
             report.verification, report.conversion = _verified_with_conversion(
-                verify, self.src, candidate, self.sites, stage_conversion, pending=pending)
+                verify, self.src, candidate, self.sites, stage_conversion, pending=pending, together=self.together)
         errors = {c.name: c.max_abs_error for c in report.verification.sites}
         for site in report.sites:
             error = errors.get(site.id if self.local else site.output)
@@ -418,7 +452,8 @@ _TIMED_OUT = "timed out: "
 
 
 def _verified_with_conversion(verify: VerifyOptions, reference, candidate, sites: list[str] | None,
-                              stage_conversion, pending: Child | None = None) -> tuple[Verification, Verification | None]:
+                              stage_conversion, pending: Child | None = None,
+                              together: bool | None = None) -> tuple[Verification, Verification | None]:
     """The result's verification and, only when it failed and the opset was converted, the
     conversion's alone (to name a converter fault as such). The original runs once (`pending`:
     already started): its outputs serve both comparisons. One onnxruntime session at a time,
@@ -427,7 +462,8 @@ def _verified_with_conversion(verify: VerifyOptions, reference, candidate, sites
     deadline = None if verify.timeout is None else time.monotonic() + verify.timeout
     conversion = None
     try:
-        original, result = verify.verify(reference, candidate, sites, deadline=deadline, pending=pending)
+        original, result = verify.verify(reference, candidate, sites, deadline=deadline, pending=pending,
+                                         together=together)
         if stage_conversion and result.status == "failed":
             staged = stage_conversion()
             try:

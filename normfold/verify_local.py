@@ -38,13 +38,13 @@ SESSION_FACTOR = 2.5  # whole-model session memory ~ weight bytes x this (measur
 MEMORY_FRACTION = 0.6  # of MemAvailable
 
 
-def whole_model_too_big(path: str | os.PathLike) -> tuple[bool, str]:
+def whole_model_too_big(path: str | os.PathLike, size: int | None = None) -> tuple[bool, str]:
     """Whether one onnxruntime session of the model would exceed MEMORY_FRACTION of the available
-    memory (estimated as weight bytes x SESSION_FACTOR), and a sentence saying so."""
+    memory (estimated as weight bytes x SESSION_FACTOR: `size`, or measured), and a sentence saying so."""
     from normfold.accuracy import _available_memory
     from normfold.verify import model_bytes
 
-    size = model_bytes(path)
+    size = model_bytes(path) if size is None else size
     available = _available_memory()
     if available is None:
         return False, ""

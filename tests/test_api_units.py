@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import onnx
 import pytest
@@ -165,11 +167,18 @@ def test_compare_hands_every_option_to_compare_models_in_a_child(monkeypatch):
     run = api.ModelRun("original", [], [], [])
     verify.compare("a.onnx", "b.onnx", reference_run=run, deadline=12.0)
     (f1, a1, k1), (f2, a2, k2) = recorder.calls
-    assert f1 is api.compare_models and a1 == ("a.onnx", "b.onnx")
-    assert k1 == {"timeout": 9.0, "seed": 3, "shapes": {"x": [1, 2]}, "dims": {"N": 4}, "int_ranges": {"i": (0, 5)},
+    assert f1 == verify._compare_here and a1 == ("a.onnx", "b.onnx", ["s"], None) and k1 == {"timeout": 9.0}
+    assert f2 == verify._compare_here and a2 == ("a.onnx", "b.onnx", None, run) and k2 == {"timeout": 2.0}
+    compared = _Recorder(result="v")
+    monkeypatch.setattr(api, "compare_models", compared)
+    assert verify._compare_here("a.onnx", "b.onnx", ["s"], None) == "v"
+    assert verify._compare_here("a.onnx", "b.onnx", None, run) == "v"
+    (r1, a1, k1), (_, a2, k2) = compared.calls
+    assert (r1, a1) == ("a.onnx", ("b.onnx",))
+    assert k1 == {"seed": 3, "shapes": {"x": [1, 2]}, "dims": {"N": 4}, "int_ranges": {"i": (0, 5)},
                   "input_files": ["a.npz"], "batches": 2, "atol": 0.1, "rtol": {None: 0.2}, "opt_level": "basic",
                   "sites": ["s"], "reference_run": None, "isolate": None}
-    assert (k2["timeout"], k2["reference_run"], k2["isolate"], k2["sites"]) == (2.0, run, False, None)
+    assert (k2["reference_run"], k2["isolate"], k2["sites"]) == (run, False, None)
 
 
 def test_compare_with_an_unavailable_original_or_child_is_unavailable(monkeypatch):
@@ -222,10 +231,10 @@ def test_verify_runs_the_original_then_the_comparison_within_one_deadline(monkey
     assert verify.verify("a", "b", ["s"], pending="p") == ("run", "v")
     assert seen == [("ref", "a", ["s"], 54.0, "p"), ("cmp", "a", "b", "run", 54.0)]
     seen.clear()
-    verify.verify("a", "b", deadline=51.0)
+    verify.verify("a", "b", deadline=51.0, together=False)
     assert seen[0][3] == seen[1][4] == 51.0
     seen.clear()
-    api.VerifyOptions().verify("a", "b")
+    api.VerifyOptions().verify("a", "b", together=False)
     assert seen[0][3] is None
 
 
@@ -502,6 +511,57 @@ def test_sites_are_compared_in_the_whole_model_and_each_gets_its_error(tmp_path)
     assert report.verification.sites == [] and report.sites[0].max_abs_error is None
 
 
+def test_a_small_model_runs_the_original_and_the_result_in_one_child(monkeypatch):
+    monkeypatch.setattr(api.time, "monotonic", lambda: 50.0)
+    recorder = _Recorder(result=("run", "v"))
+    monkeypatch.setattr(api, "run_in_child", recorder)
+    sizes = []
+    monkeypatch.setattr(api, "model_bytes", lambda path: sizes.append(path) or api.TOGETHER_BYTES)
+    verify = _verify_options(timeout=4.0)
+    assert verify.verify("a", "b", ["s"], deadline=51.0) == ("run", "v")  # sized here: at the limit
+    assert verify.verify("a", "b", together=True) == ("run", "v")
+    assert sizes == ["a"]
+    assert recorder.calls == [(verify._both_here, ("a", "b", ["s"]), {"timeout": 1.0}),
+                              (verify._both_here, ("a", "b", None), {"timeout": 4.0})]
+    monkeypatch.setattr(api, "run_in_child", _Recorder(raises=VerificationUnavailable("crashed")))
+    original, result = verify.verify("a", "b", together=True)
+    assert original is result and (result.status, result.seed, result.detail) == ("unavailable", 3, "crashed")
+    monkeypatch.setattr(api, "run_in_child", _Recorder(raises=VerificationTimeout("t")))
+    with pytest.raises(VerificationTimeout):
+        verify.verify("a", "b", together=True)
+    seen = []
+    monkeypatch.setattr(api, "model_bytes", lambda path: api.TOGETHER_BYTES + 1)
+    monkeypatch.setattr(api.VerifyOptions, "reference", lambda self, *a, **k: seen.append("ref") or "run")
+    monkeypatch.setattr(api.VerifyOptions, "compare", lambda self, *a, **k: seen.append("cmp") or "v")
+    assert verify.verify("a", "b") == ("run", "v") and seen == ["ref", "cmp"]  # bigger: two children
+
+
+def test_the_one_child_runs_the_original_then_compares_with_that_run(monkeypatch):
+    verify = _verify_options()
+    run = api.ModelRun("original", [], [], [])
+    references, compared = _Recorder(result=run), []
+    monkeypatch.setattr(api, "run_reference", references)
+    monkeypatch.setattr(api.VerifyOptions, "_compare_here", lambda self, *a: compared.append(a) or "v")
+    assert verify._both_here("a", "b", ["s"]) == (run, "v")
+    assert references.calls == [("a", (verify.run_options(),), {"sites": ["s"], "isolate": False})]
+    assert compared == [("a", "b", ["s"], run)]
+    monkeypatch.setattr(api, "run_reference", _Recorder(raises=VerificationUnavailable("custom op")))
+    original, result = verify._both_here("a", "b", None)
+    assert original is result and (result.status, result.seed, result.detail) == ("unavailable", 3, "custom op")
+    assert len(compared) == 1
+
+
+def test_a_small_models_fold_starts_one_child_process(tmp_path, monkeypatch):
+    import normfold.watchdog
+
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    real, started = normfold.watchdog.start_in_child, []
+    monkeypatch.setattr(normfold.watchdog, "start_in_child", lambda func, *a, **k: started.append(func) or real(func, *a, **k))
+    monkeypatch.setattr(api, "start_in_child", normfold.watchdog.start_in_child)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
+    assert report.written and report.verification.status == "passed" and len(started) == 1
+
+
 def test_local_verification_checks_each_site_and_says_why_it_was_chosen(tmp_path, monkeypatch):
     """The local check itself is replaced (normfold.verify_local has its own tests): which one runs,
     on what, and how its per-site results reach the report's sites (by site id)."""
@@ -523,7 +583,7 @@ def test_local_verification_checks_each_site_and_says_why_it_was_chosen(tmp_path
     assert report.written and report.verification.mode == "local" and started == []  # no whole-model run
     assert calls == [(tmp_path / "m.onnx", "m.folded.onnx", ["main:n"])]
     assert report.sites[0].max_abs_error == 0.25 and report.verification.notes == ["checked"]
-    monkeypatch.setattr(normfold.verify_local, "whole_model_too_big", lambda src: (True, "the model needs 9 GiB"))
+    monkeypatch.setattr(normfold.verify_local, "whole_model_too_big", lambda src, size: (True, "the model needs 9 GiB"))
     report = api.fold_file(tmp_path / "m.onnx", tmp_path / "o.onnx", verify=api.VerifyOptions())
     assert report.verification.mode == "local" and started == []
     assert report.verification.notes == ["the model needs 9 GiB: verified each rewritten site on its own (as --verify local)",
@@ -541,6 +601,7 @@ def test_a_job_that_fails_while_writing_cancels_the_originals_run(tmp_path, monk
         raise NormfoldError("out.onnx: cannot write (No space left on device)")
 
     monkeypatch.setattr(api, "StagedModel", full)
+    monkeypatch.setattr(api, "TOGETHER_BYTES", -1)  # as a big model: the original starts before the write
     with pytest.raises(NormfoldError, match="No space left"):
         api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
     assert child.cancelled == 1 and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
@@ -836,8 +897,15 @@ def test_the_original_runs_once_for_the_result_and_the_conversion(tmp_path, monk
     monkeypatch.setattr(api.VerifyOptions, "start_reference", start)
     monkeypatch.setattr(api.VerifyOptions, "compare", compare)
     monkeypatch.setattr(api, "run_rules", _tripling_scale(api.run_rules))
-    report = api.fold_file(tmp_path / "m.onnx", options=api.FoldOptions(target_opset=17),
-                           verify=api.VerifyOptions(local=False))
+    fold = functools.partial(api.fold_file, tmp_path / "m.onnx", options=api.FoldOptions(target_opset=17),
+                             verify=api.VerifyOptions(local=False))
+    monkeypatch.setattr(api, "TOGETHER_BYTES", (tmp_path / "m.onnx").stat().st_size)
+    report = fold()  # small: the original and the result run in one child; the conversion reuses the run
+    assert (report.verification.status, report.conversion.status) == ("failed", "passed")
+    assert starts == [] and len(runs) == 1 and isinstance(runs[0], api.ModelRun)
+    runs.clear()
+    monkeypatch.setattr(api, "TOGETHER_BYTES", api.TOGETHER_BYTES - 1)  # big: it starts while the result is written
+    report = fold()
     assert (report.verification.status, report.conversion.status) == ("failed", "passed")
     assert starts == [tmp_path / "m.onnx"] and len(runs) == 2
     assert isinstance(runs[0], api.ModelRun) and runs[1] is runs[0]

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from builders import random_feeds, run
-from normfold import watchdog
+from normfold import api, watchdog
 from normfold.api import FoldOptions, VerifyOptions, fold_file
 from normfold.graph import GraphView
 from normfold.io import external, read_model
@@ -104,6 +104,7 @@ def test_the_original_runs_while_the_result_is_written(tmp_path, monkeypatch):
     The original's run (a child process) is started before the result is written, so the two
     overlap, and the fold still verifies and writes the right model."""
     path = _matmul_model(tmp_path)
+    monkeypatch.setattr(api, "TOGETHER_BYTES", 0)  # the stand-in is small; a multi-GB model is not
     running_during_write = []
     write = external.write_external_data
 
@@ -124,6 +125,7 @@ def test_the_original_runs_while_the_result_is_written(tmp_path, monkeypatch):
 
 def test_a_failed_write_stops_the_original_s_run_and_leaves_nothing(tmp_path, monkeypatch):
     path = _matmul_model(tmp_path)
+    monkeypatch.setattr(api, "TOGETHER_BYTES", 0)
     before = sorted(p.name for p in tmp_path.iterdir())
     seen = []
 
