@@ -511,6 +511,51 @@ def test_sites_are_compared_in_the_whole_model_and_each_gets_its_error(tmp_path)
     assert report.verification.sites == [] and report.sites[0].max_abs_error is None
 
 
+def test_a_big_models_early_run_of_the_original_computes_the_sites_too(tmp_path, monkeypatch):
+    """Above TOGETHER_BYTES the original starts while the result is written: with the site
+    tensors asked for, so that each rewritten site still gets its error."""
+    onnx.save(_conv_bn_relu(), tmp_path / "m.onnx")
+    monkeypatch.setattr(api, "TOGETHER_BYTES", -1)  # stands in for a big model
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(sites=True, local=False))
+    [site] = report.sites
+    assert report.verification.status == "passed" and [s.name for s in report.verification.sites] == ["n"]
+    assert site.max_abs_error is not None and site.max_abs_error < 1e-4
+
+
+def test_a_job_measures_the_model_once(tmp_path, monkeypatch):
+    """One size (model_bytes, which reads the model's protobuf) decides both whether a session
+    fits in memory and whether the two runs share a child: nothing measures the model again."""
+    import normfold.verify
+
+    onnx.save(_conv_bn(), tmp_path / "m.onnx")
+    real, measured = normfold.verify.model_bytes, []
+    counting = lambda path: measured.append(path) or real(path)  # noqa: E731
+    monkeypatch.setattr(api, "model_bytes", counting)
+    monkeypatch.setattr(normfold.verify, "model_bytes", counting)
+    report = api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions())
+    assert report.written and report.verification.status == "passed" and report.verification.mode != "local"
+    assert measured == [tmp_path / "m.onnx"]
+
+
+def test_a_left_site_gets_no_error_even_where_a_compared_tensor_has_its_output(monkeypatch):
+    """finish gives each rewritten site the error of its tensor, and a left site none, by its
+    status (not only because left sites' tensors are not compared)."""
+    from normfold.report import SiteRecord
+    from normfold.verify import compare_arrays
+
+    left = SiteRecord("batchnorm", "BN", "left", ["BatchNormalization(y)"], "x", reason="excluded", output="y")
+    fused = SiteRecord("batchnorm", "BN", "folded", ["BatchNormalization(n)"], "x", output="n")
+    report = api.Report(sites=[left, fused])
+    compared = Verification("passed", sites=[compare_arrays(name, np.zeros(2, np.float32), np.full(2, e, np.float32), 1.0, 0.0)
+                                             for name, e in (("y", 0.5), ("n", 0.25))])
+    handed = []
+    monkeypatch.setattr(api, "model_bytes", lambda path: 0)
+    monkeypatch.setattr(api, "_verified_with_conversion", lambda *a, **k: handed.append(a[3]) or (compared, None))
+    check = api._Check(api.VerifyOptions(sites=True, local=False), "m.onnx", report)
+    check.finish("r.onnx", None)
+    assert handed == [["n"]] and (left.max_abs_error, fused.max_abs_error) == (None, 0.25)
+
+
 def test_a_small_model_runs_the_original_and_the_result_in_one_child(monkeypatch):
     monkeypatch.setattr(api.time, "monotonic", lambda: 50.0)
     recorder = _Recorder(result=("run", "v"))

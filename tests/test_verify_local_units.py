@@ -275,6 +275,8 @@ def test_the_too_big_sentence_and_its_boundary(monkeypatch):
     monkeypatch.setattr(normfold.verify, "model_bytes", lambda path: 2.4)
     monkeypatch.setattr(normfold.accuracy, "_available_memory", lambda: 10)  # 2.4 * 2.5 == 0.6 * 10: it fits
     assert local.whole_model_too_big("m.onnx")[0] is False
+    monkeypatch.setattr(normfold.accuracy, "_available_memory", lambda: 2**31)
+    assert local.whole_model_too_big("m.onnx", 2**30)[0] is True  # a size given is not measured again
 
 
 def test_random_ops_are_never_constants():
