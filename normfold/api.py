@@ -16,7 +16,7 @@ from onnx import version_converter
 from normfold import exit_codes
 from normfold.errors import NormfoldError, VerificationTimeout, VerificationUnavailable, one_line
 from normfold.graph import count_ops
-from normfold.io import StagedModel, Transaction, read_model
+from normfold.io import StagedModel, Transaction, check_external_location, external_locations, read_model
 from normfold.passes import PASS_NAMES, RULES, FoldContext, run_rules
 from normfold.paths import Plan, Target, data_name_for, default_output, plan_run
 from normfold.passes.norms import add_contrib_opset_import
@@ -245,6 +245,7 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     where weights still in external data files are read from."""
     options = options or FoldOptions()
     _check_passes(options)
+    _check_external_files(model, base_dir)
     if copy:
         clone = onnx.ModelProto()
         clone.CopyFrom(model)
@@ -253,6 +254,15 @@ def fold(model: onnx.ModelProto, options: FoldOptions | None = None, *, copy: bo
     prepared = _prepare(model, options, base_dir)
     _run_passes(prepared, options, report)
     return prepared.model, report
+
+
+def _check_external_files(model: onnx.ModelProto, base_dir: str | os.PathLike) -> None:
+    """Every external data file the model names must be a regular file inside `base_dir`: said
+    here as read_model says it of a model file (a rule reads a weight from there only when it
+    needs one, and onnx's own error at that point named neither the file nor base_dir)."""
+    base = Path(base_dir or ".").resolve()
+    for location in dict.fromkeys(external_locations(model)):
+        check_external_location(base, base, location)
 
 
 def _held_back_by_opset(model: onnx.ModelProto, options: FoldOptions, ctx: FoldContext, shapes: dict) -> bool:

@@ -1081,3 +1081,26 @@ def test_a_job_without_verification_that_fails_while_writing_says_why(tmp_path, 
         with pytest.raises(NormfoldError, match="No space left"):
             api.fold_file(tmp_path / "m.onnx", verify=verify)
     assert [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+
+
+def test_fold_refuses_a_base_dir_without_the_models_external_data(tmp_path, monkeypatch):
+    """fold() on a model loaded without its external weights reads them from base_dir when a rule
+    needs one: a folder that lacks the file (or a location outside it) is a NormfoldError naming
+    both, before anything is folded, not onnx's checker error at the first weight read."""
+    model = _conv_bn()
+    onnx.save(model, tmp_path / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="m.data", size_threshold=0)
+    lazy = onnx.load(tmp_path / "m.onnx", load_external_data=False)
+    monkeypatch.chdir(tmp_path.parent)
+    with pytest.raises(NormfoldError, match=f"^{tmp_path.parent}: external data file 'm.data' not found$"):
+        api.fold(lazy, base_dir=tmp_path.parent)
+    with pytest.raises(NormfoldError, match="'m.data' not found"):
+        api.fold(lazy)  # base_dir "" is the working directory
+    folded, report = api.fold(lazy, base_dir=tmp_path)
+    assert [s.status for s in report.sites] == ["folded"]
+    for tensor in lazy.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "../m.data"
+    with pytest.raises(NormfoldError, match="points outside the model's folder; refused"):
+        api.fold(lazy, base_dir=tmp_path)

@@ -8,7 +8,7 @@
 Which paths a run reads and writes, and that they never overlap, is decided in normfold.paths.
 """
 
-from normfold.io.external import EXTERNAL_THRESHOLD, approximate_size, external_locations
+from normfold.io.external import EXTERNAL_THRESHOLD, approximate_size, check_external_location, external_locations
 from normfold.io.protobuf import tensor_size, write_model
 from normfold.io.staging import (STAGING_PREFIX, TWO_GB, StagedModel, Transaction, discard_all_staging,
                                  remove_stale_staging)
@@ -16,5 +16,5 @@ from normfold.io.files import regular_file_problem
 from normfold.io.validate import load_model, read_model
 
 __all__ = ["EXTERNAL_THRESHOLD", "STAGING_PREFIX", "TWO_GB", "StagedModel", "Transaction", "approximate_size",
-           "discard_all_staging", "external_locations", "load_model", "read_model", "regular_file_problem",
+           "check_external_location", "discard_all_staging", "external_locations", "load_model", "read_model", "regular_file_problem",
            "remove_stale_staging", "tensor_size", "write_model"]

@@ -88,7 +88,7 @@ def external_locations(model: onnx.ModelProto) -> list[str]:
     return locations
 
 
-def _check_external_location(path: Path, base: Path, location: str) -> None:
+def check_external_location(path: Path, base: Path, location: str) -> None:
     """Refuse a location outside the model's folder before anything is opened, then require a
     regular file (a FIFO or device would block or never end)."""
     if not location:

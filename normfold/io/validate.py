@@ -12,7 +12,7 @@ import onnx
 from onnx import external_data_helper, numpy_helper
 
 from normfold.errors import NormfoldError, one_line, show_path
-from normfold.io.external import (_all_graphs, _check_external_extents, _check_external_location,
+from normfold.io.external import (_all_graphs, _check_external_extents, check_external_location,
                                   _model_tensors, external_locations)
 from normfold.io.files import regular_file_problem
 from normfold.io.protobuf import _is_repeated, _set_fields
@@ -140,7 +140,7 @@ def read_model(path: str | os.PathLike, lazy: bool = False) -> tuple[onnx.ModelP
     base = path.resolve().parent
     locations = list(dict.fromkeys(external_locations(model)))
     for location in locations:
-        _check_external_location(path, base, location)
+        check_external_location(path, base, location)
     _check_with_onnx(path, model, bool(locations))
     if locations and lazy:
         _check_external_extents(path, base, model)
