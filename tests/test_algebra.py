@@ -877,8 +877,9 @@ def test_powers_of_coefficients_that_overflow_warn_about_nothing():
 
 
 # ---- what the leaves cannot reach: read as a Leaf, not expanded --------------------------------
-def leaves_view(text: str, leaves: set[str], check: bool = True) -> CanonicalView:
-    cv, _ = view(text, check=check, axes=np.array([-1], np.int64))
+def leaves_view(text: str, leaves: set[str], check: bool = True, drop: tuple[str, ...] = (),
+                **consts) -> CanonicalView:
+    cv, _ = view(text, check=check, drop=drop, axes=np.array([-1], np.int64), **consts)
     return CanonicalView(cv.view, frozenset(leaves))
 
 
@@ -928,3 +929,110 @@ def test_a_node_added_by_a_rewrite_stands_where_the_node_it_follows_stands():
     graph_view.add_node(added, after=relu)
     assert graph_view.position(added) == graph_view.position(relu) == 1
     assert CanonicalView(graph_view, frozenset({"z"})).expr("y").leaves == {"x", "p"}  # Relu is not before z
+
+
+def negated_ones(hops: int, rest: str = "y = Add (x, c{hops})", before: tuple[str, ...] = ()) -> str:
+    """A graph whose tensor c{hops} is ones_like(a) negated `hops` times, all before the leaf x (and
+    the nodes `before`, after the chain)."""
+    chain = "".join(f"    c{i} = Neg (c{i - 1})\n" for i in range(1, hops + 1))
+    chain += "".join(f"    {line}\n" for line in before)
+    return f"""g (float[N,4] a) => (float[N,4] y) {{
+    shape = Shape (a)
+    c0 = ConstantOfShape <value = float[1] {{1.0}}> (shape)
+{chain}    x = Relu (a)
+    {rest.format(hops=hops)} }}"""
+
+
+@pytest.mark.parametrize("hops", [7, 8])
+def test_a_value_computed_from_shapes_is_looked_for_eight_nodes_behind_it(hops):
+    """ConstantOfShape seven nodes behind c7 (the eighth node looked at) makes c7 a constant, -1;
+    one more Neg and c8 is read as a Leaf. The Shape's type left unknown, so that only the op
+    ConstantOfShape says it computes from shapes."""
+    e = leaves_view(negated_ones(hops), {"x"}, drop=("shape",)).expr("y")
+    if hops == 7:
+        assert e.key == A.add(Expr.atom(Leaf("x")), Expr.const(-1.0)).key
+    else:
+        assert e.key == A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("c8"))).key
+
+
+def test_a_float_initializer_before_the_leaves_is_a_constant_to_compute_from():
+    """two (an initializer, no producer) times the ones mask: computed from constants, so the count
+    is 8 and y is x / 8."""
+    cv = leaves_view("""g (float[N,4] a) => (float[N,4] y) {
+        shape = Shape (a)
+        ones = ConstantOfShape <value = float[1] {1.0}> (shape)
+        w = Mul (ones, two)
+        count = ReduceSum <keepdims = 1> (w, axes)
+        x = Relu (a)
+        y = Div (x, count) }""", {"x"}, two=np.array([2.0], np.float32))
+    e = cv.expr("y").single()
+    assert e is not None and e[0] == ((Leaf("x"), Fraction(1)),) and np.allclose(e[1], 0.125)
+
+
+def test_a_tensor_behind_a_graph_input_stays_an_outside_value_when_asked_again():
+    """r = Relu(a) is no constant; p and q both read it before the leaves: both are read as Leaves,
+    the second time from what the first found."""
+    cv = leaves_view("""g (float[N,4] a) => (float[N,4] y) {
+        r = Relu (a)
+        p = Mul (r, r)
+        q = Mul (r, r)
+        x = Relu (a)
+        s = Add (x, p)
+        y = Add (s, q) }""", {"x"})
+    assert cv.expr("y").key == A.add(A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("p"))), Expr.atom(Leaf("q"))).key
+
+
+def test_a_value_too_far_behind_constants_from_one_tensor_is_a_constant_from_a_nearer_one():
+    """P = Neg(c7) reaches ConstantOfShape nine nodes in: P is a Leaf. c7 itself is read next, and
+    from c7 it is eight nodes: -1, although P's search gave up on c7 (one node deeper)."""
+    e = leaves_view(negated_ones(7, "s = Add (x, p)\n    y = Add (s, c7)", before=("p = Neg (c7)",)), {"x"})
+    assert e.expr("y").key == A.add(A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("p"))), Expr.const(-1.0)).key
+
+
+def test_a_value_found_computed_from_constants_is_one_when_reached_again_deeper():
+    """t = c6 * Neg(c6): c6 is found computed from constants (ConstantOfShape seven nodes from t),
+    and through Neg(c6) it is reached again one node deeper, where the search alone would stop: t is
+    the constant -1."""
+    text = negated_ones(6, "y = Add (x, t)", before=("e = Neg (c6)", "t = Mul (c6, e)"))
+    assert leaves_view(text, {"x"}).expr("y").key == A.add(Expr.atom(Leaf("x")), Expr.const(-1.0)).key
+
+
+def test_a_node_added_after_the_first_leafs_producer_is_read_through():
+    """w = Neg(x), added after x's Relu, stands where the Relu stands: not before the leaves' first
+    producer, so it is read as what it computes, -x."""
+    cv = leaves_view(RESIDUAL, {"x"})
+    cv.view.add_node(onnx.helper.make_node("Neg", ["x"], ["w"]), after=cv.view.producer["x"])
+    assert CanonicalView(cv.view, frozenset({"x"})).expr("w").key == A.scale(Expr.atom(Leaf("x")), -1.0).key
+
+
+def test_a_product_of_exactly_twelve_terms_is_kept():
+    """MAX_TERMS terms are allowed; one more makes the product unreadable (None)."""
+    def total(names):
+        e = Expr({})
+        for n in names:
+            e = A.add(e, Expr.atom(Leaf(n)))
+        return e
+    product = A.mul(total("abc"), total("defg"))
+    assert product is not None and len(product.terms) == 12
+    assert A.mul(total("abc"), total("defgh")) is None
+
+
+def test_an_integer_tensor_computed_by_a_known_op_is_a_leaf():
+    cv, _ = view("""g (int64[4] n) => (int64[4] i) {
+        i = Add (n, n) }""")
+    assert is_leaf(cv.expr("i"), "i")
+
+
+def test_the_ai_onnx_domain_is_the_default_one_and_other_domains_are_not_read():
+    """A node of domain "ai.onnx" is read as its op; the same op in another domain, or a node of
+    the default domain with a second output, is a Leaf."""
+    text = """g (float[4] a) => (float[4] y) {
+        y = Neg (a) }"""
+    for domain, read in (("ai.onnx", True), ("com.example", False)):
+        cv, model = view(text)
+        model.graph.node[0].domain = domain
+        e = cv.expr("y")
+        assert (e.key == A.scale(Expr.atom(Leaf("a")), -1.0).key) if read else is_leaf(e, "y")
+    cv, model = view(text)
+    model.graph.node[0].output.append("extra")
+    assert is_leaf(cv.expr("y"), "y")
