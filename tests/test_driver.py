@@ -261,3 +261,37 @@ def test_after_a_recognizer_passes_a_claimed_node_the_next_rules_still_get_it():
     last = Stub("s")
     records = walk(relu_chain(1), [plain, quiet, last])
     assert [(r.pass_name, r.status) for r in records] == [("s", "folded")] and last.offered == ["r0"]
+
+
+def held_at(output: str) -> list[Rule]:
+    """Rule a leaves the Relu of `output` for "opset-too-old"; rule b leaves every Relu for "unknown-shape"."""
+    return [Stub("a", Left("opset-too-old", "held"), only={output}), Stub("b", Left("unknown-shape", "no"))]
+
+
+def test_a_dry_walk_with_stop_at_ends_at_the_first_site_left_for_that_reason():
+    ctx = FoldContext(opset=13)
+    records = run_rules(relu_chain(3).graph, held_at("r1"), ctx, {}, dry=True, stop_at="opset-too-old")
+    assert [(r.output, r.pass_name, r.reason) for r in records] == [
+        ("r0", "b", "unknown-shape"), ("r1", "a", "opset-too-old"), ("r1", "b", "unknown-shape")]
+    # stop_at is for dry walks only; a reason never met walks everything
+    for dry, stop_at in ((False, "opset-too-old"), (True, "missing")):
+        records = run_rules(relu_chain(3).graph, held_at("r1"), ctx, {}, dry=dry, stop_at=stop_at)
+        assert [r.output for r in records] == ["r0", "r1", "r1", "r2"]
+
+
+def test_stop_at_in_a_subgraph_ends_the_whole_walk_with_the_records_before_it():
+    def branch(name, *outputs):
+        nodes = [onnx.helper.make_node("Relu", [i], [o]) for i, o in zip(("x",) + outputs, outputs)]
+        return onnx.helper.make_graph(nodes, name, [], [onnx.helper.make_tensor_value_info(
+            outputs[-1], onnx.TensorProto.FLOAT, [2])])
+    node = onnx.helper.make_node("If", ["c"], ["y"], then_branch=branch("then", "t", "u"),
+                                 else_branch=branch("else", "e"), name="cond")
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Relu", ["x"], ["r"]), node], "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2]),
+         onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, [])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])])
+    records = run_rules(graph, held_at("t"), FoldContext(opset=13), {}, dry=True, stop_at="opset-too-old")
+    assert [(r.graph, r.output, r.reason) for r in records] == [
+        ("main", "r", "unknown-shape"), ("main/cond:else_branch", "e", "unknown-shape"),
+        ("main/cond:then_branch", "t", "opset-too-old"), ("main/cond:then_branch", "t", "unknown-shape")]
