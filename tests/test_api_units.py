@@ -374,6 +374,22 @@ def test_the_dry_pass_for_the_opset_stops_at_the_first_site_held_back():
     assert len(run_rules(model.graph, RULES, ctx, infer_shapes(model), dry=True, stop_at="no-such-reason")) == 2
 
 
+def test_deciding_the_conversion_walks_only_to_the_first_site_held_back(monkeypatch):
+    """needs_newer_opset's dry pass stops at the first site --target-opset would let through (here
+    the first of two LayerNorms in the branches of an If)."""
+    from normfold.passes import run_rules
+
+    model = _layernorm()
+    model.graph.input.append(onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []))
+    model.graph.output[0].CopyFrom(onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [2, 4]))
+    branches = {"then_branch": _norm_branch(model, "t"), "else_branch": _norm_branch(model, "e")}
+    del model.graph.node[:]
+    model.graph.node.append(onnx.helper.make_node("If", ["c"], ["z"], **branches))
+    walks = []
+    monkeypatch.setattr(api, "run_rules", lambda *a, **k: walks.append(run_rules(*a, **k)) or walks[-1])
+    assert api.needs_newer_opset(model, api.FoldOptions(target_opset=17)) and [len(w) for w in walks] == [1]
+
+
 def _norm_branch(model: onnx.ModelProto, prefix: str) -> onnx.GraphProto:
     """The main graph's LayerNorm as an If branch reading the outer x, eps and g."""
     outer = {"x", "eps", "g"}
@@ -650,6 +666,11 @@ def test_a_job_that_fails_while_writing_cancels_the_originals_run(tmp_path, monk
     with pytest.raises(NormfoldError, match="No space left"):
         api.fold_file(tmp_path / "m.onnx", verify=api.VerifyOptions(local=False))
     assert child.cancelled == 1 and [p.name for p in tmp_path.iterdir()] == ["m.onnx"]
+    check = api._Check(api.VerifyOptions(enabled=False), tmp_path / "m.onnx", api.Report())
+    check.pending = child
+    check.cancel()
+    check.cancel()  # a second cancel (or a finish) finds nothing pending
+    assert child.cancelled == 2 and check.pending is None
 
 
 # ---- what fold() hands to the passes: the options, the folder of external weights, the notes ------
