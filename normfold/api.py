@@ -414,6 +414,8 @@ class _Check:
         self.sites = [s.output for s in report.sites if s.status != "left" and s.output] if verify.sites else None
         if not verify.enabled:
             return
+        if self.local:  # --verify local: neither the whole-model decision nor its size is needed
+            return
         size = model_bytes(src)
         if self.local is None:
             from normfold.verify_local import whole_model_too_big
