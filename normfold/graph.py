@@ -27,8 +27,16 @@ FLOAT_TYPES = {
 }
 
 
+# The standard ops with graph-valued attributes. Reading a node's attributes from the protobuf costs
+# more than the rest of most index walks, and those walks visit every node several times.
+_STANDARD_WITH_SUBGRAPHS = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+
+
 def subgraphs(node: onnx.NodeProto) -> Iterator[tuple[str, onnx.GraphProto]]:
-    """The graph-valued attributes of a node (If branches, Loop/Scan bodies)."""
+    """The graph-valued attributes of a node (If branches, Loop/Scan bodies; any attribute of a
+    custom-domain op)."""
+    if node.op_type not in _STANDARD_WITH_SUBGRAPHS and node.domain in ("", "ai.onnx"):
+        return
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.name, attr.g
@@ -156,26 +164,33 @@ class GraphView:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         # One set for the whole model (every scope): a new name never shadows, nor is shadowed by, another.
-        self._names: set[str] = outer._names if outer is not None else all_names(graph)
+        # (this graph's node and output names join it as _index reads them)
+        self._names: set[str] = outer._names if outer is not None else set().union(
+            *(all_names(sub) for node in self.nodes for _, sub in subgraphs(node)))
         self._names |= set(self.initializers) | self.input_names | self.output_names
         self._dropped_tensors: set[str] = set()
         self._maybe_dead: set[str] = set()  # tensors whose readers a rewrite removed or redirected
-        for node in self.nodes:
-            self._index(node)
-        self._position = self._topological_positions()
+        self._position = self._index_all()
         local = set(self.initializers) | self.input_names | set(self.producer)
         self.shadowed: set[str] = {n for n in local if outer is not None and outer.visible(n)}
         # names that are ambiguous in every scope (see the class docstring)
         self.ambiguous: set[str] = outer.ambiguous if outer is not None else shadowing_initializers(graph)
 
-    def _topological_positions(self) -> dict[int, int] | None:
-        """Each node's index in the graph's order, or None when that order is not topological (the
-        checker refuses such a model; the library may still be handed one)."""
-        position = {id(node): i for i, node in enumerate(self.nodes)}
+    def _index_all(self) -> dict[int, int] | None:
+        """Index every node; returns each node's index in the graph's order, or None when that
+        order is not topological (the checker refuses such a model; the library may still be
+        handed one): a node reads a value that it or a later node produces, or two nodes produce
+        one name. (One pass: the protobuf's fields cost more to read than the checks.)"""
+        position: dict[int, int] = {}
+        sorted_ = True
+        pending: set[str] = set()  # read before any node produced it: a graph input, or out of order
         for i, node in enumerate(self.nodes):
-            if any(position.get(id(self.producer.get(name)), -1) >= i for name in node.input if name):
-                return None
-        return position
+            pending.update(name for name in node.input if name and name not in self.producer)
+            made = len(self.producer)
+            self._index(node)
+            sorted_ = sorted_ and len(self.producer) - made == sum(1 for name in node.output if name)
+            position[id(node)] = i
+        return position if sorted_ and not pending & self.producer.keys() else None
 
     def position(self, node: onnx.NodeProto) -> int | None:
         """Where `node` stands in the topological order (a node added after another stands where that
