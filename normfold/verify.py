@@ -367,13 +367,36 @@ class ModelRun:
     notes: list[str] = field(default_factory=list)
 
 
+_WARM = False
+
+
 def preload() -> None:
     """Import what every run imports, in the process that forks the runs: a child would import it
-    anew each time (numpy.random alone costs a small model's run a third more)."""
+    anew each time (numpy.random alone costs a small model's run a third more). Also run one
+    one-node model here, once: onnxruntime builds its environment and kernel registries on the
+    first session of a process (about 5 ms), and a forked child inherits them built. (The session
+    has one thread and is gone before any fork, so no thread or lock is carried into a child.)"""
     import importlib
 
+    global _WARM
     for name in ("numpy.random", "normfold.shape_values"):
         importlib.import_module(name)
+    if not _WARM:
+        _WARM = True
+        _warm_onnxruntime()
+
+
+def _warm_onnxruntime() -> None:
+    from onnx import TensorProto, helper
+
+    value = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "warm", [value],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    try:
+        open_session(model.SerializeToString(), "warm-up").session.run(None, {"x": np.zeros(1, np.float32)})
+    except Exception:  # a broken onnxruntime fails later, in the run, with its own message
+        pass
 
 
 def model_bytes(model: str | os.PathLike | bytes) -> int:
