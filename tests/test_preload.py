@@ -36,10 +36,16 @@ def test_onnxruntime_is_warmed_once_per_process(cold, monkeypatch):
     assert sessions == ["warm-up"]
 
 
+def test_the_warm_up_model_runs():
+    """A warm-up that failed would be silent (preload ignores its result) and every child would
+    build onnxruntime's environment again."""
+    assert verify._warm_onnxruntime() is True
+
+
 def test_a_broken_onnxruntime_is_left_for_the_run_to_report(cold, monkeypatch):
     def broken(*args, **kwargs):
         raise verify.VerificationUnavailable("onnxruntime cannot load the warm-up model: no CPU provider")
 
     monkeypatch.setattr(verify, "open_session", broken)
     verify.preload()  # no error here: the run itself says what is wrong
-    assert verify._WARM
+    assert verify._WARM and verify._warm_onnxruntime() is False

@@ -60,7 +60,7 @@ MODULES: dict[str, list[str]] = {
     # the driver: every pass test calls it, and a survivor re-ran all of them (90 s each); test_driver.py
     # tests it with stand-in rules, test_instance_affine.py through one small real rule
     "passes/__init__": ["tests/test_driver.py", "tests/test_instance_affine.py"],
-    "verify": VERIFY_TESTS + ["tests/test_contracts.py"],
+    "verify": VERIFY_TESTS + ["tests/test_contracts.py", "tests/test_preload.py"],
     "accuracy": VERIFY_TESTS + ["tests/test_accuracy_units.py"],
     "verify_local": VERIFY_TESTS + ["tests/test_verify_local_units.py"],
     # io and api: only their unit tests. Every command-line test calls io's and api's functions, and
