@@ -55,7 +55,7 @@ MODULES: dict[str, list[str]] = {
     "passes/batchnorm": BN_TESTS,
     "passes/_linear": BN_TESTS,
     "passes/_next_layer": BN_TESTS,
-    "passes/channel_affine": BN_TESTS + ["tests/test_channel_affine_fold_units.py"],
+    "passes/channel_affine": BN_TESTS + ["tests/test_channel_affine_fold_units.py", "tests/test_channel_pair_units.py"],
     "passes/_pattern": PASS_TESTS + ["tests/test_pattern.py"],
     # the driver: every pass test calls it, and a survivor re-ran all of them (90 s each); test_driver.py
     # tests it with stand-in rules, test_instance_affine.py through one small real rule
