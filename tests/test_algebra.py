@@ -1036,3 +1036,78 @@ def test_the_ai_onnx_domain_is_the_default_one_and_other_domains_are_not_read():
     cv, model = view(text)
     model.graph.node[0].output.append("extra")
     assert is_leaf(cv.expr("y"), "y")
+
+
+# ---- constants the view reads, coefficients, the product's work bound, the static search's memo ----
+@pytest.mark.parametrize("size, read", [(A.MAX_CONST, True), (A.MAX_CONST + 1, False)])
+def test_a_constant_of_max_const_elements_is_read_and_a_larger_one_is_a_leaf(size, read):
+    """MAX_CONST elements is the largest constant the view reads (one more: decoding and comparing
+    it would cost more than the fusion it could show)."""
+    cv, _ = view(f"""g (float[{size}] x) => (float[{size}] y) {{
+        y = Mul (x, c) }}""", c=np.full(size, 2.0, np.float32))
+    expected = A.scale(Expr.atom(Leaf("x")), np.full(size, 2.0)) if read else A.mul(Expr.atom(Leaf("x")), Expr.atom(Leaf("c")))
+    assert cv.expr("y").key == expected.key
+
+
+@pytest.mark.parametrize("value", [np.array([1 + 2j, 3j], np.complex64), np.array([b"1", b"2"], dtype=object)])
+def test_a_constant_that_is_not_a_real_number_is_a_leaf(value):
+    """A complex or string initializer is no coefficient: read as the Leaf it names (not its real
+    part, not its text parsed as numbers)."""
+    cv, _ = view("""g (float[2] x) => (float[2] y) {
+        y = Identity (x) }""", check=False, c=value)
+    assert cv.view.is_const("c")
+    assert is_leaf(cv.expr("c"), "c")
+
+
+def test_coefficients_are_float64_arrays_with_one_key_whatever_they_were_given_as():
+    """A Python float, numpy scalars, a float32 array and leading axes of size 1: one coefficient,
+    a float64 ndarray, and one key (equal expressions compare equal)."""
+    sig = ((Leaf("x"), Fraction(1)),)
+    given = [2.0, np.float64(2.0), np.float32(2.0), np.array(2.0), np.array(2.0, np.float32),
+             np.array([[2.0]], np.float32), np.array([[2.0]])]
+    built = [Expr({sig: c}) for c in given]
+    for e in built:
+        coefficient = e.terms[sig]
+        assert type(coefficient) is np.ndarray and coefficient.dtype == np.float64 and coefficient.shape == ()
+    assert len({e.key for e in built}) == 1
+
+
+def _powers_of(name: str, n: int) -> Expr:
+    """1 + x + x^2 + ... + x^(n-1), built directly (add() would stop at MAX_TERMS terms)."""
+    return Expr({((Leaf(name), Fraction(k)),) if k else (): np.ones(()) for k in range(n)})
+
+
+@pytest.mark.parametrize("n, kept", [(24, True), (25, False)])
+def test_a_product_of_more_than_48_term_pairs_is_refused_before_it_is_multiplied(n, kept):
+    """(1 + x + ... + x^(n-1)) * (1 - x) telescopes to 1 - x^n (term by term, each x^k cancelled as
+    soon as it is made: never more than two terms on the way), but mul bounds its work by the pairs it would multiply: 4 * MAX_TERMS = 48 of them
+    are multiplied, 50 are refused whatever the product would be."""
+    one_minus_x = Expr({(): np.ones(()), ((Leaf("x"), Fraction(1)),): -np.ones(())})
+    product = A.mul(_powers_of("x", n), one_minus_x)
+    if kept:
+        assert product is not None and product.key == Expr({(): np.ones(()), ((Leaf("x"), Fraction(n)),): -np.ones(())}).key
+    else:
+        assert product is None
+
+
+def test_a_tensor_found_computed_from_a_graph_input_is_not_searched_again():
+    """p and q both read r = Relu(a) before the leaves: the search behind r ends at the graph input
+    a once; asked again from q (as deep as from p), r's "no" is remembered, not searched anew (with
+    many readers of one tensor, each would walk everything behind it again)."""
+    cv = leaves_view("""g (float[N,4] a) => (float[N,4] y) {
+        r = Relu (a)
+        p = Mul (r, r)
+        q = Mul (r, r)
+        x = Relu (a)
+        s = Add (x, p)
+        y = Add (s, q) }""", {"x"})
+    searched: list[str] = []
+    search = cv._static
+
+    def counting(name, depth=0):
+        searched.append(name)
+        return search(name, depth)
+
+    cv._static = counting
+    assert cv.expr("y").key == A.add(A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("p"))), Expr.atom(Leaf("q"))).key
+    assert searched.count("a") == 1 and searched.count("r") == 2
