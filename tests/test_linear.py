@@ -12,7 +12,8 @@ from onnx import helper, numpy_helper
 import normfold
 from builders import fold_and_compare, left, model_of, ops, the_site, value
 from normfold.passes import FoldContext, run_rules
-from normfold.passes._linear import _all_finite, _rounding, _widens
+from normfold.graph import GraphView
+from normfold.passes._linear import _all_finite, _rounding, _widens, find_linear_layer
 from normfold.passes.batchnorm import BatchNormFold
 
 F32, F16, BF16, F64 = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
@@ -775,3 +776,95 @@ def test_a_dropout_of_opset_7_is_an_identity_at_inference():
     model.graph.output[0].CopyFrom(value("y", [1, 4, 5, 5]))
     folded, report, _ = fold_and_compare(model)
     assert the_site(report).status == "folded" and ops(folded) == ["Conv", "Dropout"]
+
+
+# ---- what find_linear_layer finds: malformed layers, other domains, a chain's output --------------
+
+def test_a_layout_op_of_another_domain_is_not_looked_through():
+    """Conv -> custom Transpose (perm the identity, as the default-domain one would move nothing)
+    -> BN: an op of another domain may compute anything; the BN stays (its output's shape given,
+    as no inference knows the op)."""
+    chain = [helper.make_node("Transpose", ["c"], ["t"], name="swap", domain="custom", perm=[0, 1, 2, 3])]
+    [site] = run_rules(conv_chain_bn(chain).graph, [BatchNormFold()], FoldContext(opset=15), {"t": (F32, [1, 4, 5, 5])})
+    assert (site.status, site.reason) == ("left", "no-linear-producer")
+    assert site.detail.startswith("bn follows Transpose swap and no Conv")
+
+
+def test_a_layout_op_without_inputs_ends_the_search():
+    """A malformed Identity with no input (run_rules may be handed a graph the checker refuses):
+    no layer behind it, and no error."""
+    view = GraphView(model_of([helper.make_node("Identity", [], ["t"], name="ident")], [], [value("t", [4])], {}).graph,
+                     shapes={}, opset=15)
+    assert find_linear_layer(view, "t") is None
+
+
+def test_a_conv_without_a_weight_is_found_with_no_output_rank_and_left():
+    """A Conv with only its data input: found as the layer (no rank from a weight it lacks), and
+    the BN after it left as inconsistent, not an error out of the search."""
+    model = model_of([helper.make_node("Conv", ["x"], ["c"], name="conv"),
+                      helper.make_node("BatchNormalization", ["c", *PARAMS], ["y"], name="bn")],
+                     [value("x", [1, 3, 5, 5])], [value("y", None)], bn_consts(np.random.default_rng(0), 4))
+    layer = find_linear_layer(GraphView(model.graph, shapes={}, opset=15), "c")
+    assert (layer.op, layer.output, layer.channel_axis, layer.out_rank) == ("Conv", "c", 1, None)
+    [site] = run_rules(model.graph, [BatchNormFold()], FoldContext(opset=15), {})
+    assert (site.status, site.reason, site.nodes) == ("left", "inconsistent-constants", ["conv", "bn"])
+
+
+def test_an_add_of_more_than_two_inputs_is_no_bias_add():
+    """Add is binary: a malformed Add whose third input is a constant and fourth a MatMul's output
+    is not read as that MatMul's bias Add."""
+    rng = np.random.default_rng(16)
+    model = model_of([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                      helper.make_node("Add", ["x", "x", "b", "h"], ["hb"], name="add")],
+                     [value("x", [2, 3])], [value("hb", [2, 3])],
+                     dict(w=rng.standard_normal((3, 3)).astype(np.float32), b=np.ones(3, np.float32)))
+    assert find_linear_layer(GraphView(model.graph, shapes={}, opset=15), "hb") is None
+
+
+def test_a_gemm_output_is_rank_2_so_a_flatten_after_it_keeps_the_channels_on_axis_1():
+    """Found alone, a Gemm writes its channels on axis 1 of a rank-2 output; behind Flatten(axis=1)
+    they stay there."""
+    rng = np.random.default_rng(17)
+    consts = dict(w=rng.standard_normal((3, 4)).astype(np.float32), c=rng.standard_normal(4).astype(np.float32),
+                  **bn_consts(rng, 4))
+    model = model_of([helper.make_node("Gemm", ["x", "w", "c"], ["h"], name="gemm"),
+                      helper.make_node("Flatten", ["h"], ["t"], name="flat", axis=1),
+                      helper.make_node("BatchNormalization", ["t", *PARAMS], ["y"], name="bn")],
+                     [value("x", [2, 3])], [value("y", [2, 4])], consts)
+    layer = find_linear_layer(GraphView(model.graph, shapes={}, opset=15), "h")
+    assert (layer.op, layer.output, layer.channel_axis, layer.out_rank) == ("Gemm", "h", 1, 2)
+    folded, report, _ = fold_and_compare(model)
+    assert the_site(report).status == "folded" and ops(folded) == ["Gemm", "Flatten"]
+
+
+def test_the_tensor_of_unknown_rank_named_is_the_last_layout_ops_output():
+    """MatMul -> Cast -> BN with no shapes known: the BN's input, the Cast's output, is the tensor
+    whose rank is unknown (not the MatMul's)."""
+    rng = np.random.default_rng(18)
+    model = model_of([helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+                      helper.make_node("Cast", ["h"], ["t"], name="up", to=F32),
+                      helper.make_node("BatchNormalization", ["t", *PARAMS], ["y"], name="bn")],
+                     [helper.make_tensor_value_info("x", F32, None)], [helper.make_tensor_value_info("y", F32, None)],
+                     dict(w=rng.standard_normal((3, 4)).astype(np.float32), **bn_consts(rng, 4)))
+    site = left(model, "unknown-shape")
+    assert site.detail == "rank of 't' unknown; BN normalizes axis 1, which must hold the output channels of MatMul mm"
+
+
+def test_a_shared_bias_of_a_matmuls_add_is_cloned_and_the_note_says_so():
+    """MatMul -> Add(b) -> BN, and b read by another Add too: the folded bias is a new initializer
+    named after the bias Add, and b stays for the other reader."""
+    model = matmul_add_bn()
+    model.graph.node.append(helper.make_node("Add", ["x2", "b"], ["z"], name="other"))
+    model.graph.input.append(value("x2", [2, 4]))
+    model.graph.output.append(value("z", [2, 4]))
+    consts = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    folded, report, _ = fold_and_compare(model)
+    site = the_site(report)
+    assert site.status == "folded"
+    assert site.notes == ["bias 'b' is shared with 1 other node(s); cloned as 'add_bias_folded' so they keep the original"]
+    add = next(n for n in folded.graph.node if n.name == "add")
+    assert list(add.input) == ["h", "add_bias_folded"]
+    scale, shift = bn_affine(consts)
+    np.testing.assert_array_equal(const(folded, "add_bias_folded"),
+                                  (consts["b"].astype(np.float64) * scale + shift).astype(np.float32))
+    np.testing.assert_array_equal(const(folded, "b"), consts["b"])
