@@ -11,6 +11,8 @@ from onnx import helper, numpy_helper
 
 import normfold
 from builders import fold_and_compare, left, ops, the_site, value
+from normfold.graph import GraphView
+from normfold.passes._next_layer import find_next_layer, layer_axis
 
 F32, F16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
 PARAMS = ("s", "bb", "m", "v")
@@ -463,3 +465,49 @@ def test_a_same_padded_conv_with_a_3x1_kernel_pads():
     assert left(model, "no-linear-producer").detail == (
         PREFIX + "the Conv layer after it pads its input: the padded border would miss the BN's shift, so it "
         "cannot move into the Conv")
+
+
+# ---- the next layer's spellings and search (find_next_layer, layer_axis) -------------------------
+
+def test_a_next_conv_in_the_ai_onnx_domain_takes_the_bn():
+    """"ai.onnx" is the default domain by its other name: the Conv after the BN is its next layer."""
+    model = conv_after()
+    model.graph.node[-1].domain = "ai.onnx"
+    folded, report = normfold.fold(model)
+    site = the_site(report)
+    assert site.status == "folded", site.detail
+    assert ops(folded) == ["Relu", "Conv"]
+
+
+def test_a_bias_add_in_the_ai_onnx_domain_is_the_next_matmuls():
+    """MatMul -> Add(b) with the Add spelled in "ai.onnx": the Add is the MatMul's bias Add (its
+    constant takes the shift; no Add is created), as in the default domain; in another it is not."""
+    for domain, core in (("ai.onnx", ["layer", "add"]), ("custom", ["layer"])):
+        model = relu_bn([helper.make_node("MatMul", ["n", "w"], ["h"], name="layer"),
+                         helper.make_node("Add", ["h", "b"], ["out"], name="add", domain=domain)],
+                        {"w": W_GEMM, "b": np.ones(6, np.float32)}, [2, 4], [2, 6])
+        after = find_next_layer(GraphView(model.graph, shapes={}, opset=15), "n")
+        assert [n.name for n in after.core] == core
+
+
+def test_a_transpose_before_the_next_layer_is_looked_through_only_when_asked():
+    """BN -> Transpose -> Conv: by default (the BN fold) the Transpose ends the search; with
+    `transposes` (the Keras constant chains) the Conv behind it is the next layer."""
+    model = relu_bn([helper.make_node("Transpose", ["n"], ["p"], name="tr", perm=[0, 1, 3, 2]),
+                     helper.make_node("Conv", ["p", "w"], ["out"], name="layer")], {"w": W_CONV}, [1, 4, 5, 5], None)
+    view = GraphView(model.graph, shapes={}, opset=15)
+    assert find_next_layer(view, "n") is None
+    after = find_next_layer(view, "n", transposes=True)
+    assert [n.name for n in after.core] == ["layer"] and [n.name for n in after.through] == ["tr"]
+
+
+def test_a_conv_of_unknown_rank_with_a_weight_that_is_no_constant_has_no_layer_axis():
+    """Neither the shapes table nor a constant weight tells the Conv input's rank: no axis (the
+    weight is then refused by check_next_layer), not an error."""
+    graph = helper.make_graph([helper.make_node("Relu", ["x"], ["n"], name="relu"),
+                               helper.make_node("Conv", ["n", "w"], ["out"], name="layer")], "g",
+                              [value("x", None), value("w", None)], [value("out", None)])
+    view = GraphView(graph, shapes={}, opset=15)
+    after = find_next_layer(view, "n")
+    assert after is not None and after.op == "Conv"
+    assert layer_axis(view, after, -1) is None
