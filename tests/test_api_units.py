@@ -553,6 +553,18 @@ def test_a_job_measures_the_model_once(tmp_path, monkeypatch):
     assert measured == [tmp_path / "m.onnx"]
 
 
+def test_verify_local_does_not_measure_the_model(monkeypatch):
+    """With --verify local neither the whole-model decision nor the one-child choice is made, so
+    _Check never reads the model for its size (model_bytes parses a model under 256 MB); a
+    whole-model verification still measures it once."""
+    measured = []
+    monkeypatch.setattr(api, "model_bytes", lambda path: measured.append(path) or 0)
+    check = api._Check(api.VerifyOptions(local=True), "m.onnx", api.Report())
+    assert measured == [] and check.local and check.pending is None
+    check = api._Check(api.VerifyOptions(local=False), "m.onnx", api.Report())
+    assert measured == ["m.onnx"] and check.together and check.pending is None
+
+
 def test_a_left_site_gets_no_error_even_where_a_compared_tensor_has_its_output(monkeypatch):
     """finish gives each rewritten site the error of its tensor, and a left site none, by its
     status (not only because left sites' tensors are not compared)."""
