@@ -749,3 +749,119 @@ def test_a_bfloat16_norm_with_an_epsilon_fuses_with_its_parameters_in_bfloat16(n
     if op == "LayerNormalization":
         assert np.array_equal(onnx.numpy_helper.to_array(params[node.input[2]]).astype(np.float32),
                               used["beta"].astype(np.float32))
+
+
+# ---- the recogniser's bounds and guards, one case each (tests/mutation/SURVIVORS.md) ---------------
+def _chain(op: str, n: int, body_input: str = "x") -> str:
+    """x -> c1 -> ... -> cn through `op` nodes (each a node of its own), as ONNX text lines."""
+    return "\n".join(f"        c{k} = {op} ({'x' if k == 1 else f'c{k - 1}'})" for k in range(1, n + 1))
+
+
+@pytest.mark.parametrize("n, fused_input", [(16, "x"), (17, "c1")])
+def test_x_is_read_through_at_most_sixteen_identities(n, fused_input):
+    """The tensor a reduction takes statistics of is found behind up to eight Identities, and the
+    tensor behind that one behind eight more: with seventeen, the first stays and the fused op reads it."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", f"(c{n},")
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n{_chain('Identity', n)}{body}\n}}", opset=18, **used)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Identity"] * (n - 16) + ["LayerNormalization"], report.to_text(verbose=True)
+    assert folded.graph.node[-1].input[0] == fused_input
+    assert report.sites[0].detail == "25 nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)"
+
+
+@pytest.mark.parametrize("n, fused_input", [(8, "x"), (9, "c1")])
+def test_x_is_read_through_at_most_eight_transposes(n, fused_input):
+    """Behind up to eight Transposes (here eight swaps: X itself): with nine, the tensor behind
+    the first stays the fused op's input."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", f"(c{n},")
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    chain = _chain("Transpose <perm=[1, 0, 2]>", n)
+    model = build(f"g (float[5,5,{D}] x) => (float[5,5,{D}] y) {{\n{chain}{body}\n}}", opset=18, **used)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Transpose"] * (n - 8) + ["LayerNormalization"], report.to_text(verbose=True)
+    assert folded.graph.node[-1].input[0] == fused_input
+
+
+def test_a_norm_whose_input_is_doubled_thirty_times_is_read_in_linear_time():
+    """x added to itself thirty times, then scaled back by 2^-30 (exact in float32): the nodes computing
+    the norm from x are collected once each, not once per path to them (2^30 paths)."""
+    chain = "\n".join(f"        x{k} = Add ({'x' if k == 1 else f'x{k - 1}'}, {'x' if k == 1 else f'x{k - 1}'})"
+                      for k in range(1, 31))
+    body = SPELLINGS["torchscript"][1].replace("d = Sub (x, m)", "xs = Mul (x30, back)\n        d = Sub (xs, m)")
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n{chain}{body}\n}}", opset=18,
+                  back=np.float32(2.0 ** -30), **used)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"], report.to_text(verbose=True)
+    assert report.sites[0].detail == "40 nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)"
+
+
+def test_a_norm_that_cancels_an_earlier_fused_norm_is_fused_with_the_op_that_rewrite_wrote():
+    """x2 = -x's LayerNorm is fused first; the second norm adds and subtracts its result. Its nodes
+    include the op the first rewrite wrote (in no node list of the model yet): they are ordered too."""
+    first = SPELLINGS["torchscript"][1].replace("(x,", "(nx,")
+    for t in TORCHSCRIPT_TENSORS:
+        first = re.sub(rf"\b{t}\b", f"{t}1", first)
+    second = SPELLINGS["torchscript"][1].replace("nrm = Div (d, sd)",
+                                                 "dz = Add (d, y1)\n        dd = Sub (dz, y1)\n        nrm = Div (dd, sd)")
+    body = f"\n        nx = Neg (x){first}{second}"
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{{body}\n}}", opset=18, **used)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"], report.to_text(verbose=True)
+    assert [s.status for s in report.sites] == ["fused", "fused"]
+    assert report.sites[1].detail == "13 nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)"
+
+
+def test_a_mean_subtracted_from_a_refused_norm_s_centered_tensor_is_reported_too():
+    """d = x - mean(x) is read outside the LayerNorm by d - mean(d): the LayerNorm is left (d is used
+    elsewhere), and the second centering, whose reduction reads d itself, is reported as one."""
+    body = SPELLINGS["torchscript"][1] + "\n        m2 = ReduceMean (d, ax)\n        e = Sub (d, m2)\n        z = Neg (e)"
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y, float[2,5,{D}] z) {{{body}\n}}", opset=18, **used)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert [(s.kind, s.reason, s.detail) for s in report.sites] == [
+        ("LayerNorm (decomposed)", "intermediate-used-elsewhere", "'d' inside the norm is also used outside it"),
+        ("LayerNorm-like (unrecognized spelling)", "unrecognized-pattern",
+         "ReduceMean(m2) subtracts a mean like a LayerNorm, but the nodes after it are not a norm normfold can "
+         "prove (ReduceMean -> Sub -> Neg)")]
+
+
+@pytest.mark.parametrize("tail", ["y = Div (x, ms)", "y = Div (x, mse)"])
+def test_x_divided_by_its_mean_square_without_a_root_is_reported(tail):
+    """x / mean(x^2) (or + eps): a mean square under a negative power, next to x in the same product,
+    is a norm's statistic in a spelling no form explains."""
+    body = f"sq = Mul (x, x)\n        ms = ReduceMean (sq, ax)\n        mse = Add (ms, eps)\n        {tail}"
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n        {body}\n}}", opset=18, **used)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.kind, site.reason) == ("RMSNorm-like (unrecognized spelling)", "unrecognized-pattern")
+    assert site.detail.startswith("ReduceMean(ms) takes a mean square and its inverse square root like a norm"), site.detail
+
+
+def test_a_statistic_of_a_statistic_of_x_is_reported():
+    """mean(x * rms(x))^-1/2 (the inner rms over another axis, its epsilon under the root): the mean
+    square of x sits inside the root inside the outer mean. Both reductions are reported, the inner
+    one at its root, the outer one for the moment nested in it."""
+    body = """sq = Mul (x, x)
+        ms = ReduceMean (sq, ax2)
+        mse = Add (ms, eps)
+        rms = Sqrt (mse)
+        xr = Mul (x, rms)
+        m2 = ReduceMean (xr, ax)
+        r2 = Pow (m2, half)
+        y = Mul (x, r2)"""
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n        {body}\n}}", opset=18, **used)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    assert [(s.reason, s.nodes, s.output) for s in report.sites] == [
+        ("unrecognized-pattern", ["ReduceMean(ms)", "Add(mse)", "Sqrt(rms)"], "rms"),
+        ("unrecognized-pattern", ["ReduceMean(m2)", "Pow(r2)"], "r2")]
+    assert report.sites[1].detail == ("ReduceMean(m2) takes a mean square and its inverse square root like a norm, "
+                                      "but what it computes is not a LayerNorm or RMSNorm normfold can prove "
+                                      "(ReduceMean -> Pow)")
