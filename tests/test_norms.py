@@ -865,3 +865,89 @@ def test_a_statistic_of_a_statistic_of_x_is_reported():
     assert report.sites[1].detail == ("ReduceMean(m2) takes a mean square and its inverse square root like a norm, "
                                       "but what it computes is not a LayerNorm or RMSNorm normfold can prove "
                                       "(ReduceMean -> Pow)")
+
+
+# ---- mixed precision: which type the fused op runs in, and which Casts stay ------------------------
+def _used(body: str) -> dict:
+    return {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+
+
+def test_a_norm_whose_input_type_is_unknown_is_left_unknown_shape():
+    """X written by an op of another domain (no type for it, nor for what the norm computes from it):
+    the fused op's type cannot be chosen."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", "(x2,")
+    model = onnx.parser.parse_model(f'<ir_version: 8, opset_import: ["" : 18, "custom": 1]>\n'
+                                    f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n x2 = custom.Foo (x){body}\n}}")
+    model.graph.initializer.extend(onnx.numpy_helper.from_array(np.asarray(v), k) for k, v in _used(body).items())
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.kind, site.reason, site.detail) == (
+        "LayerNorm (decomposed)", "unknown-shape", "the element types around the norm at ReduceMean(m) could not be inferred")
+
+
+def test_a_cast_of_x_to_its_own_type_joins_the_fused_op():
+    """Cast(to=FLOAT) of a float32 X rounds nothing: no rounding point to keep, so it goes with the
+    norm (no Cast stays, no note)."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", "(c,")
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n c = Cast <to=1> (x){body}\n}}", opset=18, **_used(body))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["LayerNormalization"] and folded.graph.node[0].input[0] == "x"
+    assert report.sites[0].notes == []
+
+
+def test_a_float16_norm_without_gamma_rounding_its_inverse_rms_is_one_float16_op():
+    """float16 X widened for the statistics, the inverse RMS cast back before x * r, no gamma: there
+    is nothing to scale after the rounding, so the fused op is float16 (no Casts stay, no note)."""
+    body = """xf = Cast <to=1> (x)
+        sq = Mul (xf, xf)
+        ms = ReduceMean (sq, ax)
+        mse = Add (ms, eps)
+        r = Pow (mse, half)
+        r16 = Cast <to=10> (r)
+        y = Mul (x, r16)"""
+    model = build(f"g (float16[2,5,{D}] x) => (float16[2,5,{D}] y) {{\n {body}\n}}", opset=23, **_used(body))
+    folded, report, _ = fold_and_compare(model, atol=1e-2, rtol=1e-2)
+    assert ops(folded) == ["RMSNormalization"] and folded.graph.node[0].input[0] == "x"
+    [scale] = folded.graph.initializer
+    assert scale.data_type == onnx.TensorProto.FLOAT16
+    assert report.sites[0].notes == []
+
+
+@pytest.mark.parametrize("last_cast", [False, True])
+def test_a_norm_that_reads_float16_and_writes_float32_runs_in_float32_after_the_model_s_cast(last_cast):
+    """Cast(f32) of a float16 X, then a float32 LayerNorm (and a Cast to float32 of its float32
+    result, which rounds nothing): the model's widening Cast stays, the op reads it and writes y."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", "(xf,")
+    if last_cast:
+        body = body.replace("y = Add (g, beta)", "yb = Add (g, beta)\n        y = Cast <to=1> (yb)")
+    model = build(f"g (float16[2,5,{D}] x) => (float[2,5,{D}] y) {{\n xf = Cast <to=1> (x){body}\n}}", opset=18,
+                  **_used(body))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Cast", "LayerNormalization"]
+    assert list(folded.graph.node[1].input[:1]) == ["xf"] and folded.graph.node[1].output[0] == "y"
+    [site] = report.sites
+    assert site.detail == f"{10 if last_cast else 9} nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)"
+    assert site.notes == ["the model's Casts stay around the fused op: it normalizes and scales in FLOAT"]
+
+
+def test_a_norm_that_reads_float32_and_writes_float16_keeps_its_last_cast():
+    body = SPELLINGS["torchscript"][1].replace("y = Add (g, beta)", "yb = Add (g, beta)\n        y = Cast <to=10> (yb)")
+    model = build(f"g (float[2,5,{D}] x) => (float16[2,5,{D}] y) {{{body}\n}}", opset=18, **_used(body))
+    folded, report, _ = fold_and_compare(model, atol=1e-3, rtol=1e-3)
+    assert ops(folded) == ["LayerNormalization", "Cast"] and folded.graph.node[0].input[0] == "x"
+    assert report.sites[0].notes == ["the model's Casts stay around the fused op: it normalizes and scales in FLOAT"]
+
+
+def test_a_float16_norm_widened_behind_an_identity_is_left_with_its_types():
+    """float16 X -> Identity -> Cast(f32) -> the norm in float32 -> Cast(f16): the widening Cast does
+    not read X itself, so no op can start at the model's rounding point; left, saying the types."""
+    body = SPELLINGS["torchscript"][1].replace("(x,", "(xf,").replace(
+        "y = Add (g, beta)", "yb = Add (g, beta)\n        y = Cast <to=10> (yb)")
+    model = build(f"g (int32[2,5,{D}] xi) => (float16[2,5,{D}] y) {{\n x = Cast <to=10> (xi)\n xid = Identity (x)\n"
+                  f" xf = Cast <to=1> (xid){body}\n}}", opset=18, **_used(body))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("unsupported-dtype", "the norm at ReduceMean(m) reads FLOAT16 and writes "
+                                          "FLOAT16 with rounding points the fused op cannot reproduce")
