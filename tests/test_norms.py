@@ -951,3 +951,98 @@ def test_a_float16_norm_widened_behind_an_identity_is_left_with_its_types():
     [site] = report.sites
     assert (site.reason, site.detail) == ("unsupported-dtype", "the norm at ReduceMean(m) reads FLOAT16 and writes "
                                           "FLOAT16 with rounding points the fused op cannot reproduce")
+
+
+STATS_OF_X_REST_OF_ITS_TRANSPOSE = """
+        t = Transpose <perm=[0, 2, 1]> (x)
+        m = ReduceMean (x, ax1)
+        mt = Transpose <perm=[0, 2, 1]> (m)
+        d = Sub (t, mt)
+        sq = Mul (d, d)
+        v = ReduceMean (sq, ax)
+        ve = Add (v, eps)
+        sd = Sqrt (ve)
+        nrm = Div (d, sd)
+        y = Mul (nrm, gamma)
+        z = Add (t, y)"""
+
+
+@pytest.mark.parametrize("also_out", ["", "d"])
+def test_a_norm_whose_mean_reads_x_and_the_rest_its_transpose_read_elsewhere(also_out):
+    """The mean is taken of X, everything else reads Transpose(X), which a residual Add reads too:
+    that Transpose is X read through the norm's own permutation, so the fused op reads it (it stays).
+    Another tensor of the norm read outside (d) still leaves the norm."""
+    outs = f"float[2,5,{D}] z" + (f", float[2,5,{D}] {also_out}" if also_out else "")
+    model = build(f"g (float[2,{D},5] x) => ({outs}) {{{STATS_OF_X_REST_OF_ITS_TRANSPOSE}\n}}", opset=18,
+                  ax=CONSTS["ax"], ax1=np.array([1]), eps=CONSTS["eps"], gamma=GAMMA)
+    if also_out:
+        folded, report = normfold.fold(model)
+        assert ops(folded) == ops(model)
+        [site] = report.sites
+        assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'d' inside the norm is also used outside it")
+        return
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Transpose", "LayerNormalization", "Add"]
+    assert [list(n.input[:1]) for n in folded.graph.node] == [["x"], ["t"], ["t"]]
+    assert report.sites[0].detail == "9 nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)"
+
+
+def test_an_intermediate_read_inside_a_subgraph_keeps_the_norm():
+    """An If whose branch takes Shape(d): its int64 output goes nowhere, but what a subgraph does with
+    d is not followed, so d counts as read outside the norm (fusing would leave the branch without d)."""
+    model = spelling_model("torchscript")
+    branch = onnx.helper.make_graph([onnx.helper.make_node("Shape", ["d"], ["s"])], "branch", [],
+                                    [onnx.helper.make_tensor_value_info("s", INT64, [3])])
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.array(True), "cond"))
+    model.graph.node.append(onnx.helper.make_node("If", ["cond"], ["shp"], then_branch=branch, else_branch=branch))
+    model.graph.value_info.append(onnx.helper.make_tensor_value_info("shp", INT64, [3]))
+    onnx.checker.check_model(model, full_check=True)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'d' inside the norm is also used outside it")
+
+
+def test_an_rmsnorm_followed_by_a_bias_is_fused_without_it():
+    """RMSNorm has no bias: x * r * gamma + b is an RMSNorm, then an Add that stays."""
+    model = _variant("llama", "y = Mul (gamma, nrm)", "yg = Mul (gamma, nrm)\n        y = Add (yg, beta)")
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["RMSNormalization", "Add"]
+    assert len(folded.graph.node[0].input) == 2 and report.sites[0].output == "yg"
+
+
+@pytest.mark.parametrize("name, old, new, options", [
+    ("torchscript", "g = Mul (nrm, gamma)", "g0 = Mul (nrm, big)\n        g = Mul (g0, big)", {}),
+    # the dry run that decides whether to convert the opset checks the site too (outside fold's own
+    # numpy error state): --allow-contrib writes an RMSNorm below opset 23
+    ("llama", "y = Mul (gamma, nrm)", "y0 = Mul (big, nrm)\n        y = Mul (y0, big)",
+     {"target_opset": 23, "allow_contrib": True}),
+])
+def test_a_float16_gamma_that_overflows_is_stored_as_inf_without_a_warning(name, old, new, options):
+    """gamma multiplied in twice (300 * 300 > 65504): the product, exact in float64, is infinite in
+    float16 (as the model's own second Mul is); stored so, the rounding reported infinite, and no
+    numpy overflow warning escapes fold()."""
+    import warnings
+
+    body = SPELLINGS[name][1].replace(old, new)
+    consts = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in _used(body).items()}
+    model = build(f"g (float16[2,5,{D}] x) => (float16[2,5,{D}] y) {{{body}\n}}", opset=18,
+                  big=np.full(D, 300, np.float16), **consts)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folded, report = normfold.fold(model, normfold.FoldOptions(**options))
+    assert ops(folded) == [{"torchscript": "LayerNormalization", "llama": "SimplifiedLayerNormalization"}[name]]
+    scale = onnx.numpy_helper.to_array(next(t for t in folded.graph.initializer if t.name == folded.graph.node[0].input[1]))
+    assert scale.dtype == np.float16 and np.all(np.isposinf(scale))
+    assert report.sites[0].max_rounding == float("inf")
+
+
+def test_a_norm_over_an_empty_axis_has_no_rounding():
+    """x of shape [2, 5, 0]: the normalized parameters are empty, and so is their rounding (none to report)."""
+    model = _torchscript("2,5,0", "2,5,0", gamma=np.float32(2.0), beta=np.float32(1.0))
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["LayerNormalization"]
+    [site] = report.sites
+    assert (site.status, site.max_rounding) == ("fused", None)
+    assert [onnx.numpy_helper.to_array(t).shape for t in folded.graph.initializer if t.name in folded.graph.node[0].input] \
+        == [(0,), (0,)]
