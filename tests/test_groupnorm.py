@@ -1062,3 +1062,146 @@ def test_an_instance_norm_fed_by_another_op_than_a_reshape_is_no_group_norm():
     }""", opset=21, c=np.full((4, 1), 2, np.float32), s=np.ones(4, np.float32), b=np.zeros(4, np.float32))
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model) and report.sites == []
+
+
+# ---- which grouped readings are proven, and from which shapes (norms._grouped, _grouping_dims) -----
+RMS_OF_Z = """sq = Mul (z, z)
+      var = ReduceMean (sq, ax)
+      ve = Add (var, eps)
+      sd = Sqrt (ve)
+      r = Reciprocal (sd)
+      o = Mul (z, r)"""
+
+
+def test_an_rmsnorm_over_a_grouped_view_is_no_group_norm():
+    """GroupNorm subtracts the groups' means: an RMSNorm between the grouping Reshapes stays an
+    RMSNorm over the grouped tensor."""
+    text = f"""g (float[2,8,3] x) => (float[2,8,3] y) {{
+      z = Reshape (x, k1)
+      {RMS_OF_Z}
+      y = Reshape (o, k2)
+    }}"""
+    model = build(text, opset=23, k1=np.array([2, 4, 2, 3]), k2=np.array([2, 8, 3]), ax=np.array([2, 3]),
+                  eps=np.float32(1e-5))
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Reshape", "RMSNormalization", "Reshape"]
+    assert [(s.pass_name, s.status) for s in report.sites] == [("rmsnorm", "fused")]
+
+
+def test_a_grouping_with_one_dynamic_size_is_checked_on_the_inferred_shapes():
+    """X [2, 8, H] grouped by [2, 4, 2, -1] and back by [2, 8, -1]: one unknown size, which the equal
+    element counts make equal, so shape inference's dimensions prove the grouping (the -1s, not in
+    front, are nothing the shape arithmetic could name)."""
+    model = _grouped("2,8,H", [2, 4, 2, -1], [2, 8, -1], [2, 3])
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ["GroupNormalization"], report.to_text(verbose=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((2, 8, 5)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def channels_last_dynamic_grouping(gc=(4, 2), allowzero: int = 0) -> onnx.ModelProto:
+    """X [N, H, 8] grouped into (N, H, 4, 2) by a target computed from Shape(X), normalized over
+    (H, C/G), reshaped back by Shape(X)."""
+    text = f"""g (float[N,H,8] x) => (float[N,H,8] y) {{
+      s = Shape (x)
+      n = Slice (s, i0, i1)
+      h = Slice (s, i1, i2)
+      k1 = Concat <axis=0> (n, h, gc)
+      z = Reshape <allowzero={allowzero}> (x, k1)
+      {MOMENTS_OF_Z}
+      y = Reshape (o, s)
+    }}"""
+    return build(text, opset=21, i0=np.array([0]), i1=np.array([1]), i2=np.array([2]), gc=np.array(gc),
+                 ax=np.array([1, 3]), eps=np.float32(1e-5))
+
+
+def test_a_channels_last_grouping_of_several_dynamic_sizes_is_proven_from_the_shape_arithmetic():
+    """N and H dynamic, the channels last: the target names N and H by X's own dimensions, so the
+    grouping is proven (G and C/G static, the norm over H and C/G); it needs --allow-transpose."""
+    model = channels_last_dynamic_grouping()
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert (site.reason, site.detail) == ("unsupported-axis", "the GroupNorm groups the last axis of 'x', which no "
+                                          "Transpose from a channels-first tensor puts there (--allow-transpose "
+                                          "wraps GroupNormalization in a Transpose pair)")
+    folded, report = normfold.fold(model, normfold.FoldOptions(allow_transpose=True))
+    assert ops(folded) == ["Transpose", "GroupNormalization", "Transpose"], report.to_text(verbose=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((3, 5, 8)).astype(np.float32)}
+    np.testing.assert_allclose(run(folded, feeds)[0], run(model, feeds)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_a_literal_zero_size_in_a_grouping_is_no_copy_of_a_dimension():
+    """allowzero=1 and a 0 past X's rank: a zero size, not a dimension of X (nothing the grouping
+    could be proven from): no GroupNorm, and no claim about dynamic sizes either."""
+    folded, report = normfold.fold(channels_last_dynamic_grouping(gc=(4, 0), allowzero=1),
+                                   normfold.FoldOptions(allow_transpose=True))
+    assert "GroupNormalization" not in ops(folded)
+    assert not gn_sites(report)
+
+
+def _without_x_shape(model: onnx.ModelProto) -> onnx.ModelProto:
+    model.graph.input[0].type.tensor_type.ClearField("shape")
+    return model
+
+
+def _reshaped_by_an_input(which: str, axes=(2, 3)) -> onnx.ModelProto:
+    """The grouping (`which` = "split") or the Reshape back ("merge") to a target that is a graph
+    input of unknown length (the output's shape not declared either)."""
+    text = f"""g (float[2,8,3] x, int64[K] kin) => (float[2,8,3] y) {{
+      z = Reshape (x, {'kin' if which == 'split' else 'k1'})
+      {MOMENTS_OF_Z}
+      y = Reshape (o, {'k2' if which == 'split' else 'kin'})
+    }}"""
+    model = build(text, opset=21, k1=np.array([2, 4, 2, 3]), k2=np.array([2, 8, 3]), ax=np.array(axes),
+                  eps=np.float32(1e-5))
+    if which == "merge":
+        model.graph.output[0].type.tensor_type.ClearField("shape")
+    return model
+
+
+@pytest.mark.parametrize("model, site", [
+    (lambda: _without_x_shape(_grouped("2,8,3", [2, 4, 2, 3], [2, 8, 3], [2, 3])),
+     ("layernorm", "fused", None, "8 nodes fused into LayerNormalization (axis=-2, epsilon=1e-05)")),
+    (lambda: _reshaped_by_an_input("merge"),
+     ("layernorm", "fused", None, "8 nodes fused into LayerNormalization (axis=-2, epsilon=1e-05)")),
+    (lambda: _grouped("2,8,3", [2, 4, 2, 3], [2, 24], [2, 3], ydims="2,24"),
+     ("layernorm", "fused", None, "8 nodes fused into LayerNormalization (axis=-2, epsilon=1e-05)")),
+    (lambda: _grouped("2,8,3", [2, 4, 6], [2, 8, 3], [2]),
+     ("layernorm", "fused", None, "8 nodes fused into LayerNormalization (axis=-1, epsilon=1e-05)")),
+    (lambda: _reshaped_by_an_input("split", axes=(-2, -1)),
+     ("layernorm", "left", "unknown-shape", "the size of the normalized axes could not be inferred")),
+], ids=["x-shape-unknown", "output-rank-unknown", "merged-to-another-rank", "grouped-without-a-new-axis",
+        "grouped-rank-unknown"])
+def test_a_grouping_whose_shapes_do_not_line_up_is_only_a_norm_of_the_grouped_tensor(model, site):
+    """X's shape unknown, Z or the output of unknown rank, Z not one axis more than X, the output not
+    X's rank: no GroupNorm is proven; what is left is the norm over Z (fused between the Reshapes
+    where its axes are known)."""
+    folded, report = normfold.fold(model())
+    assert "GroupNormalization" not in ops(folded)
+    [found] = report.sites
+    assert (found.pass_name, found.status, found.reason, found.detail) == site
+
+
+def test_a_dynamic_grouping_by_a_target_nothing_computes_is_no_group_norm():
+    """N and H dynamic, the grouping target a graph input: nothing names its entries, so nothing is
+    proven; the norm over Z is left for its unknown sizes."""
+    text = f"""g (float[N,8,H] x, int64[4] kin) => (float[N,8,H] y) {{
+      s = Shape (x)
+      z = Reshape (x, kin)
+      {MOMENTS_OF_Z}
+      y = Reshape (o, s)
+    }}"""
+    folded, report = normfold.fold(build(text, opset=21, ax=np.array([2, 3]), eps=np.float32(1e-5)))
+    assert "GroupNormalization" not in ops(folded)
+    [site] = report.sites
+    assert (site.pass_name, site.reason, site.detail) == ("layernorm", "unknown-shape",
+                                                          "the size of the normalized axes could not be inferred")
+
+
+def test_a_dynamic_grouping_that_puts_another_size_first_is_not_proven():
+    """(H, 4, 2, H) for X (N, 8, H): the first entry is not X's first dimension (valid only if N
+    equals H), so the grouping is not proven."""
+    folded, report = normfold.fold(dynamic_grouping("h", "h"))
+    assert "GroupNormalization" not in ops(folded)
+    [site] = report.sites
+    assert (site.pass_name, site.reason) == ("layernorm", "unknown-shape")
