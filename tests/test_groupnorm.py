@@ -1034,8 +1034,8 @@ def test_a_grouping_of_several_dynamic_dimensions_it_cannot_resolve_is_left_unkn
         allow_transpose=True))
     assert "GroupNormalization" not in ops(folded)
     [site] = gn_sites(report)
-    assert (site.reason, site.detail) == ("unknown-shape", "Reshape(z) groups a tensor with several dynamic dimensions "
-                                          "([None, None, 8]); normfold cannot prove it splits only the channels")
+    assert (site.reason, site.detail) == ("unknown-shape", "Reshape(z) groups 'x' [?, ?, 8], a tensor with several "
+                                          "dynamic dimensions; normfold cannot prove it splits only the channels")
 
 
 def test_torch_groupnorm_on_an_input_of_unknown_type_is_left():

@@ -366,9 +366,14 @@ def _grouping_dims(view: GraphView, split, merge, form: NormForm):
         return dx, dz, dout
     proven = _symbolic_dims(view, split, merge, x)
     if proven is None and isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == len(dz) - 2:
-        return Left("unknown-shape", f"{label(split)} groups a tensor with several dynamic dimensions ({dx}); "
-                                     "normfold cannot prove it splits only the channels")
+        return Left("unknown-shape", f"{label(split)} groups {x!r} {_shown(dx)}, a tensor with several dynamic "
+                                     "dimensions; normfold cannot prove it splits only the channels")
     return proven
+
+
+def _shown(dims: list) -> str:
+    """Dimensions as a report writes them: a dynamic size is `?` (not Python's None)."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _symbolic_dims(view: GraphView, split, merge, x: str):
