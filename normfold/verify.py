@@ -249,13 +249,15 @@ def compare_arrays(name: str, ref: np.ndarray, got: np.ndarray, atol: float | No
         return OutputComparison(name, dtype, list(ref.shape), float("inf"), float("inf"), atol, rtol, False,
                                 float("inf"), tolerance_dtype=None if explicit else source)
     diff, scale = _differences(ref, got)
+    # An rtol large enough to overflow rtol * |ref| is an infinite tolerance (inf - inf where the
+    # error is infinite too): no warning, nor an error under a caller's np.seterr(all="raise").
     with np.errstate(invalid="ignore", over="ignore"):
         rel = diff / np.maximum(scale, np.finfo(np.float64).tiny)
         excess = diff - rtol * scale
-    max_abs = float(diff.max()) if diff.size else 0.0
-    max_rel = float(rel.max()) if rel.size else 0.0
-    needed = float(max(0.0, excess.max())) if excess.size else 0.0
-    passed = bool(np.all(diff <= atol + rtol * scale))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        max_rel = float(rel.max()) if rel.size else 0.0
+        needed = float(max(0.0, excess.max())) if excess.size else 0.0
+        passed = bool(np.all(diff <= atol + rtol * scale))
     return OutputComparison(name, dtype, list(ref.shape), max_abs, max_rel, atol, rtol, passed, needed,
                             tolerance_dtype=None if explicit else source)
 

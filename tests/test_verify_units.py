@@ -985,3 +985,49 @@ def test_compare_models_runs_both_at_the_optimization_level_asked(monkeypatch):
                         or real(model, label, level, **k))
     verify.compare_models(_shifted(0.0), _shifted(0.0), opt_level="basic")
     assert levels == [("original", "basic"), ("folded", "basic")]
+
+
+# ---- the child's start, the session's providers, numpy's error state ---------------------------------
+_STATE_OF_THE_PARENT = {"changed": False}
+
+
+def _state_of_the_process():
+    import multiprocessing
+
+    return _STATE_OF_THE_PARENT["changed"], multiprocessing.current_process().daemon
+
+
+def test_an_isolated_call_runs_in_a_fresh_daemon_child(monkeypatch):
+    """Spawned, not forked: the child imports the modules anew and sees nothing the parent changed
+    since (a fork would also copy a parent's threads, onnxruntime's among them, in whatever state
+    they are). A daemon: multiprocessing ends it when the run exits."""
+    from normfold.verify import isolated
+
+    monkeypatch.setitem(_STATE_OF_THE_PARENT, "changed", True)
+    assert isolated(_state_of_the_process, (), "original") == (False, True)
+
+
+def test_a_session_runs_on_the_cpu_provider_without_a_warning(capfd):
+    """The provider is named as onnxruntime spells it: a misspelled one would still end on the CPU,
+    after a UserWarning and an 'EP Error' on the console."""
+    import warnings
+
+    from normfold.verify import open_session
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        session = open_session(_neg_model().SerializeToString(), "original")
+    assert session.session.get_providers() == ["CPUExecutionProvider"]
+    assert [str(w.message) for w in caught] == []
+    assert capfd.readouterr() == ("", "")
+
+
+def test_an_overflowing_relative_tolerance_is_infinite_under_any_numpy_error_state():
+    """rtol * |ref| past float64's range is an infinite tolerance: an infinite error passes it, and
+    neither a warning nor a caller's np.seterr(all="raise") interrupts the comparison."""
+    import warnings
+
+    with warnings.catch_warnings(), np.errstate(all="raise"):
+        warnings.simplefilter("error")
+        c = compare_arrays("y", np.array([1e308, 1.0]), np.array([np.inf, 1.0]), atol=0.0, rtol=10.0)
+    assert c.passed and c.max_abs_error == float("inf") and c.needed_atol == 0.0
