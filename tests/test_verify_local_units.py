@@ -484,3 +484,120 @@ def test_the_verdict_over_many_sites(tmp_path, monkeypatch):
     assert [c.name for c in v.sites] == ["main:y1"] and v.status == "unavailable"
     assert v.notes == ["2 site(s) not verified locally: main/If:then_branch:t0 (in a subgraph); site main:y0: cannot run "
                        "its pattern"]
+
+
+# ---- the survivors of the first runs: cones, counterparts, created nodes, tolerances, the order ------
+def _model_bytes(nodes, inputs, outputs, inits=()):
+    """A model of `nodes`; inputs and outputs are (name, elem type, shape)."""
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(*i) for i in inputs],
+                              [helper.make_tensor_value_info(*o) for o in outputs], list(inits))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+
+
+F = TensorProto.FLOAT
+
+
+def _neg_chain(length, start="x"):
+    """t1 = Neg(start), ..., t{length} = Neg(t{length - 1}), each node named n{k}."""
+    names = [start] + [f"t{k}" for k in range(1, length + 1)]
+    return [helper.make_node("Neg", [a], [b], name=f"n{k}") for k, (a, b) in enumerate(zip(names, names[1:]), 1)]
+
+
+def test_a_tensor_read_twice_counts_once_towards_a_cones_limit():
+    """b = a * a reads a twice: the cone of b is two nodes, within a limit of exactly 2."""
+    m = local._Model(_model_bytes([helper.make_node("Neg", ["x"], ["a"]), helper.make_node("Mul", ["a", "a"], ["b"])],
+                                  [("x", F, [2])], [("b", F, [2])]))
+    assert sorted(n.output[0] for n in local._cone(m, "b", {"x"}, 2).values()) == ["a", "b"]
+    assert local._cone(m, "b", {"x"}, 1) is None
+
+
+@pytest.mark.parametrize("length, found", [(7, True), (8, False)])
+def test_a_counterpart_is_looked_for_eight_nodes_downstream(length, found):
+    """From t0, the result's graph output t{length} is `length` single-reader nodes on: found up to
+    seven nodes on (t0..t7 are looked at), not at eight."""
+    original = local._Model(_model_bytes([helper.make_node("Neg", ["x"], ["o"])], [("x", F, [2])], [("o", F, [2])]))
+    result = local._Model(_model_bytes(_neg_chain(length, "t0"), [("t0", F, [2])], [(f"t{length}", F, [2])]))
+    assert local._counterpart(original, result, "t0") == (("o", f"t{length}") if found else None)
+
+
+def test_a_reader_with_more_inputs_than_its_twin_is_followed_past():
+    """The result's Sum reads the renamed tensor as its second input; the original's Sum (the same
+    node by name) has one input, so it names no counterpart there: the search goes on to the
+    graph output."""
+    original = local._Model(_model_bytes([helper.make_node("Sum", ["y"], ["z"], name="sum")],
+                                         [("y", F, [2])], [("z", F, [2])]))
+    result = local._Model(_model_bytes([helper.make_node("Sum", ["p", "renamed"], ["z"], name="sum")],
+                                       [("p", F, [2]), ("renamed", F, [2])], [("z", F, [2])]))
+    assert local._counterpart(original, result, "renamed") == ("z", "z")
+
+
+@pytest.mark.parametrize("length, free", [(16, ["x"]), (17, ["x", "t17"])])
+def test_a_data_input_computed_from_another_by_up_to_16_nodes_is_not_fed(length, free):
+    m = local._Model(_model_bytes(_neg_chain(length) + [helper.make_node("Add", ["x", f"t{length}"], ["y"], name="add")],
+                                  [("x", F, [2])], [("y", F, [2])]))
+    site = SiteRecord("p", "k", "folded", ["add"], "d", output="y")
+    assert local._pattern(m, m, site)[2] == free
+
+
+def test_the_replacements_last_node_in_graph_order_writes_what_a_renamed_site_produces():
+    """Site neg (output y, renamed away in the result) replaced by c1 then c2 (listed c2, c1): the
+    last in graph order, c2, writes q, which relu reads where it read y. (c1's output p has two
+    readers: from it no counterpart is found.)"""
+    original = local._Model(_model_bytes([helper.make_node("Neg", ["x"], ["y"], name="neg"),
+                                          helper.make_node("Relu", ["y"], ["z"], name="relu")],
+                                         [("x", F, [2])], [("z", F, [2])]))
+    result = local._Model(_model_bytes([helper.make_node("Abs", ["x"], ["p"], name="c1"),
+                                        helper.make_node("Neg", ["p"], ["q"], name="c2"),
+                                        helper.make_node("Sigmoid", ["p"], ["s"], name="side"),
+                                        helper.make_node("Relu", ["q"], ["z"], name="relu")],
+                                       [("x", F, [2])], [("z", F, [2]), ("s", F, [2])]))
+    site = SiteRecord("p", "k", "folded", ["neg"], "d", output="y", created=["c2", "c1"])
+    before, after, free, target, result_target = local._pattern(original, result, site)
+    assert (target, result_target, free) == ("y", "q", ["x"])
+    assert sorted(n.name for n in after.values()) == ["c1", "c2"]
+
+
+def test_a_float32_site_computed_in_float16_is_judged_with_float16s_tolerance():
+    """The pattern rounds x through float16 and back; its replacement does not: they differ by
+    float16's rounding, within float16's tolerance, which the lowest float type on the pattern's
+    paths sets (float32's would fail it)."""
+    original = local._Model(_model_bytes([helper.make_node("Cast", ["x"], ["h"], name="down", to=TensorProto.FLOAT16),
+                                          helper.make_node("Cast", ["h"], ["y"], name="up", to=F)],
+                                         [("x", F, [2, 3])], [("y", F, [2, 3])]))
+    result = local._Model(_model_bytes([helper.make_node("Identity", ["x"], ["y"], name="id")],
+                                       [("x", F, [2, 3])], [("y", F, [2, 3])]))
+    c = local.check_site(original, result, SiteRecord("p", "k", "folded", ["down", "up"], "d", output="y",
+                                                      created=["id"]))
+    assert (c.passed, c.rule, c.tolerance_dtype, c.dtype) == (True, "tolerance", "float16", "float32")
+    assert (c.atol, c.rtol) == (1e-2, 1e-2) and c.max_rel_error > 1e-3  # ten times float32's rtol
+
+
+def test_an_infinite_error_fails_without_being_rejudged():
+    """log of a negative input is NaN where the original is finite: an infinite error, which no
+    accuracy measure can excuse; the verdict stays the tolerance's."""
+    original = local._Model(_model_bytes([helper.make_node("Neg", ["x"], ["y"], name="a")],
+                                         [("x", F, [2, 3])], [("y", F, [2, 3])]))
+    result = local._Model(_model_bytes([helper.make_node("Log", ["x"], ["y"], name="b")],
+                                       [("x", F, [2, 3])], [("y", F, [2, 3])]))
+    c = local.check_site(original, result, SiteRecord("p", "k", "folded", ["a"], "d", output="y", created=["b"]))
+    assert (c.passed, c.rule, c.max_abs_error) == (False, "tolerance", float("inf"))
+
+
+def test_failing_sites_of_equal_needed_atol_are_listed_by_their_error(monkeypatch):
+    from normfold.report import OutputComparison
+
+    model = _model_bytes([helper.make_node("Neg", ["x"], ["y"])], [("x", F, [2])], [("y", F, [2])])
+    errors = {"a": 1.0, "b": 3.0, "c": 2.0}
+    monkeypatch.setattr(local, "check_site", lambda original, result, site, *args: OutputComparison(
+        site.id, "float32", [2], errors[site.output], 0.0, 0.0, 0.0, False, 0.5))
+    sites = [SiteRecord("p", "k", "folded", ["n"], "d", output=name) for name in errors]
+    v = local.verify_locally(model, model, sites)
+    assert [c.name for c in v.sites] == ["main:b", "main:c", "main:a"]
+
+
+def test_a_cut_whose_output_type_inference_did_not_find_declares_it_float():
+    m = local._Model(_model_bytes([helper.make_node("Neg", ["x"], ["y"])], [("x", F, [2])], [("y", F, [2])]))
+    del m.shapes["y"]
+    neg = m.producer["y"]
+    cut = onnx.load_from_string(m.cut({id(neg): neg}, "y", {"x": (F, [2])}))
+    assert cut.graph.output[0].type.tensor_type.elem_type == F
