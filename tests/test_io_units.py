@@ -1059,3 +1059,43 @@ def test_a_stale_folder_another_run_removed_meanwhile_is_no_error(tmp_path, monk
 
     monkeypatch.setattr(staging.os, "scandir", scan_then_lose)
     assert staging.remove_stale_staging(tmp_path) == [name]
+
+
+# ---- text in UTF-8 whatever the locale; onnx's check of a model with external data -----------------
+def test_staged_text_is_utf_8_under_an_ascii_locale(tmp_path, monkeypatch):
+    """The report names the user's files, which may not be ASCII: written as UTF-8 under the C
+    locale too (whose default encoding is ASCII)."""
+    import locale
+
+    import normfold.io.staging as staging
+    from normfold.io import Transaction
+
+    monkeypatch.setattr(staging, "COMMITTED", False)  # (commit sets it process-wide)
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        assert locale.getpreferredencoding(False) != "UTF-8"
+        with Transaction() as tx:
+            tx.stage_text(tmp_path / "r.json", '{"model": "modèle.onnx"}\n')
+            tx.commit()
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+    assert (tmp_path / "r.json").read_bytes() == '{"model": "modèle.onnx"}\n'.encode("utf-8")
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_model_with_external_data_is_checked_by_onnx_from_its_file(tmp_path, lazy):
+    """A weight large enough to be left out of the light copy, stored in w.data and also inline:
+    onnx's checker, given the file, refuses the contradiction (on the light copy it would not see
+    the weight at all)."""
+    from normfold.errors import NormfoldError
+    from normfold.io import read_model
+
+    path = tmp_path / "m.onnx"
+    onnx.save(_weights_model(2000), path, save_as_external_data=True, location="w.data", size_threshold=0)
+    model = onnx.load(path, load_external_data=False)
+    model.graph.initializer[0].raw_data = np.arange(2000, dtype=np.float32).tobytes()
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(NormfoldError, match=r": invalid model: Data of TensorProto \( tensor name: w\) is stored "
+                                            r"externally and should not have data field\.raw_data$"):
+        read_model(path, lazy=lazy)
