@@ -541,7 +541,9 @@ def test_an_integer_reader_of_an_intermediate_whose_result_escapes_keeps_the_nor
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     [site] = report.sites
-    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'d' inside the norm is also used outside it")
+    reader = "Size2(shp)" if case == "custom-domain" else "Shape(shp)"
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere",
+                                          f"'d' inside the norm is also used outside it (read by {reader})")
 
 
 @pytest.mark.parametrize("length, fused", [(16, True), (17, False)])
@@ -585,7 +587,7 @@ def test_a_refused_norm_names_all_its_nodes():
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     [site] = report.sites
-    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'sq' inside the norm is also used outside it")
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'sq' inside the norm is also used outside it (a graph output)")
     assert site.nodes == _labels(model, TORCHSCRIPT_TENSORS)
     assert (site.kind, site.output) == ("LayerNorm (decomposed)", "m")  # a refusal is placed at its reduction
 
@@ -823,7 +825,8 @@ def test_a_mean_subtracted_from_a_refused_norm_s_centered_tensor_is_reported_too
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     assert [(s.kind, s.reason, s.detail) for s in report.sites] == [
-        ("LayerNorm (decomposed)", "intermediate-used-elsewhere", "'d' inside the norm is also used outside it"),
+        ("LayerNorm (decomposed)", "intermediate-used-elsewhere",
+         "'d' inside the norm is also used outside it (read by ReduceMean(m2), Sub(e))"),
         ("LayerNorm-like (unrecognized spelling)", "unrecognized-pattern",
          "ReduceMean(m2) subtracts a mean like a LayerNorm, but the nodes after it are not a norm normfold can "
          "prove (ReduceMean -> Sub -> Neg)")]
@@ -979,7 +982,8 @@ def test_a_norm_whose_mean_reads_x_and_the_rest_its_transpose_read_elsewhere(als
         folded, report = normfold.fold(model)
         assert ops(folded) == ops(model)
         [site] = report.sites
-        assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'d' inside the norm is also used outside it")
+        assert (site.reason, site.detail) == ("intermediate-used-elsewhere",
+                                              "'d' inside the norm is also used outside it (a graph output)")
         return
     folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
     assert ops(folded) == ["Transpose", "LayerNormalization", "Add"]
@@ -1000,7 +1004,8 @@ def test_an_intermediate_read_inside_a_subgraph_keeps_the_norm():
     folded, report = normfold.fold(model)
     assert ops(folded) == ops(model)
     [site] = report.sites
-    assert (site.reason, site.detail) == ("intermediate-used-elsewhere", "'d' inside the norm is also used outside it")
+    assert (site.reason, site.detail) == ("intermediate-used-elsewhere",
+                                          "'d' inside the norm is also used outside it (read by If(shp))")
 
 
 def test_an_rmsnorm_followed_by_a_bias_is_fused_without_it():
@@ -1046,3 +1051,62 @@ def test_a_norm_over_an_empty_axis_has_no_rounding():
     assert (site.status, site.max_rounding) == ("fused", None)
     assert [onnx.numpy_helper.to_array(t).shape for t in folded.graph.initializer if t.name in folded.graph.node[0].input] \
         == [(0,), (0,)]
+
+
+SHARED_CENTERING = """g (float[2,5,{D}] x) => (float[2,5,{D}] y1, float[2,5,{D}] y2) {{
+        m = ReduceMean (x, ax)
+        nm = Neg (m)
+        d = Add (x, nm)
+        q1 = Mul (d, d)
+        v1 = ReduceMean (q1, ax)
+        a1 = Add (v1, eps)
+        s1 = Sqrt (a1)
+        n1 = Div (d, s1)
+        t1 = Mul (n1, gamma)
+        y1 = Add (t1, beta)
+        q2 = Mul (d, d)
+        v2 = ReduceMean (q2, ax)
+        a2 = Add (v2, eps2)
+        s2 = Sqrt (a2)
+        n2 = Div (d, s2)
+        t2 = Mul (n2, gamma2)
+        y2 = Add (t2, beta2)
+}}"""
+
+
+def test_two_layernorms_sharing_their_centering_are_both_reported():
+    """Two LayerNorms of one x (epsilons, gammas and betas of their own) whose mean and x - mean(x)
+    a simplifier merged: neither can be fused without the other's nodes, and each is reported, naming
+    the other's readers of d. (The second one's reduction, v2, reads d, which centers x: it is a
+    LayerNorm of x, not an RMSNorm of d, and none of the first one's nodes.)"""
+    rng = np.random.default_rng(5)
+    model = build(SHARED_CENTERING.format(D=D), opset=18, ax=CONSTS["ax"], eps=CONSTS["eps"],
+                  eps2=np.array(1e-3, np.float32), gamma=GAMMA, beta=BETA,
+                  gamma2=rng.uniform(0.5, 2, D).astype(np.float32), beta2=rng.standard_normal(D).astype(np.float32))
+    folded, report = normfold.fold(model, normfold.FoldOptions(target_opset=23))
+    assert ops(folded) == ops(model)
+    assert sorted((s.kind, s.status, s.reason, s.detail) for s in report.sites) == [
+        ("LayerNorm (decomposed)", "left", "intermediate-used-elsewhere",
+         f"'d' inside the norm is also used outside it (read by {readers})")
+        for readers in ("Mul(q1), Div(n1)", "Mul(q2), Div(n2)")]
+    # each names its own statistics: the shared centering and one variance
+    assert sorted(tuple(n for n in s.nodes if n.startswith("ReduceMean")) for s in report.sites) == [
+        ("ReduceMean(m)", "ReduceMean(v1)"), ("ReduceMean(m)", "ReduceMean(v2)")]
+
+
+@pytest.mark.parametrize("readers, output, said", [
+    (1, False, "read by Relu(r0)"), (3, False, "read by Relu(r0), Relu(r1), Relu(r2)"),
+    (4, False, "read by Relu(r0), Relu(r1), Relu(r2), ..."), (0, True, "a graph output"),
+    (2, True, "a graph output and read by Relu(r0), Relu(r1)")])
+def test_an_escaping_tensor_is_told_with_who_else_reads_it(readers, output, said):
+    from normfold.graph import GraphView
+    from normfold.passes.norms import _outside_use
+
+    inside = onnx.helper.make_node("Neg", ["x"], ["d"])
+    nodes = [inside, onnx.helper.make_node("Neg", ["d"], ["y"])] + [
+        onnx.helper.make_node("Relu", ["d"], [f"r{i}"]) for i in range(readers)]
+    outs = ["y"] + [f"r{i}" for i in range(readers)] + (["d"] if output else [])
+    graph = onnx.helper.make_graph(nodes, "g", [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+                                   [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [2]) for o in outs])
+    view = GraphView(graph)
+    assert _outside_use(view, view.nodes[:2], "d") == said

@@ -163,7 +163,10 @@ class _Walk:
             if not isinstance(outcome, Left):
                 self._rewrite(rule, match, outcome)
                 return  # the node may be gone now; another rule's refusal of it is moot
-            if rule.recognizer and any(id(n) in self.claimed for n in match.nodes):
+            # A recognizer finds a norm from each of its reductions: reported once, from the first.
+            # (Another norm may share nodes with it, two LayerNorms of one X after a simplifier
+            # merged their means: its own reduction is none of the first one's nodes.)
+            if rule.recognizer and id(node) in self.claimed:
                 continue
             left_here.append(self._record(rule, match, "left", outcome.detail, reason=outcome.reason))
             left_passes.add(rule.name)

@@ -158,27 +158,33 @@ def _centering(view: GraphView, reduction: onnx.NodeProto) -> Unrecognized | Non
 
 def _candidates(view: GraphView, reduction: onnx.NodeProto) -> list[str]:
     """The tensors a reduction may be taking statistics of: its input, or what its input squares,
-    also behind a Transpose (not X - mean(X): normalizing that is a LayerNorm of X, whose own
-    reduction comes first)."""
+    also behind a Transpose; for X - mean(X), X (normalizing it is a LayerNorm of X, which its
+    mean's reduction finds first, unless that one is another norm's: two LayerNorms of one X,
+    merged up to X - mean(X) by a simplifier)."""
     u = origin(view, reduction.input[0])
     found = [behind(view, u), u]
     node = view.producer.get(u)
     if is_op(node, "Pow", "Mul") and len(node.input) == 2:
         found += [f(view, t) for t in node.input if not view.is_const(t) for f in (behind, origin)]
-    return [t for t in dict.fromkeys(found) if not centered(view, t)]
+    return list(dict.fromkeys(centered_of(view, t) or t for t in found))
 
 
 def centered(view: GraphView, tensor: str) -> bool:
     """Whether `tensor` is X - mean(X), in any spelling of the mean (through Casts, Identity and
     Transposes): its square is a variance, and the LayerNorm rule owns it."""
+    return centered_of(view, tensor) is not None
+
+
+def centered_of(view: GraphView, tensor: str) -> str | None:
+    """X, where `tensor` is X - mean(X) (see centered)."""
     sub = view.producer.get(behind(view, tensor))
     if not is_op(sub, "Sub", "Add"):
-        return False
+        return None
     for x in dict.fromkeys((behind(view, sub.input[0]), behind(view, sub.input[1]))):
         e = canonical_view(view, frozenset({x})).expr(tensor)
         if any(isinstance(a, Mean) and a.arg.leaves == {x} for sig in e.terms for a, _ in sig):
-            return True
-    return False
+            return x
+    return None
 
 
 def _downstream(view: GraphView, start: onnx.NodeProto, cv: CanonicalView | None = None,
@@ -225,6 +231,17 @@ def _cone(view: GraphView, output: str, stops: set[str]) -> list[onnx.NodeProto]
     return sorted(nodes.values(), key=lambda n: order.get(id(n), len(order)))
 
 
+def _reached(view: GraphView, reduction: onnx.NodeProto, tensors: list[str]) -> list[onnx.NodeProto]:
+    """The reduction and the nodes writing `tensors` (its _downstream walk): the nodes of a norm
+    whose cone reads other tensors too, so that its other reductions do not report it again."""
+    nodes = {id(reduction): reduction}
+    for t in tensors:
+        node = view.producer.get(t)
+        if node is not None:
+            nodes.setdefault(id(node), node)
+    return list(nodes.values())
+
+
 def escapes(view: GraphView, nodes: list[onnx.NodeProto], keep: str) -> str | None:
     """The first tensor of the site (other than `keep`) read outside it. A reader that computes
     only integers or booleans (Shape, Size, Equal) is no reader of the value when all it computes
@@ -250,6 +267,16 @@ def escapes(view: GraphView, nodes: list[onnx.NodeProto], keep: str) -> str | No
     return None
 
 
+def _outside_use(view: GraphView, nodes: list[onnx.NodeProto], tensor: str) -> str:
+    """Who reads `tensor` besides the site's `nodes` (what a user looks for in the graph)."""
+    inside = {id(n) for n in nodes}
+    readers = [label(u) for u in view.users(tensor) if id(u) not in inside]
+    where = ["a graph output"] if view.is_graph_output(tensor) else []
+    if readers:
+        where.append("read by " + ", ".join(readers[:3]) + (", ..." if len(readers) > 3 else ""))
+    return " and ".join(where)
+
+
 def _is_x(cv: CanonicalView, tensor: str, x: str, perm: tuple[int, ...] | None = None) -> bool:
     """Whether `tensor` is X itself (through Casts), or with `perm` X read through that Transpose."""
     e = cv.expr(tensor).single()
@@ -271,7 +298,7 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
             form = norm_form(e) if e.leaves == {x} else None
             if form is None or form.x.name != x or (form.beta is not None and not form.centered):
                 continue
-            cone = _cone(view, t, {x}) or [reduction]
+            cone = _cone(view, t, {x}) or _reached(view, reduction, tensors[:tensors.index(t) + 1])
             grouped = _grouped(view, cv, reduction, x, t, form)
             if isinstance(grouped, NormSite):
                 return grouped
@@ -440,7 +467,8 @@ def _site(view: GraphView, cv: CanonicalView, reduction, x: str, y: str, form: N
         # A Cast of X read elsewhere too (the residual of an fp32 Llama) stays, and so does the
         # Transpose of X the result is built on (Keras over H, W, C, with a residual): the norm reads it.
         if not (_is_x(cv, escaped, x) or (form.x.perm and _is_x(cv, escaped, x, form.x.perm))):
-            return Left("intermediate-used-elsewhere", f"{escaped!r} inside the norm is also used outside it")
+            return Left("intermediate-used-elsewhere", f"{escaped!r} inside the norm is also used outside it "
+                                                       f"({_outside_use(view, nodes, escaped)})")
         stops.add(escaped)
     else:
         return Left("intermediate-used-elsewhere", f"tensors inside the norm at {label(reduction)} are used outside it")
