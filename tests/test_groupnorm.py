@@ -1205,3 +1205,15 @@ def test_a_dynamic_grouping_that_puts_another_size_first_is_not_proven():
     assert "GroupNormalization" not in ops(folded)
     [site] = report.sites
     assert (site.pass_name, site.reason) == ("layernorm", "unknown-shape")
+
+
+@pytest.mark.parametrize("restore, grouping, detail", [
+    ("shape", [1, 4, -1], "Reshape(r): shape [1, 4, -1] does not group the channels of 'x' [?, 8, 5, 5] as [N, 4, -1]"),
+    ("const", [0, 4, -1], "Reshape(b): the shape [2, 8, 5, 5] does not restore 'x' to [?, 8, 5, 5]")])
+def test_a_dynamic_batch_is_shown_as_a_question_mark_in_a_refusal(restore, grouping, detail):
+    """A refusal names X's shape as a report writes shapes: the dynamic batch is ?, not Python's None."""
+    model = torch_groupnorm(batch="N", grouping=grouping, restore=restore)
+    folded, report = normfold.fold(model)
+    [site] = gn_sites(report)
+    assert ops(folded) == ops(model) and site.reason == "unsupported-axis"
+    assert site.detail == detail

@@ -153,3 +153,10 @@ def test_in_graph_order_sorts_the_view_nodes_and_leaves_other_lists_alone():
     assert in_graph_order(view, [c, a, b]) == [a, b, c]
     stranger = onnx.helper.make_node("Relu", ["c"], ["d"])  # not in the view (e.g. added by a rewrite)
     assert in_graph_order(view, [c, stranger, a]) == [c, stranger, a]
+
+
+@pytest.mark.parametrize("dims, shown", [([2, 8, 5], "[2, 8, 5]"), ([None, 8, None], "[?, 8, ?]"), ([], "[]")])
+def test_shapes_are_shown_with_a_question_mark_for_each_dynamic_size(dims, shown):
+    from normfold.passes._pattern import shown_dims
+
+    assert shown_dims(dims) == shown

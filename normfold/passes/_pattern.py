@@ -86,3 +86,8 @@ def in_graph_order(view: GraphView, nodes: list[onnx.NodeProto]) -> list[onnx.No
     ids = {id(n) for n in nodes}
     ordered = [n for n in view.nodes if id(n) in ids]
     return ordered if len(ordered) == len(ids) else nodes
+
+
+def shown_dims(dims: list) -> str:
+    """Dimensions as a report writes them: a dynamic size is `?` (not Python's None)."""
+    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"

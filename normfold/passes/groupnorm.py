@@ -39,7 +39,7 @@ import onnx
 
 from normfold.graph import GraphView, attr, label
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
-from normfold.passes._pattern import channel_vector, in_graph_order, is_op, other_input, user
+from normfold.passes._pattern import channel_vector, in_graph_order, is_op, other_input, shown_dims, user
 
 MIN_OPSET = 21
 # Element types onnxruntime's CPU GroupNormalization-21 kernel runs (stash_type=1); bfloat16 has none.
@@ -181,7 +181,7 @@ def _check_instance_norm(view: GraphView, match: Match, dims: list):
     # a 0 copies the batch (target[1] is a positive G, checked above)
     if not _reshape_gives(p["reshape"], target, [dims[0], groups, per_group], copy_ok={0}):
         return Left("unsupported-axis", f"{label(p['reshape'])}: shape {target} does not group the channels of "
-                                        f"{p['x']!r} {dims} as [N, {groups}, -1]")
+                                        f"{p['x']!r} {shown_dims(dims)} as [N, {groups}, -1]")
     back = p["back"]
     shape = view.producer.get(back.input[1])
     if not (is_op(shape, "Shape") and shape.input[0] == p["x"] and attr(shape, "start", 0) in (0, -rank)
@@ -190,7 +190,7 @@ def _check_instance_norm(view: GraphView, match: Match, dims: list):
         if restore is None or not _reshape_gives(back, restore, dims,
                                                  copy_ok={0, 1} if groups == channels else {0}):
             return Left("unsupported-axis", f"{label(back)}: the shape {restore if restore is not None else '?'} "
-                                            f"does not restore {p['x']!r} to {dims}")
+                                            f"does not restore {p['x']!r} to {shown_dims(dims)}")
     eps = float(attr(p["inorm"], "epsilon", 1e-5))
     gamma = channel_vector(view.const(p["gamma"]), dims) if p["gamma"] else None
     beta = channel_vector(view.const(p["beta"]), dims) if p["beta"] else None

@@ -47,7 +47,7 @@ from normfold.graph import FLOAT_TYPES, GraphView, attr, label, subgraphs
 from normfold.passes import FoldContext, Left, Match, Rewritten, Rule
 from normfold.passes._algebra import (CanonicalView, canonical_view, Expr, Leaf, Mean, NormForm, Root, norm_form,
                                       varies_along)
-from normfold.passes._pattern import is_op, reuse_or_add
+from normfold.passes._pattern import is_op, reuse_or_add, shown_dims
 
 REDUCTIONS = ("ReduceMean", "ReduceSum", "ReduceSumSquare", "GlobalAveragePool")
 # Ops a norm's value flows through between its statistics and its output.
@@ -393,14 +393,9 @@ def _grouping_dims(view: GraphView, split, merge, form: NormForm):
         return dx, dz, dout
     proven = _symbolic_dims(view, split, merge, x)
     if proven is None and isinstance(dz[-1], int) and isinstance(dz[-2], int) and len(form.axes) == len(dz) - 2:
-        return Left("unknown-shape", f"{label(split)} groups {x!r} {_shown(dx)}, a tensor with several dynamic "
+        return Left("unknown-shape", f"{label(split)} groups {x!r} {shown_dims(dx)}, a tensor with several dynamic "
                                      "dimensions; normfold cannot prove it splits only the channels")
     return proven
-
-
-def _shown(dims: list) -> str:
-    """Dimensions as a report writes them: a dynamic size is `?` (not Python's None)."""
-    return "[" + ", ".join("?" if d is None else str(d) for d in dims) + "]"
 
 
 def _symbolic_dims(view: GraphView, split, merge, x: str):
