@@ -1074,21 +1074,31 @@ SHARED_CENTERING = """g (float[2,5,{D}] x) => (float[2,5,{D}] y1, float[2,5,{D}]
 }}"""
 
 
-def test_two_layernorms_sharing_their_centering_are_both_reported():
+@pytest.mark.parametrize("centering, source", [
+    ("d = Add (x, nm)", ""), ("d = Add (nm, x)", ""), ("d = Sub (x, m)", ""),
+    ("d = Add (x, nm)", "x = Mul (inp, k)")], ids=["x+(-m)", "(-m)+x", "x-m", "x-computed"])
+def test_two_layernorms_sharing_their_centering_are_both_reported(centering, source):
     """Two LayerNorms of one x (epsilons, gammas and betas of their own) whose mean and x - mean(x)
     a simplifier merged: neither can be fused without the other's nodes, and each is reported, naming
     the other's readers of d. (The second one's reduction, v2, reads d, which centers x: it is a
-    LayerNorm of x, not an RMSNorm of d, and none of the first one's nodes.)"""
+    LayerNorm of x, not an RMSNorm of d, and none of the first one's nodes. x may be computed by an op
+    the algebra reads through: the centering is still of x.)"""
     rng = np.random.default_rng(5)
-    model = build(SHARED_CENTERING.format(D=D), opset=18, ax=CONSTS["ax"], eps=CONSTS["eps"],
+    text = SHARED_CENTERING.format(D=D).replace("d = Add (x, nm)", centering)
+    if "nm" not in centering:
+        text = text.replace("        nm = Neg (m)\n", "")
+    if source:
+        text = text.replace(f"g (float[2,5,{D}] x)", f"g (float[2,5,{D}] inp)").replace(
+            "        m = ReduceMean (x, ax)", f"        {source}\n        m = ReduceMean (x, ax)")
+    model = build(text, opset=18, ax=CONSTS["ax"], eps=CONSTS["eps"], k=np.array(1.5, np.float32),
                   eps2=np.array(1e-3, np.float32), gamma=GAMMA, beta=BETA,
                   gamma2=rng.uniform(0.5, 2, D).astype(np.float32), beta2=rng.standard_normal(D).astype(np.float32))
     folded, report = normfold.fold(model, normfold.FoldOptions(target_opset=23))
     assert ops(folded) == ops(model)
+    readers = ["Mul(q1), Div(n1)", "Mul(q2), Div(n2)"]
     assert sorted((s.kind, s.status, s.reason, s.detail) for s in report.sites) == [
         ("LayerNorm (decomposed)", "left", "intermediate-used-elsewhere",
-         f"'d' inside the norm is also used outside it (read by {readers})")
-        for readers in ("Mul(q1), Div(n1)", "Mul(q2), Div(n2)")]
+         f"'d' inside the norm is also used outside it (read by {r})") for r in readers]
     # each names its own statistics: the shared centering and one variance
     assert sorted(tuple(n for n in s.nodes if n.startswith("ReduceMean")) for s in report.sites) == [
         ("ReduceMean(m)", "ReduceMean(v1)"), ("ReduceMean(m)", "ReduceMean(v2)")]
@@ -1110,3 +1120,31 @@ def test_an_escaping_tensor_is_told_with_who_else_reads_it(readers, output, said
                                    [onnx.helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, [2]) for o in outs])
     view = GraphView(graph)
     assert _outside_use(view, view.nodes[:2], "d") == said
+
+
+@pytest.mark.parametrize("square", ["u = Mul (r, r)", "u = Pow (r, two)"])
+def test_a_layernorm_of_a_square_fuses(square):
+    """Primer's squared ReLU before a LayerNorm: the norm's X is the square itself (its reduction reads
+    a square, like a variance's, but of nothing centered)."""
+    body = f"r = Relu (x)\n        {square}\n" + SPELLINGS["torchscript"][1].replace("(x,", "(u,").replace("Sub (x,", "Sub (u,")
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n        {body}\n}}", opset=18, **used)
+    folded, report, _ = fold_and_compare(model, atol=1e-5, rtol=1e-5)
+    assert ops(folded) == ["Relu", square.split()[2], "LayerNormalization"]
+    assert [list(n.input[:1]) for n in folded.graph.node][-1] == ["u"]
+
+
+def test_a_refused_norm_whose_cone_reads_another_tensor_names_the_nodes_up_to_its_output():
+    """z added then subtracted inside the norm, and a residual Add of z after it: the norm is left
+    once (its variance's reduction says nothing more), naming the nodes from its mean's reduction up
+    to its output y, not the residual after it."""
+    body = SPELLINGS["torchscript"][1].replace(
+        "nrm = Div (d, sd)", "dz = Add (d, z)\n        dd = Sub (dz, z)\n        nrm = Div (dd, sd)") + "\n        w = Add (y, z)"
+    used = {k: v for k, v in CONSTS.items() if re.search(rf"\b{k}\b", body)}
+    model = build(f"g (float[2,5,{D}] x, float[2,5,{D}] z) => (float[2,5,{D}] w) {{{body}\n}}", opset=18, **used)
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model)
+    [site] = report.sites
+    assert (site.reason, site.detail) == ("unrecognized-pattern", "the norm at ReduceMean(m) reads tensors other than 'x'")
+    assert site.nodes == ["ReduceMean(m)", "Sub(d)", "Pow(sq)", "Add(dz)", "ReduceMean(v)", "Add(ve)", "Sqrt(sd)",
+                          "Div(nrm)", "Mul(g)", "Add(y)"]

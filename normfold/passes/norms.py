@@ -169,14 +169,9 @@ def _candidates(view: GraphView, reduction: onnx.NodeProto) -> list[str]:
     return list(dict.fromkeys(centered_of(view, t) or t for t in found))
 
 
-def centered(view: GraphView, tensor: str) -> bool:
-    """Whether `tensor` is X - mean(X), in any spelling of the mean (through Casts, Identity and
-    Transposes): its square is a variance, and the LayerNorm rule owns it."""
-    return centered_of(view, tensor) is not None
-
-
 def centered_of(view: GraphView, tensor: str) -> str | None:
-    """X, where `tensor` is X - mean(X) (see centered)."""
+    """X, where `tensor` is X - mean(X), in any spelling of the mean (through Casts, Identity and
+    Transposes): its square is a variance, and what it normalizes is a LayerNorm of X."""
     sub = view.producer.get(behind(view, tensor))
     if not is_op(sub, "Sub", "Add"):
         return None
@@ -231,15 +226,12 @@ def _cone(view: GraphView, output: str, stops: set[str]) -> list[onnx.NodeProto]
     return sorted(nodes.values(), key=lambda n: order.get(id(n), len(order)))
 
 
-def _reached(view: GraphView, reduction: onnx.NodeProto, tensors: list[str]) -> list[onnx.NodeProto]:
-    """The reduction and the nodes writing `tensors` (its _downstream walk): the nodes of a norm
-    whose cone reads other tensors too, so that its other reductions do not report it again."""
-    nodes = {id(reduction): reduction}
-    for t in tensors:
-        node = view.producer.get(t)
-        if node is not None:
-            nodes.setdefault(id(node), node)
-    return list(nodes.values())
+def _reached(view: GraphView, tensors: list[str]) -> list[onnx.NodeProto]:
+    """The nodes writing `tensors` (a reduction's _downstream walk, which starts at its output): the
+    nodes of a norm whose cone reads other tensors too, so that its other reductions do not report
+    it again."""
+    nodes = (view.producer.get(t) for t in tensors)
+    return list({id(n): n for n in nodes if n is not None}.values())
 
 
 def escapes(view: GraphView, nodes: list[onnx.NodeProto], keep: str) -> str | None:
@@ -298,7 +290,7 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
             form = norm_form(e) if e.leaves == {x} else None
             if form is None or form.x.name != x or (form.beta is not None and not form.centered):
                 continue
-            cone = _cone(view, t, {x}) or _reached(view, reduction, tensors[:tensors.index(t) + 1])
+            cone = _cone(view, t, {x}) or _reached(view, tensors[:tensors.index(t) + 1])
             grouped = _grouped(view, cv, reduction, x, t, form)
             if isinstance(grouped, NormSite):
                 return grouped
