@@ -97,7 +97,6 @@ class Grouping:
 class Refused:
     """A norm recognised by its algebra that cannot be rewritten (the reason says why)."""
 
-    anchor: onnx.NodeProto
     centered: bool
     left: Left
     grouped: bool = False  # a GroupNorm (reported under its pass)
@@ -291,16 +290,16 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
             if form is None or form.x.name != x or (form.beta is not None and not form.centered):
                 continue
             cone = _cone(view, t, {x}) or _reached(view, tensors[:tensors.index(t) + 1])
-            grouped = _grouped(view, cv, reduction, x, t, form)
+            grouped = _grouped(view, reduction, x, t, form)
             if isinstance(grouped, NormSite):
                 return grouped
             if isinstance(grouped, Left):
-                refusal = refusal or Refused(reduction, True, grouped, grouped=True, nodes=cone)
+                refusal = refusal or Refused(True, grouped, grouped=True, nodes=cone)
                 continue
             site = _site(view, cv, reduction, x, t, form)
             if isinstance(site, NormSite):
                 return site
-            refusal = refusal or Refused(reduction, form.centered, site, nodes=cone)
+            refusal = refusal or Refused(form.centered, site, nodes=cone)
         if unrecognized is None:
             unrecognized = _norm_like(view, cv, reduction, tensors, x)
     if refusal is not None:  # another candidate tensor may have worked; none did
@@ -310,7 +309,7 @@ def recognise(view: GraphView, reduction: onnx.NodeProto) -> NormSite | Refused 
     return unrecognized
 
 
-def _grouped(view: GraphView, cv: CanonicalView, reduction, z: str, y: str, form: NormForm):
+def _grouped(view: GraphView, reduction, z: str, y: str, form: NormForm):
     """The GroupNorm reading of a LayerNorm over a grouped view of a tensor, or None:
 
         X ─> Reshape ─> Z ─> [Transposes anywhere inside] ─> norm over all but N and G ─> Reshape ─> Y
@@ -462,13 +461,13 @@ def _site(view: GraphView, cv: CanonicalView, reduction, x: str, y: str, form: N
     inputs = sorted(stops - {x}) or [x]
     if len(inputs) > 1:
         return Left("intermediate-used-elsewhere", f"{inputs!r} inside the norm are also used outside it")
-    site = _precision(view, cv, reduction, form, inputs[0], y, nodes, x)
+    site = _precision(view, cv, reduction, form, inputs[0], y, nodes)
     if isinstance(site, NormSite) and form.x.perm and _is_x(cv, site.input, x, form.x.perm):
         site.transposed = True
     return site
 
 
-def _precision(view, cv, reduction, form: NormForm, source: str, y: str, nodes, x: str) -> NormSite | Left:
+def _precision(view, cv, reduction, form: NormForm, source: str, y: str, nodes) -> NormSite | Left:
     """Choose the fused op's type so that it rounds where the model rounds (module docstring)."""
     t_in, t_out = view.elem_type(source), view.elem_type(y)
     if t_in is None or t_out is None:
