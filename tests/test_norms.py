@@ -1148,3 +1148,19 @@ def test_a_refused_norm_whose_cone_reads_another_tensor_names_the_nodes_up_to_it
     assert (site.reason, site.detail) == ("unrecognized-pattern", "the norm at ReduceMean(m) reads tensors other than 'x'")
     assert site.nodes == ["ReduceMean(m)", "Sub(d)", "Pow(sq)", "Add(dz)", "ReduceMean(v)", "Add(ve)", "Sqrt(sd)",
                           "Div(nrm)", "Mul(g)", "Add(y)"]
+
+
+def test_a_norm_of_a_constant_is_no_site():
+    """An RMSNorm whose X is an initializer computes a constant: it is not a layer of the model but
+    a job for constant folding (onnxruntime does it at load), so normfold neither fuses nor reports it."""
+    body = """sq = Mul (c, c)
+        ms = ReduceMean (sq, ax)
+        mse = Add (ms, eps)
+        rms = Sqrt (mse)
+        n = Div (c, rms)
+        y = Add (x, n)"""
+    c = np.random.default_rng(9).standard_normal((1, 1, D)).astype(np.float32)
+    model = build(f"g (float[2,5,{D}] x) => (float[2,5,{D}] y) {{\n        {body}\n}}", opset=23,
+                  c=c, ax=CONSTS["ax"], eps=CONSTS["eps"])
+    folded, report = normfold.fold(model)
+    assert ops(folded) == ops(model) and report.sites == []
