@@ -969,16 +969,20 @@ def test_a_float_initializer_before_the_leaves_is_a_constant_to_compute_from():
     assert e is not None and e[0] == ((Leaf("x"), Fraction(1)),) and np.allclose(e[1], 0.125)
 
 
-def test_a_tensor_behind_a_graph_input_stays_an_outside_value_when_asked_again():
-    """r = Relu(a) is no constant; p and q both read it before the leaves: both are read as Leaves,
-    the second time from what the first found."""
-    cv = leaves_view("""g (float[N,4] a) => (float[N,4] y) {
+# r = Relu(a) read twice (p, q) before the leaf x: both are outside values of x's expressions
+TWO_READERS_BEFORE_THE_LEAF = """g (float[N,4] a) => (float[N,4] y) {
         r = Relu (a)
         p = Mul (r, r)
         q = Mul (r, r)
         x = Relu (a)
         s = Add (x, p)
-        y = Add (s, q) }""", {"x"})
+        y = Add (s, q) }"""
+
+
+def test_a_tensor_behind_a_graph_input_stays_an_outside_value_when_asked_again():
+    """r = Relu(a) is no constant; p and q both read it before the leaves: both are read as Leaves,
+    the second time from what the first found."""
+    cv = leaves_view(TWO_READERS_BEFORE_THE_LEAF, {"x"})
     assert cv.expr("y").key == A.add(A.add(Expr.atom(Leaf("x")), Expr.atom(Leaf("p"))), Expr.atom(Leaf("q"))).key
 
 
@@ -1094,13 +1098,7 @@ def test_a_tensor_found_computed_from_a_graph_input_is_not_searched_again():
     """p and q both read r = Relu(a) before the leaves: the search behind r ends at the graph input
     a once; asked again from q (as deep as from p), r's "no" is remembered, not searched anew (with
     many readers of one tensor, each would walk everything behind it again)."""
-    cv = leaves_view("""g (float[N,4] a) => (float[N,4] y) {
-        r = Relu (a)
-        p = Mul (r, r)
-        q = Mul (r, r)
-        x = Relu (a)
-        s = Add (x, p)
-        y = Add (s, q) }""", {"x"})
+    cv = leaves_view(TWO_READERS_BEFORE_THE_LEAF, {"x"})
     searched: list[str] = []
     search = cv._static
 
