@@ -40,6 +40,12 @@ def the_bn_like_site(model, **options):
     return folded, site
 
 
+def assert_no_site(model):
+    """Folding `model` finds no site and changes nothing."""
+    folded, report = normfold.fold(model)
+    assert report.sites == [] and ops(folded) == ops(model), report.to_text(True)
+
+
 def pair_model(tail: str, head: str = "", x: str = "float[2,4,5,5]", y: str = "float[2,3,5,5]", **consts):
     """x -> [`head` lines writing u] -> Mul(., s) m -> Add(m, t) v -> `tail` lines writing y."""
     first = "m = Mul (u, s)" if head else "m = Mul (x, s)"
@@ -178,8 +184,7 @@ def test_ops_written_in_the_ai_onnx_domain_are_steps():
 def test_a_mul_of_another_domain_is_no_step():
     model = _mul_add_conv("com.example", "")
     model.opset_import.append(helper.make_opsetid("com.example", 1))
-    folded, report = normfold.fold(model)
-    assert report.sites == [] and ops(folded) == ops(model)
+    assert_no_site(model)
 
 
 def test_a_constant_over_the_tensor_starts_no_chain():
@@ -189,8 +194,7 @@ def test_a_constant_over_the_tensor_starts_no_chain():
       v = Add (m, t)
       y = Conv (v, w)
     }""", s=S, t=T, w=W)
-    folded, report = normfold.fold(model)
-    assert report.sites == [] and ops(folded) == ops(model), report.to_text(True)
+    assert_no_site(model)
 
 
 def test_an_op_on_two_constants_starts_no_chain():
@@ -200,8 +204,7 @@ def test_an_op_on_two_constants_starts_no_chain():
       y = Add (m, t)
       z = Relu (x)
     }""", s=S, s2=S, t=T)
-    folded, report = normfold.fold(model)
-    assert report.sites == [] and ops(folded) == ops(model), report.to_text(True)
+    assert_no_site(model)
 
 
 def test_constant_listed_as_a_graph_input_is_a_site_left_with_the_option():
@@ -236,8 +239,7 @@ def test_shifts_alone_are_no_chain():
       v = Sub (a, t)
       y = Conv (v, w)
     }""", s=S, t=T, w=W)
-    folded, report = normfold.fold(model)
-    assert report.sites == [] and ops(folded) == ops(model), report.to_text(True)
+    assert_no_site(model)
 
 
 def _alternating_steps(count: int):
@@ -274,8 +276,7 @@ def test_a_step_is_found_through_eight_identities_at_most():
     [site] = report.sites
     assert site.status == "folded" and len(site.nodes) == 1 + 1 + 8 + 1 and ops(folded) == ["Conv"]
     model = _identities_between(9)  # Mul and Add are then two lone ops, neither a BatchNorm
-    folded, report = normfold.fold(model)
-    assert report.sites == [] and ops(folded) == ops(model), report.to_text(True)
+    assert_no_site(model)
 
 
 def test_a_chain_after_a_step_whose_output_is_shared_is_a_site_of_its_own():
@@ -315,8 +316,7 @@ def test_a_chain_after_a_matmul_of_two_tensors_is_no_site():
       m = Mul (h, s)
       y = Add (m, t)
     }""", s=S.reshape(C), t=T.reshape(C))
-    folded, report = normfold.fold(model)
-    assert report.sites == [] and ops(folded) == ops(model), report.to_text(True)
+    assert_no_site(model)
 
 
 # ---- a norm's own gamma and beta are no BatchNorm; a mean alone or a division alone is no norm ----
